@@ -1,0 +1,223 @@
+"""The WebSocket interface at ``/ws/``: decode a frame, call a service, reply."""
+
+import itertools
+import logging
+import secrets
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from chat import fanout, presence, protocol, selectors, services
+from chat.protocol import BAD_REQUEST, NOT_JOINED, ChatError
+
+logger = logging.getLogger(__name__)
+
+# Connection ids are unique across processes: a per-process prefix and a counter.
+_PROCESS_ID = secrets.token_hex(4)
+_counter = itertools.count(1)
+
+db = database_sync_to_async
+
+
+def choose_subprotocol(offered):
+    """The first subprotocol the client offered that we speak, or None."""
+    for name in offered:
+        if name in (protocol.SUBPROTOCOL_JSON, protocol.SUBPROTOCOL_BINARY):
+            return name
+    return None
+
+
+class ChatConsumer(AsyncWebsocketConsumer):
+    # No channel-layer channel per socket: the process's fan-out hub receives
+    # for all of them (see chat.fanout). An alias with no layer means none.
+    channel_layer_alias = "chat.sockets-use-the-hub"
+
+    hub = None
+
+    async def connect(self):
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close()  # before accept: the handshake gets HTTP 403
+            return
+        self.user = user
+        self.user_id = user.pk
+        self.username = user.get_username()
+        self.connection_id = f"{_PROCESS_ID}-{next(_counter)}"
+        self.rooms = {}  # slug -> Room this socket joined
+        subprotocol = choose_subprotocol(self.scope.get("subprotocols", []))
+        self.binary = subprotocol == protocol.SUBPROTOCOL_BINARY
+        await self.accept(subprotocol)
+        self.hub = await fanout.get_hub()
+        presence.start_keeper(self.hub)
+        self.hub.connections.add(self)
+        await self.hub.add(fanout.user_group(self.user_id), self)
+        await self.send_frame(
+            protocol.hello(
+                connection_id=self.connection_id,
+                user=user,
+                heartbeat=settings.CHAT_HEARTBEAT,
+            )
+        )
+
+    async def disconnect(self, code):
+        if self.hub is None:
+            return
+        for room in list(self.rooms.values()):
+            await self._exit_room(room)
+        await self.hub.discard(fanout.user_group(self.user_id), self)
+        self.hub.connections.discard(self)
+
+    async def receive(self, text_data=None, bytes_data=None):
+        size = len(bytes_data) if bytes_data is not None else len(text_data.encode())
+        if size > protocol.MAX_FRAME_BYTES:
+            await self.close(code=protocol.CLOSE_TOO_BIG)
+            return
+        ref = None
+        try:
+            frame = self._parse(text_data, bytes_data)
+            ref = frame.ref
+            await getattr(self, f"on_{frame.type}")(frame)
+        except ChatError as exc:
+            await self.send_frame(protocol.error_from(exc, ref=ref))
+        except Exception:
+            logger.exception("frame from %s failed", self.connection_id)
+            await self.close(code=protocol.CLOSE_SERVER_ERROR)
+
+    def _parse(self, text_data, bytes_data):
+        if self.binary:
+            if bytes_data is None:
+                raise ChatError(BAD_REQUEST, "chat.v1.bin takes binary frames only")
+            return protocol.parse_binary(bytes_data)
+        if text_data is None:
+            raise ChatError(BAD_REQUEST, "chat.v1 takes JSON text frames only")
+        return protocol.parse_json(text_data)
+
+    # --- sending -------------------------------------------------------------
+
+    async def send_frame(self, frame):
+        await self.deliver(protocol.encode(frame))
+
+    async def deliver(self, encoded):
+        """Write an already-encoded frame to this socket (the hub calls this)."""
+        if self.binary:
+            await self.send(bytes_data=encoded.binary)
+        else:
+            await self.send(text_data=encoded.text)
+
+    def joined_room_ids(self):
+        return [room.pk for room in self.rooms.values()]
+
+    # --- frames ----------------------------------------------------------------
+
+    def _joined_room(self, frame):
+        room = self.rooms.get(frame["room"])
+        if room is None:
+            raise ChatError(NOT_JOINED, f"join room {frame['room']!r} first")
+        return room
+
+    async def on_join(self, frame):
+        slug = frame["room"]
+        room, read_seq = await db(services.room_join)(slug=slug, user=self.user)
+        if slug not in self.rooms:
+            # Listen before reading last_seq, so nothing falls between the two.
+            if not room.is_direct:
+                await self.hub.add(fanout.room_group(room.pk), self)
+            self.rooms[slug] = room
+            await presence.room_enter(
+                room=room, connection_id=self.connection_id, user=self.user
+            )
+        room = await db(selectors.room_get)(slug=slug)
+        self.rooms[slug] = room
+        online = await presence.room_online(room)
+        await self.send_frame(
+            protocol.joined(room=room, online=online, read_seq=read_seq, ref=frame.ref)
+        )
+        since = frame.get("since")
+        if since is not None:
+            await self._recover(room, since)
+
+    async def _recover(self, room, since):
+        payloads, complete = await db(selectors.messages_since)(room=room, since=since)
+        for payload in payloads:
+            await self.send_frame(protocol.message(payload))
+        await self.send_frame(protocol.recovered(room_slug=room.slug, complete=complete))
+
+    async def on_leave(self, frame):
+        room = self._joined_room(frame)
+        await self._exit_room(room)
+        await self.send_frame(protocol.left(room_slug=room.slug, ref=frame.ref))
+
+    async def _exit_room(self, room):
+        self.rooms.pop(room.slug, None)
+        if not room.is_direct:
+            await self.hub.discard(fanout.room_group(room.pk), self)
+        await presence.room_exit(
+            room=room, connection_id=self.connection_id, user=self.user
+        )
+
+    async def on_send(self, frame):
+        room = self._joined_room(frame)
+        message, _ = await db(services.message_create)(
+            room=room,
+            author=self.user,
+            body=frame["body"],
+            client_msg_id=frame["client_msg_id"],
+        )
+        await self.send_frame(
+            protocol.ack(ref=frame.ref, room_slug=message.room.slug, message=message)
+        )
+
+    async def on_dm(self, frame):
+        message, _ = await db(services.direct_message_create)(
+            author=self.user,
+            to_username=frame["to"],
+            body=frame["body"],
+            client_msg_id=frame["client_msg_id"],
+        )
+        await self.send_frame(
+            protocol.ack(ref=frame.ref, room_slug=message.room.slug, message=message)
+        )
+
+    async def on_history(self, frame):
+        room = self.rooms.get(frame["room"])
+        if room is None:
+            room = await db(selectors.room_get_readable)(slug=frame["room"], user=self.user)
+        limit = frame.get("limit", protocol.HISTORY_DEFAULT_LIMIT)
+        messages, has_more = await db(selectors.message_history)(
+            room=room, before=frame.get("before"), limit=limit
+        )
+        await self.send_frame(
+            protocol.history(
+                room_slug=room.slug, messages=messages, has_more=has_more, ref=frame.ref
+            )
+        )
+
+    async def on_typing(self, frame):
+        room = self._joined_room(frame)
+        await fanout.publish(
+            fanout.room_groups(room),
+            protocol.typing(room_slug=room.slug, username=self.username),
+            exclude_user=self.user_id,
+        )
+
+    async def on_edit(self, frame):
+        room = self._joined_room(frame)
+        message = await db(services.message_edit)(
+            room=room, message_id=frame["id"], user=self.user, body=frame["body"]
+        )
+        await self.send_frame(protocol.ack(ref=frame.ref, room_slug=room.slug, message=message))
+
+    async def on_delete(self, frame):
+        room = self._joined_room(frame)
+        message = await db(services.message_delete)(
+            room=room, message_id=frame["id"], user=self.user
+        )
+        await self.send_frame(protocol.ack(ref=frame.ref, room_slug=room.slug, message=message))
+
+    async def on_read(self, frame):
+        room = self._joined_room(frame)
+        await db(services.read_marker_set)(room=room, user=self.user, seq=frame["seq"])
+
+    async def on_ping(self, frame):
+        await self.send_frame(protocol.pong(ref=frame.ref))

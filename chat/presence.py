@@ -1,0 +1,270 @@
+"""Who is in which room now, across server processes.
+
+Every joined socket is an entry (room, connection, user). With ``REDIS_URL`` set
+the entries live in one Redis sorted set per room, scored with the time their
+process last vouched for them; a process refreshes its own entries every third
+of the heartbeat and sweeps entries nobody refreshed for a heartbeat, so the
+users of a process that died go offline within twice the heartbeat. Without
+Redis the entries live in this process's memory.
+
+``presence`` frames go out when a user's first socket enters a room and when
+their last one leaves.
+"""
+
+import asyncio
+import logging
+import time
+
+from django.conf import settings
+
+from chat import fanout, protocol
+
+logger = logging.getLogger(__name__)
+
+
+def _member(connection_id, user_id, username):
+    return f"{connection_id}|{user_id}|{username}"
+
+
+def _parse(member):
+    if isinstance(member, bytes):
+        member = member.decode()
+    connection_id, user_id, username = member.split("|", 2)
+    return connection_id, int(user_id), username
+
+
+class MemoryPresence:
+    """Presence for a single process."""
+
+    def __init__(self):
+        self.rooms: dict[int, set[str]] = {}
+
+    async def enter(self, room_id, connection_id, user_id, username):
+        members = self.rooms.setdefault(room_id, set())
+        first = not any(_parse(m)[1] == user_id for m in members)
+        members.add(_member(connection_id, user_id, username))
+        return first
+
+    async def exit(self, room_id, connection_id, user_id, username):
+        members = self.rooms.get(room_id, set())
+        members.discard(_member(connection_id, user_id, username))
+        if not members:
+            self.rooms.pop(room_id, None)
+        return not any(_parse(m)[1] == user_id for m in members)
+
+    async def online(self, room_id):
+        return sorted({_parse(m)[2] for m in self.rooms.get(room_id, ())})
+
+    async def refresh(self, entries):
+        return None
+
+    async def sweep(self):
+        return []
+
+    async def close(self):
+        return None
+
+
+# Add an entry; answer 1 when the user had no other live entry in the room.
+_ENTER = """
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[2], '+inf')
+local had = 0
+for _, m in ipairs(live) do
+  local uid = string.match(m, '^[^|]*|([^|]*)|')
+  if uid == ARGV[4] and m ~= ARGV[3] then had = 1 break end
+end
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[5])
+if had == 1 then return 0 end
+return 1
+"""
+
+# Remove an entry; answer 1 when it was there and the user has none left.
+_EXIT = """
+local removed = redis.call('ZREM', KEYS[1], ARGV[2])
+if removed == 0 then return 0 end
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')
+for _, m in ipairs(live) do
+  local uid = string.match(m, '^[^|]*|([^|]*)|')
+  if uid == ARGV[3] then return 0 end
+end
+return 1
+"""
+
+
+class RedisPresence:
+    """Presence shared by every process through Redis."""
+
+    def __init__(self, url, prefix, stale_after):
+        import redis.asyncio as redis
+
+        self.redis = redis.Redis.from_url(url)
+        self.prefix = prefix
+        self.stale_after = stale_after
+        self._enter = self.redis.register_script(_ENTER)
+        self._exit = self.redis.register_script(_EXIT)
+
+    def _key(self, room_id):
+        return f"{self.prefix}:presence:{room_id}"
+
+    @property
+    def _rooms_key(self):
+        return f"{self.prefix}:presence:rooms"
+
+    def _live_since(self):
+        return time.time() - self.stale_after
+
+    async def enter(self, room_id, connection_id, user_id, username):
+        member = _member(connection_id, user_id, username)
+        first = await self._enter(
+            keys=[self._key(room_id), self._rooms_key],
+            args=[time.time(), self._live_since(), member, str(user_id), room_id],
+        )
+        return bool(first)
+
+    async def exit(self, room_id, connection_id, user_id, username):
+        member = _member(connection_id, user_id, username)
+        last = await self._exit(
+            keys=[self._key(room_id)], args=[self._live_since(), member, str(user_id)]
+        )
+        return bool(last)
+
+    async def online(self, room_id):
+        members = await self.redis.zrangebyscore(
+            self._key(room_id), self._live_since(), "+inf"
+        )
+        return sorted({_parse(m)[2] for m in members})
+
+    async def refresh(self, entries):
+        """Vouch for this process's entries: ``entries`` is (room_id, member…)."""
+        now = time.time()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for room_id, connection_id, user_id, username in entries:
+                member = _member(connection_id, user_id, username)
+                pipe.zadd(self._key(room_id), {member: now}, xx=True)
+            await pipe.execute()
+
+    async def sweep(self):
+        """Drop entries nobody vouched for; return (room_id, username) gone offline."""
+        gone = []
+        cutoff = self._live_since()
+        for raw_room in await self.redis.smembers(self._rooms_key):
+            room_id = int(raw_room)
+            key = self._key(room_id)
+            stale = await self.redis.zrangebyscore(key, "-inf", f"({cutoff}")
+            for member in stale:
+                _, user_id, username = _parse(member)
+                # Only the process whose ZREM wins reports the user gone.
+                last = await self._exit(keys=[key], args=[cutoff, member, str(user_id)])
+                if last:
+                    gone.append((room_id, username))
+            if not await self.redis.exists(key):
+                await self.redis.srem(self._rooms_key, room_id)
+        return gone
+
+    async def close(self):
+        await self.redis.aclose()
+
+
+_stores = {}
+
+
+def get_store():
+    """The presence store for the running loop (Redis when ``REDIS_URL`` is set)."""
+    loop = asyncio.get_running_loop()
+    store = _stores.get(loop)
+    if store is None:
+        if settings.REDIS_URL:
+            store = RedisPresence(
+                settings.REDIS_URL, settings.CHAT_REDIS_PREFIX, settings.CHAT_HEARTBEAT
+            )
+        else:
+            store = MemoryPresence()
+        _stores[loop] = store
+    return store
+
+
+async def reset_store():
+    store = _stores.pop(asyncio.get_running_loop(), None)
+    if store is not None:
+        await store.close()
+
+
+async def room_enter(*, room, connection_id, user):
+    """Record a socket in ``room``; tell the others if the user just came online."""
+    store = get_store()
+    username = user.get_username()
+    first = await store.enter(room.pk, connection_id, user.pk, username)
+    if first:
+        frame = protocol.presence(room_slug=room.slug, username=username, status="online")
+        await fanout.publish(fanout.room_groups(room), frame, exclude_user=user.pk)
+
+
+async def room_exit(*, room, connection_id, user):
+    """Forget a socket in ``room``; tell the others if it was the user's last."""
+    store = get_store()
+    username = user.get_username()
+    last = await store.exit(room.pk, connection_id, user.pk, username)
+    if last:
+        frame = protocol.presence(room_slug=room.slug, username=username, status="offline")
+        await fanout.publish(fanout.room_groups(room), frame, exclude_user=user.pk)
+
+
+async def room_online(room):
+    return await get_store().online(room.pk)
+
+
+_keepers = {}
+
+
+def start_keeper(hub):
+    """Start this process's presence keeper once per event loop."""
+    loop = asyncio.get_running_loop()
+    task = _keepers.get(loop)
+    if task is None or task.done():
+        _keepers[loop] = loop.create_task(_keep_forever(hub))
+
+
+async def stop_keeper():
+    task = _keepers.pop(asyncio.get_running_loop(), None)
+    if task is not None:
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+
+async def _keep_forever(hub):
+    interval = max(settings.CHAT_HEARTBEAT / 3, 0.2)
+    ticks = 0
+    while True:
+        await asyncio.sleep(interval)
+        ticks += 1
+        try:
+            await keep_once(hub)
+            if ticks % 1000 == 0:
+                await hub.refresh_subscriptions()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("presence keeper failed; retrying")
+
+
+async def keep_once(hub):
+    """Vouch for this process's sockets and report the users of dead processes."""
+    from chat import selectors
+
+    store = get_store()
+    entries = [
+        (room_id, conn.connection_id, conn.user_id, conn.username)
+        for conn in list(hub.connections)
+        for room_id in conn.joined_room_ids()
+    ]
+    await store.refresh(entries)
+    for room_id, username in await store.sweep():
+        room = await selectors.room_get_by_id_async(room_id)
+        if room is None:
+            continue
+        frame = protocol.presence(room_slug=room.slug, username=username, status="offline")
+        await fanout.publish(fanout.room_groups(room), frame)
