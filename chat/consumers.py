@@ -141,7 +141,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         payloads, complete = await db(selectors.messages_since)(room=room, since=since)
         for payload in payloads:
             await self.send_frame(protocol.message(payload))
-        await self.send_frame(protocol.recovered(room_slug=room.slug, complete=complete))
+        await self.send_frame(
+            protocol.recovered(room_slug=room.slug, complete=complete)
+        )
 
     async def on_leave(self, frame):
         room = self._joined_room(frame)
@@ -182,7 +184,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def on_history(self, frame):
         room = self.rooms.get(frame["room"])
         if room is None:
-            room = await db(selectors.room_get_readable)(slug=frame["room"], user=self.user)
+            room = await db(selectors.room_get_readable)(
+                slug=frame["room"], user=self.user
+            )
         limit = frame.get("limit", protocol.HISTORY_DEFAULT_LIMIT)
         messages, has_more = await db(selectors.message_history)(
             room=room, before=frame.get("before"), limit=limit
@@ -206,14 +210,18 @@ class ChatConsumer(AsyncWebsocketConsumer):
         message = await db(services.message_edit)(
             room=room, message_id=frame["id"], user=self.user, body=frame["body"]
         )
-        await self.send_frame(protocol.ack(ref=frame.ref, room_slug=room.slug, message=message))
+        await self.send_frame(
+            protocol.ack(ref=frame.ref, room_slug=room.slug, message=message)
+        )
 
     async def on_delete(self, frame):
         room = self._joined_room(frame)
         message = await db(services.message_delete)(
             room=room, message_id=frame["id"], user=self.user
         )
-        await self.send_frame(protocol.ack(ref=frame.ref, room_slug=room.slug, message=message))
+        await self.send_frame(
+            protocol.ack(ref=frame.ref, room_slug=room.slug, message=message)
+        )
 
     async def on_read(self, frame):
         room = self._joined_room(frame)

@@ -47,7 +47,9 @@ class Membership(models.Model):
 
     room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="memberships")
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="chat_memberships"
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="chat_memberships",
     )
     role = models.CharField(max_length=10, choices=Role.choices, default=Role.MEMBER)
     read_seq = models.PositiveBigIntegerField(
@@ -79,7 +81,9 @@ class Message(models.Model):
     class Meta:
         ordering = ["room", "seq"]
         constraints = [
-            models.UniqueConstraint(fields=["room", "seq"], name="message_room_seq_unique"),
+            models.UniqueConstraint(
+                fields=["room", "seq"], name="message_room_seq_unique"
+            ),
             models.UniqueConstraint(
                 fields=["author", "client_msg_id"], name="message_client_msg_id_unique"
             ),
@@ -109,7 +113,9 @@ class ApiToken(models.Model):
     name = models.CharField(max_length=100, blank=True)
     key_hash = models.CharField(max_length=64, unique=True, editable=False)
     hint = models.CharField(
-        max_length=12, editable=False, help_text="The first characters, to tell tokens apart."
+        max_length=12,
+        editable=False,
+        help_text="The first characters, to tell tokens apart.",
     )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)

@@ -121,8 +121,10 @@ def _id(value):
 
 
 def _limit(value):
-    if isinstance(value, bool) or not isinstance(value, int) or not (
-        1 <= value <= HISTORY_MAX_LIMIT
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not (1 <= value <= HISTORY_MAX_LIMIT)
     ):
         raise ValueError(f"must be a whole number from 1 to {HISTORY_MAX_LIMIT}")
     return value
@@ -218,12 +220,16 @@ def parse_object(data):
         value = data.get(name)
         if value is None:
             if required:
-                raise ChatError(BAD_REQUEST, f"{frame_type}: {name} is required", ref=ref)
+                raise ChatError(
+                    BAD_REQUEST, f"{frame_type}: {name} is required", ref=ref
+                )
             continue
         try:
             fields[name] = validate(value)
         except ValueError as exc:
-            raise ChatError(BAD_REQUEST, f"{frame_type}: {name} {exc}", ref=ref) from None
+            raise ChatError(
+                BAD_REQUEST, f"{frame_type}: {name} {exc}", ref=ref
+            ) from None
         except ChatError as exc:
             exc.extra.setdefault("ref", ref)
             raise

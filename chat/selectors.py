@@ -61,7 +61,7 @@ def _payloads(room, messages):
 
 
 def message_history(*, room, before=None, limit=protocol.HISTORY_DEFAULT_LIMIT):
-    """Up to ``limit`` messages older than ``before``, ascending; and whether more exist."""
+    """Up to ``limit`` messages before seq ``before``, ascending, and if more exist."""
     query = Message.objects.filter(room=room).select_related("author")
     if before is not None:
         query = query.filter(seq__lt=before)

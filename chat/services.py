@@ -94,7 +94,11 @@ def message_create(*, room, author, body, client_msg_id):
                 raise ChatError(ROOM_CLOSED, f"room {room.slug!r} is closed")
             seq = Room.objects.values_list("last_seq", flat=True).get(pk=room.pk)
             message = Message.objects.create(
-                room=room, seq=seq, author=author, body=body, client_msg_id=client_msg_id
+                room=room,
+                seq=seq,
+                author=author,
+                body=body,
+                client_msg_id=client_msg_id,
             )
             payload = protocol.message_payload(message, room.slug, author)
             _broadcast_on_commit(room, protocol.message(payload))
@@ -165,7 +169,7 @@ def message_delete(*, room, message_id, user):
 
 
 def read_marker_set(*, room, user, seq):
-    """Move the user's read marker forward to ``seq`` (never back, never past the end)."""
+    """Move the read marker forward to ``seq``: never back, never past the end."""
     last_seq = Room.objects.values_list("last_seq", flat=True).get(pk=room.pk)
     seq = min(seq, last_seq)
     Membership.objects.filter(room=room, user=user, read_seq__lt=seq).update(

@@ -14,5 +14,7 @@ ALLOWED_HOSTS = ["testserver", "localhost", "127.0.0.1"]
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # A file, not memory: the server processes the tests start share it.
     DATABASES["default"]["TEST"] = {
-        "NAME": os.path.join(tempfile.gettempdir(), f"chatsite-test-{os.getpid()}.sqlite3")
+        "NAME": os.path.join(
+            tempfile.gettempdir(), f"chatsite-test-{os.getpid()}.sqlite3"
+        )
     }
