@@ -6,6 +6,8 @@ REDIS_URL         channels-redis layer and cross-process presence; unset means t
 DJANGO_SECRET_KEY required unless DJANGO_DEBUG is on
 DJANGO_DEBUG      1/true/yes to turn debug on (default off)
 DJANGO_ALLOWED_HOSTS  comma-separated (default: localhost,127.0.0.1,[::1])
+DJANGO_CSRF_TRUSTED_ORIGINS  comma-separated https origins, behind a TLS proxy
+DJANGO_BEHIND_TLS_PROXY  1 to trust X-Forwarded-Proto and use secure cookies
 CHAT_HEARTBEAT    seconds a client may stay silent before it must ping (default 30)
 CHAT_ALLOWED_ORIGINS  comma-separated origins a browser socket may come from
                   (default: any origin whose host is in ALLOWED_HOSTS)
@@ -46,6 +48,11 @@ if not SECRET_KEY:
     SECRET_KEY = "django-insecure-development-only-key-do-not-use-in-production"
 
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+# Behind a TLS-terminating proxy: the https origins forms are posted from.
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
+if env_bool("DJANGO_BEHIND_TLS_PROXY"):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = True
 
 INSTALLED_APPS = [
     "daphne",
