@@ -34,6 +34,14 @@ class RoomAdmin(admin.ModelAdmin):
     inlines = [MembershipInline]
     date_hierarchy = "created_at"
 
+    def get_readonly_fields(self, request, obj=None):
+        if obj is not None and obj.is_direct:
+            return [*self.readonly_fields, "slug", "is_private"]
+        return self.readonly_fields
+
+    def get_prepopulated_fields(self, request, obj=None):
+        return {} if obj is not None and obj.is_direct else self.prepopulated_fields
+
     @admin.display(description="members")
     def member_count(self, room):
         return room.memberships.count()

@@ -4,11 +4,16 @@ import hashlib
 import secrets
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 
 
 class Room(models.Model):
+    # Direct conversations own the slugs ``dm-<low user id>-<high user id>``.
+    DIRECT_SLUG_PREFIX = "dm-"
+    DIRECT_SLUG_MESSAGE = "Slugs starting with “dm-” are kept for direct conversations."
+
     slug = models.SlugField(max_length=64, unique=True)
     title = models.CharField(max_length=200)
     is_private = models.BooleanField(
@@ -38,6 +43,10 @@ class Room(models.Model):
 
     def __str__(self):
         return self.slug
+
+    def clean(self):
+        if not self.is_direct and self.slug.lower().startswith(self.DIRECT_SLUG_PREFIX):
+            raise ValidationError({"slug": self.DIRECT_SLUG_MESSAGE})
 
 
 class Membership(models.Model):

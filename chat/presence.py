@@ -4,8 +4,10 @@ Every joined socket is an entry (room, connection, user). With ``REDIS_URL`` set
 the entries live in one Redis sorted set per room, scored with the time their
 process last vouched for them; a process refreshes its own entries every third
 of the heartbeat and sweeps entries nobody refreshed for a heartbeat, so the
-users of a process that died go offline within twice the heartbeat. Without
-Redis the entries live in this process's memory.
+users of a process that died go offline within twice the heartbeat. When Redis
+comes back empty (a restart, a flush), each process puts its entries and its
+hub's groups back at its next refresh. Without Redis the entries live in this
+process's memory.
 
 ``presence`` frames go out when a user's first socket enters a room and when
 their last one leaves.
@@ -13,6 +15,7 @@ their last one leaves.
 
 import asyncio
 import logging
+import secrets
 import time
 
 from django.conf import settings
@@ -56,7 +59,7 @@ class MemoryPresence:
         return sorted({_parse(m)[2] for m in self.rooms.get(room_id, ())})
 
     async def refresh(self, entries):
-        return None
+        return False
 
     async def sweep(self):
         return []
@@ -98,9 +101,12 @@ class RedisPresence:
     def __init__(self, url, prefix, stale_after):
         import redis.asyncio as redis
 
-        self.redis = redis.Redis.from_url(url)
+        # After a Redis restart every pooled connection is dead; retry a command
+        # once on a fresh connection instead of failing it.
+        self.redis = redis.Redis.from_url(url, retry_on_error=[redis.ConnectionError])
         self.prefix = prefix
         self.stale_after = stale_after
+        self._epoch = None
         self._enter = self.redis.register_script(_ENTER)
         self._exit = self.redis.register_script(_EXIT)
 
@@ -111,10 +117,29 @@ class RedisPresence:
     def _rooms_key(self):
         return f"{self.prefix}:presence:rooms"
 
+    @property
+    def _epoch_key(self):
+        # Set once by whichever process finds it missing: a new value means
+        # Redis lost its data since this process last looked.
+        return f"{self.prefix}:presence:epoch"
+
+    def _epoch_queue(self, pipe):
+        pipe.set(self._epoch_key, secrets.token_hex(8), nx=True)
+        pipe.get(self._epoch_key)
+
+    async def _epoch_get(self):
+        async with self.redis.pipeline(transaction=False) as pipe:
+            self._epoch_queue(pipe)
+            _, epoch = await pipe.execute()
+        return epoch
+
     def _live_since(self):
         return time.time() - self.stale_after
 
     async def enter(self, room_id, connection_id, user_id, username):
+        if self._epoch is None:
+            # Know the data this entry goes into, so refresh sees it vanish.
+            self._epoch = await self._epoch_get()
         member = _member(connection_id, user_id, username)
         first = await self._enter(
             keys=[self._key(room_id), self._rooms_key],
@@ -136,12 +161,31 @@ class RedisPresence:
         return sorted({_parse(m)[2] for m in members})
 
     async def refresh(self, entries):
-        """Vouch for this process's entries: ``entries`` is (room_id, member…)."""
+        """Vouch for this process's entries: ``entries`` is (room_id, member…).
+
+        Return True when Redis had lost its data: the entries are back, and the
+        caller must restore what else it keeps there.
+        """
         now = time.time()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            self._epoch_queue(pipe)
+            for room_id, connection_id, user_id, username in entries:
+                member = _member(connection_id, user_id, username)
+                # Only existing entries: one that left meanwhile stays gone.
+                pipe.zadd(self._key(room_id), {member: now}, xx=True)
+            _, epoch, *_ = await pipe.execute()
+        lost = self._epoch is not None and epoch != self._epoch
+        self._epoch = epoch
+        if lost:
+            await self._restore(entries, now)
+        return lost
+
+    async def _restore(self, entries, now):
         async with self.redis.pipeline(transaction=False) as pipe:
             for room_id, connection_id, user_id, username in entries:
                 member = _member(connection_id, user_id, username)
-                pipe.zadd(self._key(room_id), {member: now}, xx=True)
+                pipe.zadd(self._key(room_id), {member: now})
+                pipe.sadd(self._rooms_key, room_id)
             await pipe.execute()
 
     async def sweep(self):
@@ -196,7 +240,9 @@ async def room_enter(*, room, connection_id, user):
     username = user.get_username()
     first = await store.enter(room.pk, connection_id, user.pk, username)
     if first:
-        frame = protocol.presence(room_slug=room.slug, username=username, status="online")
+        frame = protocol.presence(
+            room_slug=room.slug, username=username, status="online"
+        )
         await fanout.publish(fanout.room_groups(room), frame, exclude_user=user.pk)
 
 
@@ -206,7 +252,9 @@ async def room_exit(*, room, connection_id, user):
     username = user.get_username()
     last = await store.exit(room.pk, connection_id, user.pk, username)
     if last:
-        frame = protocol.presence(room_slug=room.slug, username=username, status="offline")
+        frame = protocol.presence(
+            room_slug=room.slug, username=username, status="offline"
+        )
         await fanout.publish(fanout.room_groups(room), frame, exclude_user=user.pk)
 
 
@@ -261,10 +309,14 @@ async def keep_once(hub):
         for conn in list(hub.connections)
         for room_id in conn.joined_room_ids()
     ]
-    await store.refresh(entries)
+    if await store.refresh(entries):
+        logger.warning("Redis lost its data; presence and fan-out groups restored")
+        await hub.refresh_subscriptions()
     for room_id, username in await store.sweep():
         room = await selectors.room_get_by_id_async(room_id)
         if room is None:
             continue
-        frame = protocol.presence(room_slug=room.slug, username=username, status="offline")
+        frame = protocol.presence(
+            room_slug=room.slug, username=username, status="offline"
+        )
         await fanout.publish(fanout.room_groups(room), frame)

@@ -8,7 +8,7 @@ from django.utils import timezone
 
 from chat import fanout, protocol, selectors
 from chat.models import ApiToken, Membership, Message, Room
-from chat.protocol import FORBIDDEN, NOT_FOUND, ROOM_CLOSED, ChatError
+from chat.protocol import BAD_REQUEST, FORBIDDEN, NOT_FOUND, ROOM_CLOSED, ChatError
 
 
 def _broadcast_on_commit(room, frame, *, exclude_user=None):
@@ -20,6 +20,8 @@ def _broadcast_on_commit(room, frame, *, exclude_user=None):
 
 def room_create(*, slug, title, is_private=False, creator=None):
     """Create a room; its creator moderates it."""
+    if slug.lower().startswith(Room.DIRECT_SLUG_PREFIX):
+        raise ChatError(BAD_REQUEST, Room.DIRECT_SLUG_MESSAGE)
     with transaction.atomic():
         room = Room.objects.create(
             slug=slug, title=title, is_private=is_private, created_by=creator
@@ -56,8 +58,8 @@ def room_join(*, slug, user):
 def direct_room_get_or_create(*, user, other):
     """The direct conversation of two users (``dm-<low id>-<high id>``)."""
     low, high = sorted([user.pk, other.pk])
-    slug = f"dm-{low}-{high}"
-    room = Room.objects.filter(slug=slug).first()
+    slug = f"{Room.DIRECT_SLUG_PREFIX}{low}-{high}"
+    room = Room.objects.filter(slug=slug, is_direct=True).first()
     if room is not None:
         return room
     names = sorted({user.get_username(), other.get_username()})
@@ -69,7 +71,7 @@ def direct_room_get_or_create(*, user, other):
             for member in {user, other}:
                 Membership.objects.create(room=room, user=member)
     except IntegrityError:
-        room = Room.objects.get(slug=slug)
+        room = Room.objects.get(slug=slug, is_direct=True)
     return room
 
 

@@ -6,4 +6,8 @@ app_name = "chat"
 
 urlpatterns = [
     path("", views.room_list, name="room_list"),
+    path("rooms/new/", views.room_create, name="room_create"),
+    path("direct/", views.direct_start, name="direct_start"),
+    path("r/<slug:slug>/", views.room_detail, name="room"),
+    path("accounts/signup/", views.signup, name="signup"),
 ]

@@ -1,12 +1,109 @@
 """Web pages: sign up, the room list, a room."""
 
+from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
-from django.shortcuts import render
+from django.contrib.auth.forms import UserCreationForm
+from django.core.exceptions import PermissionDenied
+from django.db import IntegrityError
+from django.db.models import prefetch_related_objects
+from django.http import Http404
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_POST
 
-from chat import selectors
+from chat import selectors, services
+from chat.forms import DirectStartForm, RoomCreateForm
+from chat.protocol import FORBIDDEN, NOT_FOUND, ChatError
+
+
+def signup(request):
+    """Create an account, sign it in and go to the room list."""
+    form = UserCreationForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        user = form.save()
+        login(request, user)
+        return redirect("chat:room_list")
+    return render(request, "registration/signup.html", {"form": form})
+
+
+def _direct_partner_name(room, user):
+    """The other user's name in a direct conversation (one's own, to oneself)."""
+    names = [m.user.get_username() for m in room.memberships.all() if m.user != user]
+    return names[0] if names else user.get_username()
+
+
+def _room_list_page(request, *, create_form=None, direct_form=None):
+    rooms = selectors.room_list_for_user(user=request.user).prefetch_related(
+        "memberships__user"
+    )
+    public, private, direct = [], [], []
+    for room in rooms:
+        if room.is_direct:
+            direct.append((room, _direct_partner_name(room, request.user)))
+        elif room.is_private:
+            private.append(room)
+        else:
+            public.append(room)
+    context = {
+        "public_rooms": public,
+        "private_rooms": private,
+        "direct_rooms": direct,
+        "create_form": create_form or RoomCreateForm(),
+        "direct_form": direct_form or DirectStartForm(),
+    }
+    return render(request, "chat/room_list.html", context)
 
 
 @login_required
 def room_list(request):
-    rooms = selectors.room_list_for_user(user=request.user)
-    return render(request, "chat/room_list.html", {"rooms": rooms})
+    return _room_list_page(request)
+
+
+@login_required
+@require_POST
+def room_create(request):
+    form = RoomCreateForm(request.POST)
+    if not form.is_valid():
+        return _room_list_page(request, create_form=form)
+    try:
+        room = services.room_create(
+            slug=form.cleaned_data["slug"],
+            title=form.cleaned_data["title"],
+            is_private=form.cleaned_data["is_private"],
+            creator=request.user,
+        )
+    except IntegrityError:
+        # Someone took the slug between the form's check and the insert.
+        form.add_error("slug", RoomCreateForm.SLUG_TAKEN)
+        return _room_list_page(request, create_form=form)
+    return redirect("chat:room", slug=room.slug)
+
+
+@login_required
+@require_POST
+def direct_start(request):
+    form = DirectStartForm(request.POST)
+    if not form.is_valid():
+        return _room_list_page(request, direct_form=form)
+    room = services.direct_room_get_or_create(
+        user=request.user, other=form.cleaned_data["other"]
+    )
+    return redirect("chat:room", slug=room.slug)
+
+
+@login_required
+def room_detail(request, slug):
+    try:
+        room = selectors.room_get_readable(slug=slug, user=request.user)
+    except ChatError as exc:
+        if exc.code == NOT_FOUND:
+            raise Http404(exc.message) from None
+        if exc.code == FORBIDDEN:
+            raise PermissionDenied(exc.message) from None
+        raise
+    name = room.title
+    if room.is_direct:
+        prefetch_related_objects([room], "memberships__user")
+        name = _direct_partner_name(room, request.user)
+    config = {"room": room.slug, "username": request.user.get_username()}
+    context = {"room": room, "name": name, "chat_config": config}
+    return render(request, "chat/room.html", context)

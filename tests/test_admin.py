@@ -102,3 +102,18 @@ def test_inactive_users_token_is_refused(make_user):
     alice = make_user("alice", is_active=False)
     _, key = services.api_token_create(user=alice)
     assert selectors.user_get_by_token(key=key) is None
+
+
+def test_admin_refuses_a_room_with_a_direct_room_slug(staff_client):
+    url = reverse("admin:chat_room_add")
+    data = {
+        "slug": "dm-1-2",
+        "title": "Sneaky",
+        "memberships-TOTAL_FORMS": "0",
+        "memberships-INITIAL_FORMS": "0",
+    }
+    response = staff_client.post(url, data)
+    assert response.status_code == 200
+    assert response.context["adminform"].form.errors["slug"] == [
+        "Slugs starting with “dm-” are kept for direct conversations."
+    ]

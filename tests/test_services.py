@@ -120,3 +120,11 @@ def test_room_join_of_private_room_needs_membership(alice, make_user):
         services.room_join(slug="staff", user=alice)
     assert excinfo.value.code == "forbidden"
     assert not Membership.objects.filter(user=alice).exists()
+
+
+@pytest.mark.django_db
+def test_room_create_refuses_direct_room_slugs(alice):
+    with pytest.raises(ChatError) as excinfo:
+        services.room_create(slug="dm-1-2", title="Sneaky", creator=alice)
+    assert excinfo.value.code == "bad_request"
+    assert not Room.objects.exists()

@@ -18,5 +18,7 @@ class Command(BaseCommand):
         except User.DoesNotExist:
             raise CommandError(f"No user named {username!r}.") from None
         token, key = services.api_token_create(user=user, name=name)
-        self.stderr.write(f"Token {token.hint}… created for {username}; keep it secret.")
+        self.stderr.write(
+            f"Token {token.hint}… created for {username}; keep it secret."
+        )
         self.stdout.write(key)

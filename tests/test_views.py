@@ -1,0 +1,399 @@
+"""The web pages, through Django's test client."""
+
+import json
+
+import pytest
+from django.contrib.auth import get_user_model
+from pytest_django.asserts import assertContains, assertNotContains, assertRedirects
+
+from chat import services
+from chat.models import Membership, Room
+from chat.protocol import NOT_FOUND, ChatError
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def alice(make_user):
+    return make_user("alice")
+
+
+@pytest.fixture
+def bob(make_user):
+    return make_user("bob")
+
+
+@pytest.fixture
+def carol(make_user):
+    return make_user("carol")
+
+
+@pytest.fixture
+def rooms(alice, bob):
+    """A public room, alice's private room and the direct room of alice and bob."""
+    return {
+        "lobby": services.room_create(slug="lobby", title="The Lobby"),
+        "secret": services.room_create(
+            slug="secret", title="Secret plans", is_private=True, creator=alice
+        ),
+        "direct": services.direct_room_get_or_create(user=alice, other=bob),
+    }
+
+
+def config_of(response):
+    """The data the room page hands to chat.js through json_script."""
+    html = response.content.decode()
+    start = html.index('<script id="chat-config" type="application/json">')
+    start = html.index(">", start) + 1
+    return json.loads(html[start : html.index("</script>", start)])
+
+
+# --- sign up, sign in, sign out -----------------------------------------------
+
+
+def test_signup_creates_the_user_signs_in_and_goes_to_the_room_list(client):
+    response = client.post(
+        "/accounts/signup/",
+        {
+            "username": "dora",
+            "password1": "a-long-pass-9876",
+            "password2": "a-long-pass-9876",
+        },
+    )
+
+    assertRedirects(response, "/")
+    dora = get_user_model().objects.get(username="dora")
+    assert dora.check_password("a-long-pass-9876")
+    assert client.session["_auth_user_id"] == str(dora.pk)
+
+
+def test_signup_with_different_passwords_shows_the_error_and_creates_nobody(client):
+    response = client.post(
+        "/accounts/signup/",
+        {
+            "username": "dora",
+            "password1": "a-long-pass-9876",
+            "password2": "other-pass-9876",
+        },
+    )
+
+    assert response.status_code == 200
+    assert response.context["form"].errors == {
+        "password2": ["The two password fields didn’t match."]
+    }
+    assert not get_user_model().objects.filter(username="dora").exists()
+
+
+def test_signup_page_shows_the_form(client):
+    response = client.get("/accounts/signup/")
+
+    assert response.status_code == 200
+    assertContains(response, '<form method="post" action="/accounts/signup/">')
+
+
+def test_login_page_signs_in_and_goes_to_the_room_list(client, alice):
+    response = client.post(
+        "/accounts/login/", {"username": "alice", "password": "pw-for-tests-123"}
+    )
+
+    assertRedirects(response, "/")
+    assert client.session["_auth_user_id"] == str(alice.pk)
+
+
+def test_sign_out_is_a_post_that_goes_to_the_login_page(client, alice):
+    client.force_login(alice)
+
+    response = client.post("/accounts/logout/")
+
+    assertRedirects(response, "/accounts/login/")
+    assert "_auth_user_id" not in client.session
+
+
+def test_header_has_a_sign_out_button_for_a_signed_in_user(client, alice):
+    client.force_login(alice)
+
+    response = client.get("/")
+
+    assertContains(response, '<form method="post" action="/accounts/logout/"')
+    assertContains(response, "Signed in as <strong>alice</strong>", html=False)
+
+
+@pytest.mark.parametrize("path", ["/", "/r/lobby/"])
+def test_pages_need_a_signed_in_user(client, path):
+    response = client.get(path)
+
+    assertRedirects(
+        response, f"/accounts/login/?next={path}", fetch_redirect_response=False
+    )
+
+
+@pytest.mark.parametrize("path", ["/rooms/new/", "/direct/"])
+def test_forms_need_a_signed_in_user(client, path):
+    response = client.post(path, {})
+
+    assertRedirects(
+        response, f"/accounts/login/?next={path}", fetch_redirect_response=False
+    )
+
+
+# --- the room list ------------------------------------------------------------
+
+
+def test_room_list_shows_a_member_public_private_and_direct_rooms(client, alice, rooms):
+    client.force_login(alice)
+
+    response = client.get("/")
+
+    assert response.status_code == 200
+    context = response.context
+    assert [room.slug for room in context["public_rooms"]] == ["lobby"]
+    assert [room.slug for room in context["private_rooms"]] == ["secret"]
+    direct = rooms["direct"]
+    assert [(room.slug, name) for room, name in context["direct_rooms"]] == [
+        (direct.slug, "bob")
+    ]
+    assertContains(response, '<a href="/r/lobby/">The Lobby</a>', html=True)
+    assertContains(response, '<a href="/r/secret/">Secret plans</a>', html=True)
+    assertContains(response, f'<a href="/r/{direct.slug}/">bob</a>', html=True)
+
+
+def test_room_list_shows_the_other_user_of_a_direct_room(client, bob, rooms):
+    client.force_login(bob)
+
+    response = client.get("/")
+
+    assert [room.slug for room in response.context["public_rooms"]] == ["lobby"]
+    assert response.context["private_rooms"] == []
+    assert [name for _, name in response.context["direct_rooms"]] == ["alice"]
+
+
+def test_room_list_hides_private_and_direct_rooms_from_non_members(
+    client, carol, rooms
+):
+    client.force_login(carol)
+
+    response = client.get("/")
+
+    assert [room.slug for room in response.context["public_rooms"]] == ["lobby"]
+    assert response.context["private_rooms"] == []
+    assert response.context["direct_rooms"] == []
+    assertNotContains(response, "secret")
+    assertNotContains(response, "Secret plans")
+    assertNotContains(response, rooms["direct"].slug)
+
+
+def test_room_list_escapes_room_titles(client, alice):
+    services.room_create(slug="xss", title="<script>alert(1)</script>")
+    client.force_login(alice)
+
+    response = client.get("/")
+
+    assertContains(response, "&lt;script&gt;alert(1)&lt;/script&gt;")
+    assertNotContains(response, "<script>alert(1)</script>")
+
+
+# --- creating a room ----------------------------------------------------------
+
+
+def test_room_create_makes_the_creator_its_moderator_and_opens_it(client, alice):
+    client.force_login(alice)
+
+    response = client.post(
+        "/rooms/new/", {"slug": "book-club", "title": "Book club", "is_private": "on"}
+    )
+
+    assertRedirects(response, "/r/book-club/", fetch_redirect_response=False)
+    room = Room.objects.get(slug="book-club")
+    assert (room.title, room.is_private, room.is_direct, room.created_by) == (
+        "Book club",
+        True,
+        False,
+        alice,
+    )
+    assert list(room.memberships.values_list("user__username", "role")) == [
+        ("alice", Membership.Role.MODERATOR)
+    ]
+
+
+def test_room_create_without_a_title_uses_the_slug_and_is_public(client, alice):
+    client.force_login(alice)
+
+    response = client.post("/rooms/new/", {"slug": "general", "title": ""})
+
+    assertRedirects(response, "/r/general/", fetch_redirect_response=False)
+    room = Room.objects.get(slug="general")
+    assert (room.title, room.is_private) == ("general", False)
+
+
+@pytest.mark.parametrize(
+    ("slug", "error"),
+    [
+        ("lobby", "A room with this slug already exists."),
+        (
+            "two words",
+            "Enter a valid “slug” consisting of letters, numbers, underscores "
+            "or hyphens.",
+        ),
+        ("dm-1-2", "Slugs starting with “dm-” are kept for direct conversations."),
+        ("", "This field is required."),
+        ("x" * 65, "Ensure this value has at most 64 characters (it has 65)."),
+    ],
+)
+def test_room_create_refuses_a_bad_slug(client, alice, rooms, slug, error):
+    client.force_login(alice)
+
+    response = client.post("/rooms/new/", {"slug": slug, "title": "Anything"})
+
+    assert response.status_code == 200
+    assert response.context["create_form"].errors == {"slug": [error]}
+    assert Room.objects.count() == 3
+
+
+def test_room_create_of_a_slug_taken_after_the_form_check_shows_the_error(
+    client, alice, rooms, monkeypatch
+):
+    def room_get_finds_nothing(*, slug):
+        raise ChatError(NOT_FOUND, f"no room {slug!r}")
+
+    monkeypatch.setattr("chat.forms.selectors.room_get", room_get_finds_nothing)
+    client.force_login(alice)
+
+    response = client.post("/rooms/new/", {"slug": "lobby", "title": "Again"})
+
+    assert response.status_code == 200
+    assert response.context["create_form"].errors == {
+        "slug": ["A room with this slug already exists."]
+    }
+    assert Room.objects.get(slug="lobby").title == "The Lobby"
+
+
+def test_room_create_takes_only_post(client, alice):
+    client.force_login(alice)
+
+    assert client.get("/rooms/new/").status_code == 405
+
+
+# --- starting a direct conversation -------------------------------------------
+
+
+def test_direct_start_opens_the_direct_room_of_both_users(client, alice, bob):
+    client.force_login(alice)
+
+    response = client.post("/direct/", {"username": "bob"})
+
+    slug = f"dm-{min(alice.pk, bob.pk)}-{max(alice.pk, bob.pk)}"
+    assertRedirects(response, f"/r/{slug}/", fetch_redirect_response=False)
+    room = Room.objects.get(slug=slug)
+    assert (room.is_direct, room.is_private) == (True, True)
+    assert sorted(room.memberships.values_list("user__username", flat=True)) == [
+        "alice",
+        "bob",
+    ]
+
+
+def test_direct_start_again_reuses_the_same_room(client, alice, bob):
+    client.force_login(alice)
+    client.post("/direct/", {"username": "bob"})
+    client.force_login(bob)
+
+    response = client.post("/direct/", {"username": "alice"})
+
+    slug = f"dm-{min(alice.pk, bob.pk)}-{max(alice.pk, bob.pk)}"
+    assertRedirects(response, f"/r/{slug}/", fetch_redirect_response=False)
+    assert Room.objects.filter(is_direct=True).count() == 1
+
+
+def test_direct_start_with_an_unknown_user_shows_a_form_error(client, alice):
+    client.force_login(alice)
+
+    response = client.post("/direct/", {"username": "nobody"})
+
+    assert response.status_code == 200
+    assert response.context["direct_form"].errors == {
+        "username": ["There is no user named “nobody”."]
+    }
+    assert Room.objects.count() == 0
+
+
+def test_direct_start_with_an_inactive_user_shows_a_form_error(
+    client, alice, make_user
+):
+    make_user("gone", is_active=False)
+    client.force_login(alice)
+
+    response = client.post("/direct/", {"username": "gone"})
+
+    assert response.context["direct_form"].errors == {
+        "username": ["There is no user named “gone”."]
+    }
+
+
+# --- the room page ------------------------------------------------------------
+
+
+def test_room_page_of_a_public_room_hands_slug_and_username_to_the_script(
+    client, carol, rooms
+):
+    client.force_login(carol)
+
+    response = client.get("/r/lobby/")
+
+    assert response.status_code == 200
+    assert config_of(response) == {"room": "lobby", "username": "carol"}
+    assertContains(response, "<h1>The Lobby</h1>", html=True)
+    assertContains(response, '<ol id="messages" aria-live="polite"></ol>', html=True)
+    assertContains(response, 'src="/static/chat/chat.js"')
+
+
+def test_room_page_of_a_private_room_opens_for_a_member(client, alice, rooms):
+    client.force_login(alice)
+
+    response = client.get("/r/secret/")
+
+    assert response.status_code == 200
+    assert config_of(response) == {"room": "secret", "username": "alice"}
+
+
+def test_room_page_of_a_private_room_is_forbidden_to_a_non_member(client, carol, rooms):
+    client.force_login(carol)
+
+    response = client.get("/r/secret/")
+
+    assert response.status_code == 403
+
+
+def test_room_page_of_a_direct_room_is_forbidden_to_a_third_user(client, carol, rooms):
+    client.force_login(carol)
+
+    response = client.get(f"/r/{rooms['direct'].slug}/")
+
+    assert response.status_code == 403
+
+
+def test_room_page_of_a_direct_room_is_titled_with_the_other_user(client, bob, rooms):
+    client.force_login(bob)
+
+    response = client.get(f"/r/{rooms['direct'].slug}/")
+
+    assert response.status_code == 200
+    assertContains(response, "<h1>alice</h1>", html=True)
+
+
+def test_room_page_of_no_room_is_not_found(client, alice):
+    client.force_login(alice)
+
+    response = client.get("/r/nowhere/")
+
+    assert response.status_code == 404
+
+
+def test_room_page_escapes_the_title_and_the_config(client, make_user):
+    user = make_user("eve</script>")
+    services.room_create(slug="odd", title="<b>bold</b>")
+    client.force_login(user)
+
+    response = client.get("/r/odd/")
+
+    assertContains(response, "&lt;b&gt;bold&lt;/b&gt;")
+    assertNotContains(response, "<b>bold</b>")
+    assert config_of(response) == {"room": "odd", "username": "eve</script>"}
