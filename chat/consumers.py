@@ -63,10 +63,19 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code):
         if self.hub is None:
             return
-        for room in list(self.rooms.values()):
-            await self._exit_room(room)
-        await self.hub.discard(fanout.user_group(self.user_id), self)
+        # First, so the presence keeper stops vouching for this socket even if
+        # Redis fails below.
         self.hub.connections.discard(self)
+        for room in list(self.rooms.values()):
+            try:
+                await self._exit_room(room)
+            except Exception:
+                logger.exception("leaving %s on disconnect failed", room.slug)
+        try:
+            await self.hub.discard(fanout.user_group(self.user_id), self)
+        except Exception:
+            logger.exception("leaving the user group on disconnect failed")
+        self.hub = None
 
     async def receive(self, text_data=None, bytes_data=None):
         size = len(bytes_data) if bytes_data is not None else len(text_data.encode())
@@ -82,7 +91,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.send_frame(protocol.error_from(exc, ref=ref))
         except Exception:
             logger.exception("frame from %s failed", self.connection_id)
-            await self.close(code=protocol.CLOSE_SERVER_ERROR)
+            # The ASGI server closes with 1011 when the application raises, and
+            # then never calls disconnect(): clean up here, then raise.
+            await self.disconnect(protocol.CLOSE_SERVER_ERROR)
+            raise
 
     def _parse(self, text_data, bytes_data):
         if self.binary:

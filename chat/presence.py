@@ -61,6 +61,9 @@ class MemoryPresence:
     async def refresh(self, entries):
         return False
 
+    def restored(self):
+        return None
+
     async def sweep(self):
         return []
 
@@ -107,6 +110,7 @@ class RedisPresence:
         self.prefix = prefix
         self.stale_after = stale_after
         self._epoch = None
+        self._restoring = False
         self._enter = self.redis.register_script(_ENTER)
         self._exit = self.redis.register_script(_EXIT)
 
@@ -164,7 +168,8 @@ class RedisPresence:
         """Vouch for this process's entries: ``entries`` is (room_id, member…).
 
         Return True when Redis had lost its data: the entries are back, and the
-        caller must restore what else it keeps there.
+        caller must restore what else it keeps there, then call ``restored``
+        (until then every refresh answers True again).
         """
         now = time.time()
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -174,11 +179,15 @@ class RedisPresence:
                 # Only existing entries: one that left meanwhile stays gone.
                 pipe.zadd(self._key(room_id), {member: now}, xx=True)
             _, epoch, *_ = await pipe.execute()
-        lost = self._epoch is not None and epoch != self._epoch
+        if self._epoch is not None and epoch != self._epoch:
+            self._restoring = True
         self._epoch = epoch
-        if lost:
+        if self._restoring:
             await self._restore(entries, now)
-        return lost
+        return self._restoring
+
+    def restored(self):
+        self._restoring = False
 
     async def _restore(self, entries, now):
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -310,8 +319,9 @@ async def keep_once(hub):
         for room_id in conn.joined_room_ids()
     ]
     if await store.refresh(entries):
-        logger.warning("Redis lost its data; presence and fan-out groups restored")
         await hub.refresh_subscriptions()
+        store.restored()
+        logger.warning("Redis had lost its data; presence and fan-out groups restored")
     for room_id, username in await store.sweep():
         room = await selectors.room_get_by_id_async(room_id)
         if room is None:

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 import dj_database_url
+import redis.exceptions
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -140,7 +141,14 @@ if REDIS_URL:
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
-                "hosts": [REDIS_URL],
+                # After a Redis restart every pooled connection is dead: retry
+                # a command once on a fresh one instead of failing it.
+                "hosts": [
+                    {
+                        "address": REDIS_URL,
+                        "retry_on_error": [redis.exceptions.ConnectionError],
+                    }
+                ],
                 "prefix": os.environ.get("CHAT_REDIS_PREFIX", "chat"),
                 # One channel per server process carries all of its room
                 # traffic, so it needs room for bursts.

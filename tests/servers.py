@@ -60,7 +60,7 @@ def database_url():
 
 
 class RedisServer:
-    """A redis-server of the test's own, on a free port, that it may stop and restart."""
+    """A redis-server of the test's own, on a free port; it may stop and restart."""
 
     def __init__(self):
         self.binary = require_binary("redis-server")
@@ -76,11 +76,16 @@ class RedisServer:
         self.process = subprocess.Popen(
             [
                 self.binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", self.dir,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -102,8 +107,10 @@ class RedisServer:
 class DaphneServer:
     """``daphne chatsite.asgi:application`` in a process of its own."""
 
-    def __init__(self, *, redis_url=None, heartbeat=30, extra_env=None):
+    def __init__(self, *, redis_url=None, heartbeat=30, extra_env=None, verbosity=1):
         self.port = free_port()
+        # 0 drops the access log (a line per socket) and keeps warnings, errors.
+        self.verbosity = verbosity
         self.env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "chatsite.settings",
@@ -134,8 +141,15 @@ class DaphneServer:
     def start(self):
         self.process = subprocess.Popen(
             [
-                sys.executable, "-m", "daphne",
-                "-b", "127.0.0.1", "-p", str(self.port),
+                sys.executable,
+                "-m",
+                "daphne",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "--verbosity",
+                str(self.verbosity),
                 "chatsite.asgi:application",
             ],
             cwd=ROOT,
@@ -151,6 +165,9 @@ class DaphneServer:
 
     def output(self):
         return Path(self.log.name).read_text(errors="replace")
+
+    def alive(self):
+        return self.process is not None and self.process.poll() is None
 
     def stop(self, sig=signal.SIGTERM):
         if self.process is not None and self.process.poll() is None:

@@ -1,0 +1,605 @@
+"""Several real server processes behind one Redis: what crosses between them.
+
+The module starts its own redis-server and two daphne processes (A and B) on the
+test database; clients are real WebSocket connections. Every test commits its
+data (``transaction=True``) so the server processes see it.
+"""
+
+import asyncio
+import json
+import time
+
+import pytest
+from channels.db import database_sync_to_async
+from django.contrib.auth import get_user_model
+from websockets.asyncio.client import connect
+
+from chat import protocol, services
+from chat.models import Message, Room
+from tests.servers import DaphneServer, RedisServer
+
+pytestmark = [pytest.mark.redis, pytest.mark.django_db(transaction=True)]
+
+HEARTBEAT = 2  # seconds; dead processes' users go offline within twice this
+TIMEOUT = 5  # seconds to wait for a frame that should come
+QUIET = 0.4  # seconds of silence that show a frame does not come
+
+
+# --- servers -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+def daphne_start(redis_server, django_db_blocker):
+    # database_url() reads the test database's connection settings.
+    with django_db_blocker.unblock():
+        server = DaphneServer(
+            redis_url=redis_server.url, heartbeat=HEARTBEAT, verbosity=0
+        )
+    return server.start()
+
+
+@pytest.fixture(scope="module")
+def daphne_pair(django_db_setup, django_db_blocker, redis_server):
+    servers = []
+    try:
+        for _ in range(2):
+            servers.append(daphne_start(redis_server, django_db_blocker))
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture(autouse=True)
+def daphne_logs(daphne_pair):
+    """Check A and B outlive each test; print what they logged during it.
+
+    pytest shows the printed logs only when the test fails.
+    """
+    starts = [len(server.output()) for server in daphne_pair]
+    yield
+    for name, server, start in zip("AB", daphne_pair, starts, strict=True):
+        print(f"--- daphne {name} log during the test ---\n{server.output()[start:]}")
+    for name, server in zip("AB", daphne_pair, strict=True):
+        assert server.alive(), f"daphne {name} died:\n{server.output()}"
+
+
+@pytest.fixture
+def server_a(daphne_pair):
+    return daphne_pair[0]
+
+
+@pytest.fixture
+def server_b(daphne_pair):
+    return daphne_pair[1]
+
+
+@pytest.fixture
+def server_c(django_db_setup, django_db_blocker, redis_server):
+    """A third process of this test's own, free to kill."""
+    server = daphne_start(redis_server, django_db_blocker)
+    yield server
+    print(f"--- daphne C log ---\n{server.output()}")
+    server.stop()
+
+
+# --- data ----------------------------------------------------------------------
+
+
+@database_sync_to_async
+def key_for(user):
+    """The key of a new API token of ``user``."""
+    return services.api_token_create(user=user)[1]
+
+
+@database_sync_to_async
+def user_with_key(username):
+    """A new user and the key of an API token of theirs."""
+    user = get_user_model().objects.create_user(username=username)
+    return user, services.api_token_create(user=user)[1]
+
+
+@database_sync_to_async
+def room_create(slug):
+    return services.room_create(slug=slug, title=f"Room {slug}")
+
+
+@database_sync_to_async
+def room_state(slug):
+    """The room's last_seq and (seq, author id, client_msg_id) of its messages."""
+    room = Room.objects.get(slug=slug)
+    rows = Message.objects.filter(room=room).order_by("seq")
+    return room.last_seq, list(rows.values_list("seq", "author_id", "client_msg_id"))
+
+
+@database_sync_to_async
+def stored_message(slug, seq):
+    """The stored message as a ``message`` frame carries it."""
+    message = Message.objects.select_related("author").get(room__slug=slug, seq=seq)
+    return {
+        "type": "message",
+        "room": slug,
+        "id": message.pk,
+        "seq": seq,
+        "user": {"id": message.author.pk, "username": message.author.username},
+        "body": message.body,
+        "created_at": protocol.timestamp(message.created_at),
+        "client_msg_id": message.client_msg_id,
+    }
+
+
+def spec_fields(frame, expected):
+    """``frame`` cut down to the fields of ``expected`` (added fields are allowed)."""
+    return {name: frame.get(name, "<missing>") for name in expected}
+
+
+def assert_frame(frame, expected):
+    assert spec_fields(frame, expected) == expected, frame
+
+
+# --- clients -------------------------------------------------------------------
+
+
+class WsClient:
+    """One WebSocket connection to a server process, speaking ``chat.v1`` JSON."""
+
+    def __init__(self, server, websocket, name):
+        self.server = server
+        self.websocket = websocket
+        self.name = name
+        self.hello = None
+        self._keepalive = None
+
+    @classmethod
+    async def open(cls, server, key, name):
+        try:
+            # An unbounded queue: the socket keeps reading frames the test skips,
+            # so it never stops reading and then misses the server's close.
+            websocket = await asyncio.wait_for(
+                connect(
+                    f"{server.ws_url}?token={key}", max_queue=None, close_timeout=2
+                ),
+                TIMEOUT,
+            )
+        except Exception as exc:
+            raise AssertionError(
+                f"{name} could not connect: {exc!r}\n{server.output()}"
+            ) from exc
+        client = cls(server, websocket, name)
+        client.hello = await client.recv()
+        assert client.hello["type"] == "hello", client.hello
+        # Idle sockets are closed after twice the heartbeat; tests wait longer.
+        client._keepalive = asyncio.create_task(client._ping_forever())
+        return client
+
+    async def _ping_forever(self):
+        while True:
+            await asyncio.sleep(HEARTBEAT / 2)
+            await self.send(type="ping", ref="keepalive")
+
+    def _fail(self, message):
+        log = self.server.output()[-6000:]
+        raise AssertionError(f"{self.name}: {message}\n--- daphne log ---\n{log}")
+
+    async def send(self, **frame):
+        await self.websocket.send(json.dumps(frame))
+
+    async def recv(self, timeout=TIMEOUT):
+        """The next frame (keep-alive pongs are dropped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                raw = await asyncio.wait_for(self.websocket.recv(), max(remaining, 0))
+            except TimeoutError:
+                self._fail(f"no frame within {timeout}s")
+            except Exception as exc:
+                self._fail(f"connection failed: {exc!r}")
+            frame = json.loads(raw)
+            if frame == {"type": "pong", "ref": "keepalive"}:
+                continue
+            return frame
+
+    async def expect(self, frame_type, *, skip=(), timeout=TIMEOUT):
+        """The next frame of ``frame_type``, passing over those of types in ``skip``."""
+        while True:
+            frame = await self.recv(timeout)
+            if frame["type"] == frame_type:
+                return frame
+            if frame["type"] not in skip:
+                self._fail(f"expected {frame_type!r}, got {frame}")
+
+    async def nothing(self, timeout=QUIET):
+        """Assert no frame arrives for ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                raw = await asyncio.wait_for(self.websocket.recv(), remaining)
+            except TimeoutError:
+                return
+            frame = json.loads(raw)
+            if frame != {"type": "pong", "ref": "keepalive"}:
+                self._fail(f"expected no frame, got {frame}")
+
+    async def join(self, room, *, skip=(), **extra):
+        await self.send(type="join", room=room, **extra)
+        return await self.expect("joined", skip=skip)
+
+    async def close(self):
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+        await self.websocket.close()
+
+
+@pytest.fixture
+async def open_client():
+    """``await open_client(server, key, name)`` → a connected ``WsClient``."""
+    clients = []
+
+    async def open_(server, key, name):
+        client = await WsClient.open(server, key, name)
+        clients.append(client)
+        return client
+
+    yield open_
+    for client in clients:
+        await client.close()
+
+
+def presence(room, user, status):
+    return {"type": "presence", "room": room, "user": user, "status": status}
+
+
+# --- tests -----------------------------------------------------------------------
+
+
+async def test_message_sent_on_one_process_reaches_a_member_on_the_other(
+    server_a, server_b, open_client
+):
+    alice, alice_key = await user_with_key("alice")
+    _, bob_key = await user_with_key("bob")
+    await room_create("cross")
+    on_a = await open_client(server_a, alice_key, "alice@A")
+    on_b = await open_client(server_b, bob_key, "bob@B")
+    await on_a.join("cross")
+    await on_b.join("cross")
+    assert await on_a.recv() == presence("cross", "bob", "online")
+
+    await on_a.send(
+        type="send", room="cross", body="hello from A", client_msg_id="c-1", ref="s1"
+    )
+
+    received = await on_b.recv()
+    expected = await stored_message("cross", 1)
+    assert expected == {
+        **expected,
+        "user": {"id": alice.pk, "username": "alice"},
+        "body": "hello from A",
+        "client_msg_id": "c-1",
+    }
+    assert_frame(received, expected)
+    # The sender gets the ack and its own message, in either order.
+    own = sorted([await on_a.recv(), await on_a.recv()], key=lambda f: f["type"])
+    assert own[0] == {
+        "type": "ack",
+        "ref": "s1",
+        "room": "cross",
+        "client_msg_id": "c-1",
+        "id": expected["id"],
+        "seq": 1,
+    }
+    assert_frame(own[1], expected)
+    await on_b.nothing()
+
+
+async def test_presence_crosses_processes_on_join_leave_and_disconnect(
+    server_a, server_b, open_client
+):
+    keys = {name: (await user_with_key(name))[1] for name in ["alice", "bob", "carol"]}
+    await room_create("hall")
+    alice = await open_client(server_a, keys["alice"], "alice@A")
+    bob = await open_client(server_b, keys["bob"], "bob@B")
+
+    joined = await alice.join("hall", ref="j1")
+    expected = {
+        "type": "joined",
+        "room": "hall",
+        "title": "Room hall",
+        "last_seq": 0,
+        "online": ["alice"],
+        "ref": "j1",
+    }
+    assert_frame(joined, expected)
+    # B lists a user who joined on A.
+    assert (await bob.join("hall"))["online"] == ["alice", "bob"]
+    assert await alice.recv() == presence("hall", "bob", "online")
+
+    # Join and leave on A reach B.
+    carol = await open_client(server_a, keys["carol"], "carol@A")
+    assert (await carol.join("hall"))["online"] == ["alice", "bob", "carol"]
+    assert await bob.recv() == presence("hall", "carol", "online")
+    assert await alice.recv() == presence("hall", "carol", "online")
+    await carol.send(type="leave", room="hall", ref="l1")
+    assert await carol.recv() == {"type": "left", "room": "hall", "ref": "l1"}
+    assert await bob.recv() == presence("hall", "carol", "offline")
+    assert await alice.recv() == presence("hall", "carol", "offline")
+
+    # A second socket of bob's, on A, changes nothing for the others ...
+    bob_again = await open_client(server_a, keys["bob"], "bob@A")
+    assert (await bob_again.join("hall"))["online"] == ["alice", "bob"]
+    # ... nor does his socket on B going away, while the one on A stays.
+    await bob.close()
+    await alice.nothing()
+    assert (await carol.join("hall"))["online"] == ["alice", "bob", "carol"]
+    assert await alice.recv() == presence("hall", "carol", "online")
+    assert await bob_again.recv() == presence("hall", "carol", "online")
+
+    # A disconnect on B reaches A.
+    carol_on_b = await open_client(server_b, keys["carol"], "carol@B")
+    await carol_on_b.join("hall")
+    await carol.close()
+    await alice.nothing()  # carol is still there, through B
+    await carol_on_b.close()
+    assert await alice.recv() == presence("hall", "carol", "offline")
+    assert await bob_again.recv() == presence("hall", "carol", "offline")
+
+    # bob's last socket leaving, on A, reaches a fresh socket on B.
+    carol_again = await open_client(server_b, keys["carol"], "carol@B2")
+    assert (await carol_again.join("hall"))["online"] == ["alice", "bob", "carol"]
+    assert await alice.recv() == presence("hall", "carol", "online")
+    assert await bob_again.recv() == presence("hall", "carol", "online")
+    await bob_again.close()
+    assert await carol_again.recv() == presence("hall", "bob", "offline")
+    assert await alice.recv() == presence("hall", "bob", "offline")
+    await alice.nothing()
+    await carol_again.nothing()
+
+
+async def test_users_of_a_killed_process_go_offline_within_twice_the_heartbeat(
+    server_a, server_b, server_c, open_client
+):
+    keys = {name: (await user_with_key(name))[1] for name in ["alice", "bob", "carol"]}
+    await room_create("doomed")
+    alice = await open_client(server_a, keys["alice"], "alice@A")
+    carol = await open_client(server_b, keys["carol"], "carol@B")
+    bob = await open_client(server_c, keys["bob"], "bob@C")
+    await alice.join("doomed")
+    await carol.join("doomed")
+    assert await alice.recv() == presence("doomed", "carol", "online")
+    assert (await bob.join("doomed"))["online"] == ["alice", "bob", "carol"]
+    assert await alice.recv() == presence("doomed", "bob", "online")
+    assert await carol.recv() == presence("doomed", "bob", "online")
+    await bob.close()  # the client side only; the server holds on
+
+    killed_at = time.monotonic()
+    server_c.kill()
+    limit = 2 * HEARTBEAT
+    for client in (alice, carol):
+        assert await client.recv(timeout=limit + 1) == presence(
+            "doomed", "bob", "offline"
+        )
+        elapsed = time.monotonic() - killed_at
+        assert elapsed <= limit, f"{client.name}: offline after {elapsed:.2f}s"
+    # Exactly one report, though both surviving processes sweep.
+    await alice.nothing()
+    await carol.nothing()
+
+    dave_key = (await user_with_key("dave"))[1]
+    dave = await open_client(server_b, dave_key, "dave@B")
+    assert (await dave.join("doomed"))["online"] == ["alice", "carol", "dave"]
+
+
+async def test_join_since_on_the_other_process_recovers_exactly_the_missed_messages(
+    server_a, server_b, open_client
+):
+    keys = {name: (await user_with_key(name))[1] for name in ["alice", "bob"]}
+    await room_create("recover")
+    alice = await open_client(server_a, keys["alice"], "alice@A")
+    bob = await open_client(server_b, keys["bob"], "bob@B")
+    await alice.join("recover")
+    await bob.join("recover")
+    await alice.expect("presence")
+    for n in (1, 2):
+        await alice.send(
+            type="send", room="recover", body=f"seen {n}", client_msg_id=f"r{n}"
+        )
+        await alice.expect("ack", skip=("message",))
+        assert (await bob.expect("message"))["seq"] == n
+    last_seen = 2
+
+    await bob.close()
+    assert await alice.expect("presence", skip=("message",)) == presence(
+        "recover", "bob", "offline"
+    )
+    for n in range(3, 8):
+        await alice.send(
+            type="send", room="recover", body=f"missed {n}", client_msg_id=f"r{n}"
+        )
+        assert (await alice.expect("ack", skip=("message",)))["seq"] == n
+
+    bob = await open_client(server_a, keys["bob"], "bob@A")
+    joined = await bob.join("recover", since=last_seen, ref="rejoin")
+    expected = {
+        "type": "joined",
+        "room": "recover",
+        "last_seq": 7,
+        "online": ["alice", "bob"],
+        "ref": "rejoin",
+    }
+    assert_frame(joined, expected)
+    for seq in range(3, 8):
+        expected = await stored_message("recover", seq)
+        assert expected["body"] == f"missed {seq}"
+        assert_frame(await bob.recv(), expected)
+    assert await bob.recv() == {
+        "type": "recovered",
+        "room": "recover",
+        "complete": True,
+    }
+    await bob.nothing()
+
+
+async def sender_run(client, room, msg_ids, start):
+    """Join, wait for ``start``, fire every send at once, then collect the acks."""
+    await client.join(room, skip=("presence",))
+    await start.wait()
+    for msg_id in msg_ids:
+        await client.send(
+            type="send",
+            room=room,
+            body=f"body {msg_id}",
+            client_msg_id=msg_id,
+            ref=msg_id,
+        )
+    acks = []
+    while len(acks) < len(msg_ids):
+        acks.append(
+            await client.expect("ack", skip=("message", "presence"), timeout=30)
+        )
+    return acks
+
+
+async def receiver_run(client, count):
+    """Seqs of the next ``count`` messages."""
+    seqs = []
+    while len(seqs) < count:
+        frame = await client.expect("message", skip=("presence",), timeout=30)
+        seqs.append(frame["seq"])
+    return seqs
+
+
+async def test_concurrent_sends_through_two_processes_get_seqs_one_to_a_hundred(
+    server_a, server_b, open_client
+):
+    room = "busy"
+    await room_create(room)
+    watchers = []
+    for name, server in (("watch-a", server_a), ("watch-b", server_b)):
+        watcher = await open_client(server, (await user_with_key(name))[1], name)
+        await watcher.join(room)
+        watchers.append(watcher)
+    # Five senders per process, ten messages each: 50 through A, 50 through B.
+    senders, sent = [], {}
+    for index in range(10):
+        name = f"sender{index}"
+        user, key = await user_with_key(name)
+        server = server_a if index < 5 else server_b
+        senders.append(await open_client(server, key, f"{name}@{'AB'[index // 5]}"))
+        sent[name] = (user, [f"{name}-{n}" for n in range(10)])
+
+    start = asyncio.Event()
+    runs = [
+        asyncio.create_task(sender_run(client, room, sent[f"sender{i}"][1], start))
+        for i, client in enumerate(senders)
+    ]
+    receiving = [asyncio.create_task(receiver_run(w, 100)) for w in watchers]
+    try:
+        # Let the joins land first, so the sends all go out at once.
+        await asyncio.sleep(0.5)
+        start.set()
+        acks_per_sender = await asyncio.gather(*runs)
+        seen = await asyncio.gather(*receiving)
+    finally:
+        for task in runs + receiving:
+            task.cancel()
+
+    acks = [ack for acks in acks_per_sender for ack in acks]
+    assert len(acks) == 100
+    for (name, (_, msg_ids)), sender_acks in zip(
+        sent.items(), acks_per_sender, strict=True
+    ):
+        assert sorted(a["client_msg_id"] for a in sender_acks) == sorted(msg_ids), name
+        assert all(
+            a["ref"] == a["client_msg_id"] and a["room"] == room for a in sender_acks
+        )
+    assert sorted(a["seq"] for a in acks) == list(range(1, 101))
+    assert len({a["id"] for a in acks}) == 100
+    for watcher_seqs in seen:
+        assert sorted(watcher_seqs) == list(range(1, 101))
+    last_seq, rows = await room_state(room)
+    assert last_seq == 100
+    by_seq = {a["seq"]: a["client_msg_id"] for a in acks}
+    assert [(seq, msg_id) for seq, _, msg_id in rows] == sorted(by_seq.items())
+
+    # sender0 (on A) retries its first message through B: the same ack, nothing new.
+    sender0, msg_ids = sent["sender0"]
+    first_ack = next(a for a in acks_per_sender[0] if a["client_msg_id"] == msg_ids[0])
+    retry = await open_client(server_b, await key_for(sender0), "sender0@B")
+    await retry.join(room)
+    await retry.send(
+        type="send", room=room, body="body again", client_msg_id=msg_ids[0], ref="retry"
+    )
+    assert await retry.recv() == {**first_ack, "ref": "retry"}
+    for watcher in watchers:
+        await watcher.nothing()
+    assert await room_state(room) == (last_seq, rows)
+
+
+# The last tests restart the module's Redis; keep them at the end.
+
+async def test_delivery_and_presence_work_again_after_redis_restarts(
+    server_a, server_b, redis_server, open_client
+):
+    keys = {name: (await user_with_key(name))[1] for name in ["alice", "bob", "carol"]}
+    await room_create("phoenix")
+    alice = await open_client(server_a, keys["alice"], "alice@A")
+    bob = await open_client(server_b, keys["bob"], "bob@B")
+    await alice.join("phoenix")
+    await bob.join("phoenix")
+    assert await alice.recv() == presence("phoenix", "bob", "online")
+
+    redis_server.restart()  # an empty Redis: no groups, no presence entries
+
+    # Within a keeper round each process has put its state back.
+    deadline = time.monotonic() + 2 * HEARTBEAT
+    while True:
+        await alice.send(type="typing", room="phoenix")
+        try:
+            frame = await asyncio.wait_for(bob.recv(), 0.3)
+        except (AssertionError, TimeoutError):
+            assert time.monotonic() < deadline, "A's frames never reached B again"
+            continue
+        assert frame == {"type": "typing", "room": "phoenix", "user": "alice"}
+        break
+    await bob.send(type="send", room="phoenix", body="back", client_msg_id="p1")
+    ack, own = sorted([await bob.recv(), await bob.recv()], key=lambda f: f["type"])
+    expected = await stored_message("phoenix", 1)
+    assert_frame(ack, {"type": "ack", "seq": 1, "id": expected["id"]})
+    assert_frame(own, expected)
+    assert_frame(await alice.expect("message", skip=("typing",)), expected)
+    carol = await open_client(server_a, keys["carol"], "carol@A")
+    assert (await carol.join("phoenix"))["online"] == ["alice", "bob", "carol"]
+
+
+async def test_a_socket_that_fails_while_redis_is_down_leaves_no_ghost(
+    server_a, server_b, redis_server, open_client
+):
+    keys = {name: (await user_with_key(name))[1] for name in ["alice", "bob", "carol"]}
+    await room_create("outage")
+    alice = await open_client(server_a, keys["alice"], "alice@A")
+    bob = await open_client(server_b, keys["bob"], "bob@B")
+    await alice.join("outage")
+    await bob.join("outage")
+    assert await alice.recv() == presence("outage", "bob", "online")
+
+    redis_server.stop()
+    try:
+        # Nowhere to send it: the server closes the socket (1011).
+        await alice.send(type="typing", room="outage")
+        with pytest.raises(AssertionError, match="connection failed"):
+            await alice.recv()
+        assert alice.websocket.close_code == 1011
+    finally:
+        redis_server.start()  # empty: no groups, no presence entries
+
+    # Give the keepers a round to restore what they vouch for: not alice.
+    await asyncio.sleep(HEARTBEAT)
+    carol = await open_client(server_b, keys["carol"], "carol@B")
+    assert (await carol.join("outage"))["online"] == ["bob", "carol"]
