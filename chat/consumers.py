@@ -2,20 +2,22 @@
 
 import itertools
 import logging
-import secrets
+import time
+from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.utils import timezone
 
-from chat import fanout, presence, protocol, selectors, services
+from chat import fanout, presence, protocol, selectors, services, serving
 from chat.protocol import BAD_REQUEST, NOT_JOINED, ChatError
 
 logger = logging.getLogger(__name__)
 
-# Connection ids are unique across processes: a per-process prefix and a counter.
-_PROCESS_ID = secrets.token_hex(4)
+# Connection ids are unique across processes: the process id and a counter.
 _counter = itertools.count(1)
+MAX_DEVICE_CHARS = 64
 
 db = database_sync_to_async
 
@@ -34,24 +36,38 @@ class ChatConsumer(AsyncWebsocketConsumer):
     channel_layer_alias = "chat.sockets-use-the-hub"
 
     hub = None
+    closing = False
 
     async def connect(self):
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
             await self.close()  # before accept: the handshake gets HTTP 403
             return
+        if await db(selectors.site_ban_get_active)(user=user) is not None:
+            await self.close()
+            return
         self.user = user
         self.user_id = user.pk
         self.username = user.get_username()
-        self.connection_id = f"{_PROCESS_ID}-{next(_counter)}"
+        self.connection_id = f"{fanout.PROCESS_ID}-{next(_counter)}"
+        self.connected_at = protocol.timestamp(timezone.now())
+        self.token_id = self.scope.get("token_id")
+        self.auth = "token" if self.token_id is not None else "session"
+        self.device = self._device_from_query()
         self.rooms = {}  # slug -> Room this socket joined
+        self.last_seen = time.monotonic()
         subprotocol = choose_subprotocol(self.scope.get("subprotocols", []))
         self.binary = subprotocol == protocol.SUBPROTOCOL_BINARY
         await self.accept(subprotocol)
         self.hub = await fanout.get_hub()
         presence.start_keeper(self.hub)
+        serving.start_idle_watch(self.hub)
         self.hub.connections.add(self)
-        await self.hub.add(fanout.user_group(self.user_id), self)
+        await presence.connection_register(self.info())
+        for group in self._own_groups():
+            await self.hub.add(group, self)
+        if self.device is not None:
+            await self._replace_older_device_connections()
         await self.send_frame(
             protocol.hello(
                 connection_id=self.connection_id,
@@ -60,24 +76,90 @@ class ChatConsumer(AsyncWebsocketConsumer):
             )
         )
 
+    def _device_from_query(self):
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        device = (query.get("device") or [""])[0][:MAX_DEVICE_CHARS]
+        return device or None
+
+    def _own_groups(self):
+        return [
+            fanout.user_group(self.user_id),
+            fanout.process_group(),
+            fanout.EVERYONE_GROUP,
+        ]
+
+    async def _replace_older_device_connections(self):
+        control = {
+            "action": "close",
+            "code": protocol.CLOSE_REPLACED,
+            "reason": "replaced by a newer connection with the same device key",
+        }
+        match = {"device": self.device, "not_connection_id": self.connection_id}
+        await fanout.command([fanout.user_group(self.user_id)], control, match=match)
+
+    def info(self):
+        """What the live-connection registry knows of this socket."""
+        return {
+            "id": self.connection_id,
+            "user_id": self.user_id,
+            "username": self.username,
+            "process": fanout.PROCESS_ID,
+            "connected_at": self.connected_at,
+            "device": self.device,
+            "rooms": list(self.rooms),
+        }
+
+    def matches(self, match):
+        """Whether this socket fits every condition of a hub event's ``match``."""
+        for key, value in match.items():
+            if key == "room":
+                fits = value in self.rooms
+            elif key == "not_connection_id":
+                fits = self.connection_id != value
+            else:
+                fits = getattr(self, key, None) == value
+            if not fits:
+                return False
+        return True
+
+    async def control(self, order):
+        """Carry out an order from the hub: close, or leave a room."""
+        if order["action"] == "close":
+            await self.close_with(order["code"], order.get("reason", ""))
+        elif order["action"] == "remove":
+            room = self.rooms.get(order["room"])
+            if room is not None:
+                await self._exit_room(room)
+                frame = protocol.removed(room_slug=room.slug, reason=order["reason"])
+                await self.send_frame(frame)
+
+    async def close_with(self, code, reason=""):
+        if not self.closing:
+            self.closing = True
+            await self.close(code=code, reason=reason)
+
     async def disconnect(self, code):
         if self.hub is None:
             return
         # First, so the presence keeper stops vouching for this socket even if
         # Redis fails below.
         self.hub.connections.discard(self)
+        self.closing = True
         for room in list(self.rooms.values()):
             try:
                 await self._exit_room(room)
             except Exception:
                 logger.exception("leaving %s on disconnect failed", room.slug)
         try:
-            await self.hub.discard(fanout.user_group(self.user_id), self)
+            for group in self._own_groups():
+                await self.hub.discard(group, self)
+            await presence.connection_unregister(self)
         except Exception:
-            logger.exception("leaving the user group on disconnect failed")
+            logger.exception("forgetting the socket on disconnect failed")
         self.hub = None
 
     async def receive(self, text_data=None, bytes_data=None):
+        self.last_seen = time.monotonic()
         size = len(bytes_data) if bytes_data is not None else len(text_data.encode())
         if size > protocol.MAX_FRAME_BYTES:
             await self.close(code=protocol.CLOSE_TOO_BIG)
@@ -112,6 +194,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def deliver(self, encoded):
         """Write an already-encoded frame to this socket (the hub calls this)."""
+        if self.closing:
+            return
         if self.binary:
             await self.send(bytes_data=encoded.binary)
         else:
@@ -139,6 +223,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await presence.room_enter(
                 room=room, connection_id=self.connection_id, user=self.user
             )
+            await presence.connection_rooms_changed(self)
         room = await db(selectors.room_get)(slug=slug)
         self.rooms[slug] = room
         online = await presence.room_online(room)
@@ -169,6 +254,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await presence.room_exit(
             room=room, connection_id=self.connection_id, user=self.user
         )
+        if not self.closing:
+            await presence.connection_rooms_changed(self)
 
     async def on_send(self, frame):
         room = self._joined_room(frame)

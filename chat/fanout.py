@@ -10,10 +10,12 @@ for connect, receive and disconnect; the channel layer stays the bus.
 
 import asyncio
 import logging
+import secrets
 import weakref
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.conf import settings
 
 from chat import protocol
 
@@ -22,6 +24,22 @@ logger = logging.getLogger(__name__)
 _hubs: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub]" = (
     weakref.WeakKeyDictionary()
 )
+
+
+# Unique per server process; connection ids start with it, so a frame for one
+# connection goes to its process's group.
+PROCESS_ID = secrets.token_hex(4)
+
+EVERYONE_GROUP = "everyone"
+
+
+def process_group(process_id=PROCESS_ID):
+    return f"process.{process_id}"
+
+
+def connection_group(connection_id):
+    """The group of the process that holds ``connection_id``."""
+    return process_group(connection_id.rsplit("-", 1)[0])
 
 
 def room_group(room_id):
@@ -119,12 +137,27 @@ class Hub:
                 await asyncio.sleep(0.1)
 
     async def deliver(self, event):
-        encoded = protocol.Encoded(event["frame_type"], event["text"])
+        """Hand a layer event to the matching local sockets.
+
+        ``exclude_user`` skips a user's sockets; ``match`` narrows the group to
+        the sockets whose attributes match (see ``ChatConsumer.matches``). An
+        event with ``text`` is a frame to send; one with ``control`` is an
+        order for the socket itself (close, leave a room).
+        """
         exclude_user = event.get("exclude_user")
+        match = event.get("match")
+        encoded = None
+        if "text" in event:
+            encoded = protocol.Encoded(event["frame_type"], event["text"])
         for connection in list(self.members.get(event["group"], ())):
             if exclude_user is not None and connection.user_id == exclude_user:
                 continue
-            await connection.deliver(encoded)
+            if match and not connection.matches(match):
+                continue
+            if encoded is not None:
+                await connection.deliver(encoded)
+            else:
+                await connection.control(event["control"])
 
 
 async def get_hub():
@@ -135,6 +168,10 @@ async def get_hub():
         hub = Hub(get_channel_layer())
         _hubs[loop] = hub
         await hub.start()
+        if settings.CHAT_CLOSE_ON_SIGTERM:
+            from chat import serving
+
+            serving.install_shutdown_handler(hub)
     return hub
 
 
@@ -145,7 +182,7 @@ async def stop_hub():
         await hub.stop()
 
 
-async def publish(groups, frame, *, exclude_user=None):
+async def publish(groups, frame, *, exclude_user=None, match=None):
     """Send ``frame`` to every live socket in ``groups``, on every process."""
     encoded = protocol.encode(frame)
     event = {
@@ -153,12 +190,28 @@ async def publish(groups, frame, *, exclude_user=None):
         "frame_type": encoded.type,
         "text": encoded.text,
         "exclude_user": exclude_user,
+        "match": match,
     }
+    await _group_send_each(groups, event)
+
+
+async def command(groups, control, *, match=None):
+    """Give the matching sockets in ``groups`` an order: ``{"action": …}``."""
+    event = {"type": "hub.frame", "control": control, "match": match}
+    await _group_send_each(groups, event)
+
+
+async def _group_send_each(groups, event):
     layer = get_channel_layer()
     for group in groups:
         await layer.group_send(group, {**event, "group": group})
 
 
-def publish_sync(groups, frame, *, exclude_user=None):
+def publish_sync(groups, frame, *, exclude_user=None, match=None):
     """``publish`` for sync code: services, views, commands."""
-    async_to_sync(publish)(groups, frame, exclude_user=exclude_user)
+    async_to_sync(publish)(groups, frame, exclude_user=exclude_user, match=match)
+
+
+def command_sync(groups, control, *, match=None):
+    """``command`` for sync code."""
+    async_to_sync(command)(groups, control, match=match)

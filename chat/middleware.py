@@ -33,8 +33,11 @@ class TokenAuthMiddleware(BaseMiddleware):
     async def __call__(self, scope, receive, send):
         key = token_from_scope(scope)
         if key is not None:
-            user = await database_sync_to_async(selectors.user_get_by_token)(key=key)
-            scope = dict(scope, user=user or AnonymousUser())
+            token = await database_sync_to_async(selectors.token_get_active)(key=key)
+            if token is None:
+                scope = dict(scope, user=AnonymousUser(), token_id=None)
+            else:
+                scope = dict(scope, user=token.user, token_id=token.pk)
         return await super().__call__(scope, receive, send)
 
 

@@ -149,3 +149,134 @@ class ApiToken(models.Model):
     @property
     def is_revoked(self):
         return self.revoked_at is not None
+
+
+class SanctionQuerySet(models.QuerySet):
+    def active(self, now=None):
+        now = now or timezone.now()
+        return self.filter(
+            models.Q(expires_at__isnull=True) | models.Q(expires_at__gt=now)
+        )
+
+
+class Ban(models.Model):
+    """Keeps a user out of the whole site (no room) or out of one room."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="chat_bans"
+    )
+    room = models.ForeignKey(
+        Room,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="bans",
+        help_text="Leave empty for a site-wide ban.",
+    )
+    reason = models.CharField(max_length=200)
+    expires_at = models.DateTimeField(
+        null=True, blank=True, help_text="Leave empty for a ban without end."
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    objects = SanctionQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        where = f"room {self.room}" if self.room_id else "site"
+        return f"{self.user} banned from {where}"
+
+    @property
+    def is_active(self):
+        return self.expires_at is None or self.expires_at > timezone.now()
+
+
+class Mute(models.Model):
+    """Keeps a user from sending in one room; they can still read it."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="chat_mutes"
+    )
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="mutes")
+    reason = models.CharField(max_length=200)
+    expires_at = models.DateTimeField(
+        null=True, blank=True, help_text="Leave empty for a mute without end."
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    objects = SanctionQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"{self.user} muted in {self.room}"
+
+    @property
+    def is_active(self):
+        return self.expires_at is None or self.expires_at > timezone.now()
+
+
+class ModerationAction(models.Model):
+    """What a moderator did, to whom, where, when and why."""
+
+    class Kind(models.TextChoices):
+        BAN = "ban", "Site ban"
+        UNBAN = "unban", "Site ban lifted"
+        ROOM_BAN = "room_ban", "Room ban"
+        ROOM_UNBAN = "room_unban", "Room ban lifted"
+        MUTE = "mute", "Mute"
+        UNMUTE = "unmute", "Mute lifted"
+        MESSAGE_DELETE = "message_delete", "Message deleted"
+        ROOM_CLOSE = "room_close", "Room closed"
+        ROOM_REOPEN = "room_reopen", "Room reopened"
+        TOKEN_REVOKE = "token_revoke", "Token revoked"
+        SIGN_OUT = "sign_out", "Signed out everywhere"
+        DISCONNECT = "disconnect", "Connection closed"
+
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    target_user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    room = models.ForeignKey(
+        Room, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    message = models.ForeignKey(
+        Message, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    detail = models.CharField(max_length=200, blank=True)
+    reason = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"{self.get_kind_display()} by {self.actor or 'the system'}"

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import secrets
 import time
+import weakref
 
 from django.conf import settings
 
@@ -27,6 +28,25 @@ logger = logging.getLogger(__name__)
 
 def _member(connection_id, user_id, username):
     return f"{connection_id}|{user_id}|{username}"
+
+
+def _room_members(conn):
+    member = _member(conn.connection_id, conn.user_id, conn.username)
+    return [(room_id, member) for room_id in conn.joined_room_ids()]
+
+
+def _encode_info(info):
+    encoded = {key: "" if value is None else value for key, value in info.items()}
+    encoded["rooms"] = ",".join(info.get("rooms", ()))
+    return encoded
+
+
+def _decode_info(row):
+    info = {key.decode(): value.decode() for key, value in row.items()}
+    info["user_id"] = int(info["user_id"])
+    info["rooms"] = [slug for slug in info.get("rooms", "").split(",") if slug]
+    info["device"] = info.get("device") or None
+    return info
 
 
 def _parse(member):
@@ -41,6 +61,29 @@ class MemoryPresence:
 
     def __init__(self):
         self.rooms: dict[int, set[str]] = {}
+        self.connections: dict[str, dict] = {}
+
+    async def connection_add(self, info):
+        self.connections[info["id"]] = dict(info)
+
+    async def connection_set_rooms(self, connection_id, user_id, rooms):
+        if connection_id in self.connections:
+            self.connections[connection_id]["rooms"] = list(rooms)
+
+    async def connection_remove(self, connection_id, user_id):
+        self.connections.pop(connection_id, None)
+
+    async def connections_list(self):
+        return sorted(self.connections.values(), key=lambda c: c["connected_at"])
+
+    async def count(self, *, user_id=None, room_id=None, connection_id=None):
+        if connection_id is not None:
+            return int(connection_id in self.connections)
+        if user_id is not None:
+            return sum(c["user_id"] == user_id for c in self.connections.values())
+        if room_id is not None:
+            return len(self.rooms.get(room_id, ()))
+        return len(self.connections)
 
     async def enter(self, room_id, connection_id, user_id, username):
         members = self.rooms.setdefault(room_id, set())
@@ -58,7 +101,7 @@ class MemoryPresence:
     async def online(self, room_id):
         return sorted({_parse(m)[2] for m in self.rooms.get(room_id, ())})
 
-    async def refresh(self, entries):
+    async def refresh(self, connections):
         return False
 
     def restored(self):
@@ -137,6 +180,60 @@ class RedisPresence:
             _, epoch = await pipe.execute()
         return epoch
 
+    @property
+    def _conns_key(self):
+        return f"{self.prefix}:conns"
+
+    def _conn_key(self, connection_id):
+        return f"{self.prefix}:conn:{connection_id}"
+
+    def _user_conns_key(self, user_id):
+        return f"{self.prefix}:userconns:{user_id}"
+
+    def _queue_connection(self, pipe, info, now):
+        pipe.hset(self._conn_key(info["id"]), mapping=_encode_info(info))
+        pipe.zadd(self._conns_key, {info["id"]: now})
+        pipe.zadd(self._user_conns_key(info["user_id"]), {info["id"]: now})
+
+    async def connection_add(self, info):
+        async with self.redis.pipeline(transaction=False) as pipe:
+            self._queue_connection(pipe, info, time.time())
+            await pipe.execute()
+
+    async def connection_set_rooms(self, connection_id, user_id, rooms):
+        key = self._conn_key(connection_id)
+        await self.redis.hset(key, "rooms", ",".join(rooms))
+
+    async def connection_remove(self, connection_id, user_id):
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(self._conn_key(connection_id))
+            pipe.zrem(self._conns_key, connection_id)
+            pipe.zrem(self._user_conns_key(user_id), connection_id)
+            await pipe.execute()
+
+    async def connections_list(self):
+        since = self._live_since()
+        ids = await self.redis.zrangebyscore(self._conns_key, since, "+inf")
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for connection_id in ids:
+                pipe.hgetall(self._conn_key(connection_id.decode()))
+            rows = await pipe.execute()
+        infos = [_decode_info(row) for row in rows if row]
+        return sorted(infos, key=lambda c: c["connected_at"])
+
+    async def count(self, *, user_id=None, room_id=None, connection_id=None):
+        since = self._live_since()
+        if connection_id is not None:
+            score = await self.redis.zscore(self._conns_key, connection_id)
+            return int(score is not None and score >= since)
+        if user_id is not None:
+            key = self._user_conns_key(user_id)
+        elif room_id is not None:
+            key = self._key(room_id)
+        else:
+            key = self._conns_key
+        return await self.redis.zcount(key, since, "+inf")
+
     def _live_since(self):
         return time.time() - self.stale_after
 
@@ -164,8 +261,8 @@ class RedisPresence:
         )
         return sorted({_parse(m)[2] for m in members})
 
-    async def refresh(self, entries):
-        """Vouch for this process's entries: ``entries`` is (room_id, member…).
+    async def refresh(self, connections):
+        """Vouch for this process's sockets and their room entries.
 
         Return True when Redis had lost its data: the entries are back, and the
         caller must restore what else it keeps there, then call ``restored``
@@ -174,33 +271,50 @@ class RedisPresence:
         now = time.time()
         async with self.redis.pipeline(transaction=False) as pipe:
             self._epoch_queue(pipe)
-            for room_id, connection_id, user_id, username in entries:
-                member = _member(connection_id, user_id, username)
-                # Only existing entries: one that left meanwhile stays gone.
-                pipe.zadd(self._key(room_id), {member: now}, xx=True)
+            for conn in connections:
+                # Only existing entries (XX): one that left meanwhile stays gone.
+                pipe.zadd(self._conns_key, {conn.connection_id: now}, xx=True)
+                user_key = self._user_conns_key(conn.user_id)
+                pipe.zadd(user_key, {conn.connection_id: now}, xx=True)
+                for room_id, member in _room_members(conn):
+                    pipe.zadd(self._key(room_id), {member: now}, xx=True)
             _, epoch, *_ = await pipe.execute()
         if self._epoch is not None and epoch != self._epoch:
             self._restoring = True
         self._epoch = epoch
         if self._restoring:
-            await self._restore(entries, now)
+            await self._restore(connections, now)
         return self._restoring
 
     def restored(self):
         self._restoring = False
 
-    async def _restore(self, entries, now):
+    async def _restore(self, connections, now):
         async with self.redis.pipeline(transaction=False) as pipe:
-            for room_id, connection_id, user_id, username in entries:
-                member = _member(connection_id, user_id, username)
-                pipe.zadd(self._key(room_id), {member: now})
-                pipe.sadd(self._rooms_key, room_id)
+            for conn in connections:
+                self._queue_connection(pipe, conn.info(), now)
+                for room_id, member in _room_members(conn):
+                    pipe.zadd(self._key(room_id), {member: now})
+                    pipe.sadd(self._rooms_key, room_id)
             await pipe.execute()
+
+    async def _sweep_connections(self, cutoff):
+        stale = await self.redis.zrangebyscore(self._conns_key, "-inf", f"({cutoff}")
+        for raw in stale:
+            connection_id = raw.decode()
+            user_id = await self.redis.hget(self._conn_key(connection_id), "user_id")
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.delete(self._conn_key(connection_id))
+                pipe.zrem(self._conns_key, connection_id)
+                if user_id is not None:
+                    pipe.zrem(self._user_conns_key(int(user_id)), connection_id)
+                await pipe.execute()
 
     async def sweep(self):
         """Drop entries nobody vouched for; return (room_id, username) gone offline."""
         gone = []
         cutoff = self._live_since()
+        await self._sweep_connections(cutoff)
         for raw_room in await self.redis.smembers(self._rooms_key):
             room_id = int(raw_room)
             key = self._key(room_id)
@@ -219,7 +333,9 @@ class RedisPresence:
         await self.redis.aclose()
 
 
-_stores = {}
+_stores: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, object]" = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def get_store():
@@ -271,6 +387,33 @@ async def room_online(room):
     return await get_store().online(room.pk)
 
 
+async def connection_register(info):
+    """Record a live socket: id, user_id, username, process, connected_at, device."""
+    await get_store().connection_add({**info, "rooms": []})
+
+
+async def connection_rooms_changed(connection):
+    await get_store().connection_set_rooms(
+        connection.connection_id, connection.user_id, list(connection.rooms)
+    )
+
+
+async def connection_unregister(connection):
+    await get_store().connection_remove(connection.connection_id, connection.user_id)
+
+
+async def live_connections():
+    """Every live socket on every process, oldest first (dicts, see register)."""
+    return await get_store().connections_list()
+
+
+async def live_count(*, user_id=None, room_id=None, connection_id=None):
+    """How many live sockets: of a user, joined to a room, with an id, or all."""
+    return await get_store().count(
+        user_id=user_id, room_id=room_id, connection_id=connection_id
+    )
+
+
 _keepers = {}
 
 
@@ -313,12 +456,7 @@ async def keep_once(hub):
     from chat import selectors
 
     store = get_store()
-    entries = [
-        (room_id, conn.connection_id, conn.user_id, conn.username)
-        for conn in list(hub.connections)
-        for room_id in conn.joined_room_ids()
-    ]
-    if await store.refresh(entries):
+    if await store.refresh(list(hub.connections)):
         await hub.refresh_subscriptions()
         store.restored()
         logger.warning("Redis had lost its data; presence and fan-out groups restored")

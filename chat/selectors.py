@@ -6,7 +6,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from chat import protocol
-from chat.models import ApiToken, Membership, Message, Room
+from chat.models import ApiToken, Ban, Membership, Message, Mute, Room
 from chat.protocol import FORBIDDEN, NOT_FOUND, ChatError
 
 
@@ -29,11 +29,23 @@ def membership_get(*, room, user):
 
 
 def room_get_readable(*, slug, user):
-    """The room, if ``user`` may read it: public, or private and a member."""
+    """The room, if ``user`` may read it: public or a member, and not banned."""
     room = room_get(slug=slug)
     if room.is_private and membership_get(room=room, user=user) is None:
         raise ChatError(FORBIDDEN, f"room {slug!r} is private")
+    ban = Ban.objects.active().filter(room=room, user=user).first()
+    if ban is not None:
+        raise ChatError(FORBIDDEN, f"you are banned from {slug!r}: {ban.reason}")
     return room
+
+
+def site_ban_get_active(*, user):
+    """The user's current site-wide ban, or None."""
+    return Ban.objects.active().filter(user=user, room__isnull=True).first()
+
+
+def mute_get_active(*, room, user):
+    return Mute.objects.active().filter(room=room, user=user).first()
 
 
 def room_list_for_user(*, user):
@@ -85,18 +97,23 @@ def messages_since(*, room, since):
     return _payloads(room, messages), complete
 
 
-def user_get_by_token(*, key):
-    """The active user a raw API token belongs to, or None."""
+def token_get_active(*, key):
+    """The active API token with raw ``key`` (its user loaded), or None."""
     token = (
         ApiToken.objects.active()
         .select_related("user")
         .filter(key_hash=ApiToken.hash_key(key))
         .first()
     )
-    if token is None:
-        return None
-    ApiToken.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
-    return token.user
+    if token is not None:
+        ApiToken.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
+    return token
+
+
+def user_get_by_token(*, key):
+    """The active user a raw API token belongs to, or None."""
+    token = token_get_active(key=key)
+    return token.user if token is not None else None
 
 
 def user_get_active(*, username):

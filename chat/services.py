@@ -1,4 +1,8 @@
-"""Writes: rooms, memberships, messages, tokens. Broadcasts go out after commit."""
+"""Writes: rooms, memberships, messages, tokens, moderation.
+
+Every effect on live sockets (a broadcast, a socket closed or taken out of a
+room) is sent after the transaction commits.
+"""
 
 from functools import partial
 
@@ -7,14 +11,47 @@ from django.db.models import F
 from django.utils import timezone
 
 from chat import fanout, protocol, selectors
-from chat.models import ApiToken, Membership, Message, Room
-from chat.protocol import BAD_REQUEST, FORBIDDEN, NOT_FOUND, ROOM_CLOSED, ChatError
+from chat.models import (
+    ApiToken,
+    Ban,
+    Membership,
+    Message,
+    ModerationAction,
+    Mute,
+    Room,
+)
+from chat.protocol import (
+    BAD_REQUEST,
+    CLOSE_BANNED,
+    FORBIDDEN,
+    MUTED,
+    NOT_FOUND,
+    ROOM_CLOSED,
+    ChatError,
+)
+
+Kind = ModerationAction.Kind
 
 
 def _broadcast_on_commit(room, frame, *, exclude_user=None):
     groups = fanout.room_groups(room)
     transaction.on_commit(
         partial(fanout.publish_sync, groups, frame, exclude_user=exclude_user)
+    )
+
+
+def _command_on_commit(groups, control, *, match=None):
+    transaction.on_commit(partial(fanout.command_sync, groups, control, match=match))
+
+
+def _close_sockets_on_commit(user, reason, *, match=None):
+    control = {"action": "close", "code": CLOSE_BANNED, "reason": reason}
+    _command_on_commit([fanout.user_group(user.pk)], control, match=match)
+
+
+def _record(kind, *, actor, reason="", **targets):
+    return ModerationAction.objects.create(
+        kind=kind, actor=actor, reason=reason[:200], **targets
     )
 
 
@@ -84,6 +121,7 @@ def message_create(*, room, author, body, client_msg_id):
     existing = _message_by_client_id(author=author, client_msg_id=client_msg_id)
     if existing is not None:
         return existing, False
+    _check_not_muted(room=room, user=author)
     try:
         with transaction.atomic():
             # The row lock this UPDATE takes serializes writers of one room until
@@ -112,6 +150,15 @@ def message_create(*, room, author, body, client_msg_id):
         return existing, False
     message.room = room
     return message, True
+
+
+def _check_not_muted(*, room, user):
+    mute = selectors.mute_get_active(room=room, user=user)
+    if mute is not None:
+        until = (
+            f" until {protocol.timestamp(mute.expires_at)}" if mute.expires_at else ""
+        )
+        raise ChatError(MUTED, f"you are muted in {room.slug!r}{until}: {mute.reason}")
 
 
 def _message_by_client_id(*, author, client_msg_id):
@@ -149,6 +196,7 @@ def _message_for_change(*, room, message_id, user):
 
 def message_edit(*, room, message_id, user, body):
     """Replace a message's body (the author's own, or any as moderator)."""
+    _check_not_muted(room=room, user=user)
     with transaction.atomic():
         message = _message_for_change(room=room, message_id=message_id, user=user)
         message.body = body
@@ -163,10 +211,44 @@ def message_delete(*, room, message_id, user):
     """Delete a message for everyone; it stays in history without its body."""
     with transaction.atomic():
         message = _message_for_change(room=room, message_id=message_id, user=user)
-        message.deleted_at = timezone.now()
-        message.save(update_fields=["deleted_at"])
-        frame = protocol.message_deleted(room_slug=room.slug, message=message)
-        _broadcast_on_commit(room, frame)
+        _message_soft_delete(message, room)
+        if message.author_id != user.pk:
+            _record(
+                Kind.MESSAGE_DELETE,
+                actor=user,
+                target_user=message.author,
+                room=room,
+                message=message,
+            )
+    return message
+
+
+def _message_soft_delete(message, room):
+    message.deleted_at = timezone.now()
+    message.save(update_fields=["deleted_at"])
+    frame = protocol.message_deleted(room_slug=room.slug, message=message)
+    _broadcast_on_commit(room, frame)
+
+
+def message_hide(*, message, actor=None, reason=""):
+    """Delete a message as a moderator (admin): the room sees it go."""
+    with transaction.atomic():
+        message = (
+            Message.objects.select_for_update()
+            .select_related("room")
+            .get(pk=message.pk)
+        )
+        if message.deleted_at is not None:
+            return message
+        _message_soft_delete(message, message.room)
+        _record(
+            Kind.MESSAGE_DELETE,
+            actor=actor,
+            reason=reason,
+            target_user_id=message.author_id,
+            room=message.room,
+            message=message,
+        )
     return message
 
 
@@ -189,8 +271,157 @@ def api_token_create(*, user, name=""):
     return token, key
 
 
-def api_token_revoke(*, token):
-    if token.revoked_at is None:
+def api_token_revoke(*, token, actor=None):
+    """Revoke a token and close the sockets opened with it."""
+    if token.revoked_at is not None:
+        return token
+    with transaction.atomic():
         token.revoked_at = timezone.now()
         token.save(update_fields=["revoked_at"])
+        _record(
+            Kind.TOKEN_REVOKE,
+            actor=actor,
+            target_user=token.user,
+            detail=f"token {token.hint}",
+        )
+        _close_sockets_on_commit(
+            token.user, "token revoked", match={"token_id": token.pk}
+        )
     return token
+
+
+# --- moderation ---------------------------------------------------------------
+
+
+def user_ban(*, user, reason, expires_at=None, actor=None):
+    """Ban ``user`` from the site: their sockets close with 4403 and the reason."""
+    with transaction.atomic():
+        ban = Ban.objects.create(
+            user=user, reason=reason, expires_at=expires_at, created_by=actor
+        )
+        _record(
+            Kind.BAN,
+            actor=actor,
+            target_user=user,
+            reason=reason,
+            detail=_until(expires_at),
+        )
+        _close_sockets_on_commit(user, f"banned: {reason}")
+    return ban
+
+
+def room_ban(*, user, room, reason, expires_at=None, actor=None):
+    """Ban ``user`` from ``room``: their sockets there get ``removed``."""
+    with transaction.atomic():
+        ban = Ban.objects.create(
+            user=user, room=room, reason=reason, expires_at=expires_at, created_by=actor
+        )
+        _record(
+            Kind.ROOM_BAN,
+            actor=actor,
+            target_user=user,
+            room=room,
+            reason=reason,
+            detail=_until(expires_at),
+        )
+        control = {
+            "action": "remove",
+            "room": room.slug,
+            "reason": f"banned from the room: {reason}",
+        }
+        _command_on_commit([fanout.user_group(user.pk)], control)
+    return ban
+
+
+def ban_lift(*, ban, actor=None):
+    """End a ban now."""
+    with transaction.atomic():
+        kind = Kind.ROOM_UNBAN if ban.room_id else Kind.UNBAN
+        _record(kind, actor=actor, target_user=ban.user, room=ban.room)
+        ban.delete()
+
+
+def user_mute(*, user, room, reason, expires_at=None, actor=None):
+    """Mute ``user`` in ``room``: ``send`` answers ``muted`` until it ends."""
+    with transaction.atomic():
+        mute = Mute.objects.create(
+            user=user, room=room, reason=reason, expires_at=expires_at, created_by=actor
+        )
+        _record(
+            Kind.MUTE,
+            actor=actor,
+            target_user=user,
+            room=room,
+            reason=reason,
+            detail=_until(expires_at),
+        )
+    return mute
+
+
+def mute_lift(*, mute, actor=None):
+    with transaction.atomic():
+        _record(Kind.UNMUTE, actor=actor, target_user=mute.user, room=mute.room)
+        mute.delete()
+
+
+def room_close(*, room, actor=None, reason=""):
+    """Close a room for writing: its sockets get ``removed``; history stays."""
+    with transaction.atomic():
+        Room.objects.filter(pk=room.pk).update(is_closed=True)
+        room.is_closed = True
+        _record(Kind.ROOM_CLOSE, actor=actor, room=room, reason=reason)
+        text = f"room closed: {reason}" if reason else "room closed"
+        control = {"action": "remove", "room": room.slug, "reason": text}
+        _command_on_commit(fanout.room_groups(room), control, match={"room": room.slug})
+    return room
+
+
+def room_reopen(*, room, actor=None):
+    with transaction.atomic():
+        Room.objects.filter(pk=room.pk).update(is_closed=False)
+        room.is_closed = False
+        _record(Kind.ROOM_REOPEN, actor=actor, room=room)
+    return room
+
+
+def user_sign_out_everywhere(*, user, actor=None):
+    """End all of ``user``'s sessions; sockets opened with them close (4403)."""
+    from django.contrib.sessions.models import Session
+
+    with transaction.atomic():
+        doomed = [
+            session.pk
+            for session in Session.objects.filter(expire_date__gt=timezone.now())
+            if str(session.get_decoded().get("_auth_user_id")) == str(user.pk)
+        ]
+        Session.objects.filter(pk__in=doomed).delete()
+        _record(
+            Kind.SIGN_OUT,
+            actor=actor,
+            target_user=user,
+            detail=f"{len(doomed)} session(s)",
+        )
+        _close_sockets_on_commit(user, "signed out", match={"auth": "session"})
+    return len(doomed)
+
+
+def connection_disconnect(*, connection_id, actor=None, reason=""):
+    """Close one live socket, wherever it is, with 4403."""
+    with transaction.atomic():
+        _record(
+            Kind.DISCONNECT,
+            actor=actor,
+            reason=reason,
+            detail=f"connection {connection_id}",
+        )
+        text = f"kicked by a moderator: {reason}" if reason else "kicked by a moderator"
+        control = {"action": "close", "code": CLOSE_BANNED, "reason": text}
+        _command_on_commit(
+            [fanout.connection_group(connection_id)],
+            control,
+            match={"connection_id": connection_id},
+        )
+
+
+def _until(expires_at):
+    return f"until {protocol.timestamp(expires_at)}" if expires_at else "no end"

@@ -16,6 +16,9 @@ from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: 
 
 from chat.middleware import BrowserOriginValidator, TokenAuthMiddleware  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
+from chat.serving import patch_daphne_close  # noqa: E402
+
+patch_daphne_close()
 
 application = ProtocolTypeRouter(
     {

@@ -169,6 +169,8 @@ else:
 CHAT_HEARTBEAT = int(os.environ.get("CHAT_HEARTBEAT", "30"))
 CHAT_ALLOWED_ORIGINS = env_list("CHAT_ALLOWED_ORIGINS", [])
 CHAT_REDIS_PREFIX = os.environ.get("CHAT_REDIS_PREFIX", "chat")
+# Close open sockets with 1001 on SIGTERM before the server process exits.
+CHAT_CLOSE_ON_SIGTERM = env_bool("CHAT_CLOSE_ON_SIGTERM", True)
 
 LOGGING = {
     "version": 1,

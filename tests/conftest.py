@@ -3,7 +3,7 @@ from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
 
-from chat import fanout, presence, services
+from chat import fanout, presence, services, serving
 from chatsite.asgi import application
 
 
@@ -12,6 +12,7 @@ async def fresh_hub():
     """Each test gets a fresh fan-out hub and presence store, as a new process would."""
     yield
     await presence.stop_keeper()
+    await serving.stop_idle_watch()
     await fanout.stop_hub()
     await presence.reset_store()
     from channels.layers import channel_layers

@@ -18,3 +18,6 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
             tempfile.gettempdir(), f"chatsite-test-{os.getpid()}.sqlite3"
         )
     }
+
+# The test process is not a server: leave its SIGTERM alone.
+CHAT_CLOSE_ON_SIGTERM = False

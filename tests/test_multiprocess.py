@@ -544,6 +544,7 @@ async def test_concurrent_sends_through_two_processes_get_seqs_one_to_a_hundred(
 
 # The last tests restart the module's Redis; keep them at the end.
 
+
 async def test_delivery_and_presence_work_again_after_redis_restarts(
     server_a, server_b, redis_server, open_client
 ):

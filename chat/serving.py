@@ -1,0 +1,120 @@
+"""Connection policies that live beside the ASGI server.
+
+- Idle sockets: nothing received for twice the heartbeat closes with 4408.
+- Shutdown: SIGTERM closes every open socket with 1001 before the process exits,
+  so clients reconnect elsewhere at once.
+- Daphne 4.2 drops the reason of ``websocket.close`` and refuses close codes
+  other than 1000 and 3000-4999 (1001 included); ``patch_daphne_close`` makes
+  it send any code with its reason.
+"""
+
+import asyncio
+import logging
+import signal
+import time
+
+from django.conf import settings
+
+from chat import protocol
+
+logger = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_SECONDS = 1.0
+
+_watchers = {}
+
+
+def start_idle_watch(hub):
+    """Close this process's idle sockets, checking every third of a heartbeat."""
+    loop = asyncio.get_running_loop()
+    task = _watchers.get(loop)
+    if task is None or task.done():
+        _watchers[loop] = loop.create_task(_watch_idle_forever(hub))
+
+
+async def stop_idle_watch():
+    task = _watchers.pop(asyncio.get_running_loop(), None)
+    if task is not None:
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+
+async def _watch_idle_forever(hub):
+    while True:
+        await asyncio.sleep(max(settings.CHAT_HEARTBEAT / 3, 0.1))
+        try:
+            await close_idle(hub)
+        except Exception:
+            logger.exception("idle check failed; retrying")
+
+
+async def close_idle(hub, now=None):
+    """Close sockets silent for more than twice the heartbeat with 4408."""
+    now = time.monotonic() if now is None else now
+    limit = 2 * settings.CHAT_HEARTBEAT
+    for connection in list(hub.connections):
+        if now - connection.last_seen > limit:
+            await connection.close_with(
+                protocol.CLOSE_IDLE, f"nothing received for {limit} seconds"
+            )
+
+
+def install_shutdown_handler(hub):
+    """On SIGTERM, close every socket with 1001, then let the server stop."""
+    loop = asyncio.get_running_loop()
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm():
+        loop.create_task(_shutdown(hub, previous))
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    except (NotImplementedError, RuntimeError, ValueError):
+        # Not the main thread (tests) or no signals here: nothing to install.
+        return False
+    return True
+
+
+async def _shutdown(hub, previous):
+    connections = list(hub.connections)
+    logger.info("SIGTERM: closing %d socket(s) with 1001", len(connections))
+    for connection in connections:
+        try:
+            await connection.close_with(
+                protocol.CLOSE_GOING_AWAY, "server shutting down"
+            )
+        except Exception:
+            logger.exception("closing %s failed", connection.connection_id)
+    # Give the close frames a moment to leave before the server stops.
+    await asyncio.sleep(SHUTDOWN_GRACE_SECONDS if connections else 0)
+    if callable(previous):
+        previous(signal.SIGTERM, None)
+    else:
+        raise SystemExit(0)
+
+
+def patch_daphne_close():
+    """Let daphne close sockets with any code and a reason."""
+    try:
+        from autobahn.util import encode_truncate
+        from daphne.ws_protocol import WebSocketProtocol
+    except ImportError:
+        return
+    if getattr(WebSocketProtocol, "_chat_close_patched", False):
+        return
+    original = WebSocketProtocol.handle_reply
+
+    def handle_reply(self, message):
+        if message.get("type") == "websocket.close" and self.state == self.STATE_OPEN:
+            code = message.get("code") or 1000
+            reason = message.get("reason") or None
+            reason_utf8 = encode_truncate(reason, 123) if reason else None
+            self.sendCloseFrame(code=code, reasonUtf8=reason_utf8, isReply=False)
+            return
+        return original(self, message)
+
+    WebSocketProtocol.handle_reply = handle_reply
+    WebSocketProtocol._chat_close_patched = True
