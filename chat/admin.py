@@ -1,10 +1,19 @@
-"""The moderation UI: rooms, memberships, messages and API tokens."""
+"""The moderation UI. Every change with a live effect goes through a service, so
+it reaches open sockets on every server process whichever screen or action
+made it."""
 
+from asgiref.sync import async_to_sync
 from django.contrib import admin, messages
+from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin
+from django.core.exceptions import PermissionDenied
+from django.shortcuts import redirect
+from django.template.response import TemplateResponse
+from django.urls import path
 from django.utils.html import format_html
 
-from chat import services
-from chat.models import ApiToken, Membership, Message, Room
+from chat import presence, services
+from chat.models import ApiToken, Ban, Membership, Message, ModerationAction, Mute, Room
 
 
 class MembershipInline(admin.TabularInline):
@@ -33,6 +42,8 @@ class RoomAdmin(admin.ModelAdmin):
     prepopulated_fields = {"slug": ["title"]}
     inlines = [MembershipInline]
     date_hierarchy = "created_at"
+    actions = ["close_rooms", "reopen_rooms"]
+    change_list_template = "admin/chat/room/change_list.html"
 
     def get_readonly_fields(self, request, obj=None):
         if obj is not None and obj.is_direct:
@@ -45,6 +56,66 @@ class RoomAdmin(admin.ModelAdmin):
     @admin.display(description="members")
     def member_count(self, room):
         return room.memberships.count()
+
+    def save_model(self, request, obj, form, change):
+        closing = change and "is_closed" in form.changed_data
+        if closing:
+            # The service flips the flag and takes the room's sockets out.
+            obj.is_closed = not obj.is_closed
+        super().save_model(request, obj, form, change)
+        if closing and not obj.is_closed:
+            services.room_close(room=obj, actor=request.user)
+        elif closing:
+            services.room_reopen(room=obj, actor=request.user)
+
+    @admin.action(description="Close selected rooms (read-only, members removed)")
+    def close_rooms(self, request, queryset):
+        for room in queryset.filter(is_closed=False):
+            services.room_close(room=room, actor=request.user)
+            self.log_change(request, room, "Closed the room.")
+        self.message_user(request, "Closed the selected rooms.")
+
+    @admin.action(description="Reopen selected rooms")
+    def reopen_rooms(self, request, queryset):
+        for room in queryset.filter(is_closed=True):
+            services.room_reopen(room=room, actor=request.user)
+            self.log_change(request, room, "Reopened the room.")
+        self.message_user(request, "Reopened the selected rooms.")
+
+    # --- live connections ----------------------------------------------------
+
+    def get_urls(self):
+        live = self.admin_site.admin_view(self.live_connections_view)
+        return [
+            path("live/", live, name="chat_live_connections"),
+            *super().get_urls(),
+        ]
+
+    def live_connections_view(self, request):
+        """Every live socket on every server process, with a disconnect button."""
+        if not request.user.has_perm("chat.change_room"):
+            raise PermissionDenied
+        if request.method == "POST":
+            connection_id = request.POST.get("connection_id", "")
+            reason = request.POST.get("reason", "").strip()
+            services.connection_disconnect(
+                connection_id=connection_id, actor=request.user, reason=reason
+            )
+            self.message_user(request, f"Disconnected {connection_id}.")
+            return redirect("admin:chat_live_connections")
+        connections = async_to_sync(presence.live_connections)()
+        per_room = {}
+        for connection in connections:
+            for slug in connection["rooms"]:
+                per_room[slug] = per_room.get(slug, 0) + 1
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Live connections",
+            "opts": self.model._meta,
+            "connections": connections,
+            "per_room": sorted(per_room.items()),
+        }
+        return TemplateResponse(request, "admin/chat/live_connections.html", context)
 
 
 @admin.register(Membership)
@@ -77,9 +148,11 @@ class MessageAdmin(admin.ModelAdmin):
         "client_msg_id",
         "created_at",
         "edited_at",
+        "deleted_at",
     ]
     date_hierarchy = "created_at"
     ordering = ["-created_at"]
+    actions = ["hide_messages"]
 
     def has_add_permission(self, request):
         # Messages get their seq from the send path; the admin moderates them.
@@ -91,6 +164,113 @@ class MessageAdmin(admin.ModelAdmin):
         if message.deleted_at is not None:
             return format_html("<s>{}</s>", text)
         return text
+
+    def delete_model(self, request, obj):
+        # "Delete" keeps the row (its seq stays taken) and hides it for everyone.
+        services.message_hide(message=obj, actor=request.user)
+
+    def delete_queryset(self, request, queryset):
+        for message in queryset:
+            services.message_hide(message=message, actor=request.user)
+
+    @admin.action(description="Delete selected messages for everyone")
+    def hide_messages(self, request, queryset):
+        for message in queryset.filter(deleted_at__isnull=True):
+            services.message_hide(message=message, actor=request.user)
+            self.log_change(request, message, "Deleted the message for everyone.")
+        self.message_user(request, "Deleted the selected messages.")
+
+
+class SanctionAdmin(admin.ModelAdmin):
+    """Shared by bans and mutes: created and lifted through the services."""
+
+    list_display = ["user", "room", "reason", "expires_at", "active", "created_by"]
+    list_filter = ["created_at", "expires_at"]
+    search_fields = ["user__username", "room__slug", "reason"]
+    autocomplete_fields = ["user", "room"]
+    list_select_related = ["user", "room", "created_by"]
+    readonly_fields = ["created_by", "created_at"]
+
+    def get_readonly_fields(self, request, obj=None):
+        if obj is not None:
+            return [*self.readonly_fields, "user", "room"]
+        return self.readonly_fields
+
+    @admin.display(boolean=True)
+    def active(self, sanction):
+        return sanction.is_active
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        created = self.create(request, form.cleaned_data)
+        obj.pk = created.pk
+        obj.refresh_from_db()
+
+    def delete_queryset(self, request, queryset):
+        for sanction in queryset:
+            self.delete_model(request, sanction)
+
+
+@admin.register(Ban)
+class BanAdmin(SanctionAdmin):
+    list_filter = [("room", admin.EmptyFieldListFilter), *SanctionAdmin.list_filter]
+
+    def create(self, request, data):
+        fields = {
+            "user": data["user"],
+            "reason": data["reason"],
+            "expires_at": data["expires_at"],
+            "actor": request.user,
+        }
+        if data["room"] is None:
+            return services.user_ban(**fields)
+        return services.room_ban(room=data["room"], **fields)
+
+    def delete_model(self, request, obj):
+        services.ban_lift(ban=obj, actor=request.user)
+
+
+@admin.register(Mute)
+class MuteAdmin(SanctionAdmin):
+    def create(self, request, data):
+        return services.user_mute(
+            user=data["user"],
+            room=data["room"],
+            reason=data["reason"],
+            expires_at=data["expires_at"],
+            actor=request.user,
+        )
+
+    def delete_model(self, request, obj):
+        services.mute_lift(mute=obj, actor=request.user)
+
+
+@admin.register(ModerationAction)
+class ModerationActionAdmin(admin.ModelAdmin):
+    list_display = [
+        "created_at",
+        "kind",
+        "actor",
+        "target_user",
+        "room",
+        "reason",
+        "detail",
+    ]
+    list_filter = ["kind", "created_at"]
+    search_fields = ["actor__username", "target_user__username", "room__slug", "reason"]
+    list_select_related = ["actor", "target_user", "room"]
+    date_hierarchy = "created_at"
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
 
 
 @admin.register(ApiToken)
@@ -120,8 +300,43 @@ class ApiTokenAdmin(admin.ModelAdmin):
             messages.WARNING,
         )
 
-    @admin.action(description="Revoke selected tokens")
+    def delete_model(self, request, obj):
+        services.api_token_revoke(token=obj, actor=request.user)
+        super().delete_model(request, obj)
+
+    def delete_queryset(self, request, queryset):
+        for token in queryset:
+            self.delete_model(request, token)
+
+    @admin.action(description="Revoke selected tokens (their sockets close)")
     def revoke_tokens(self, request, queryset):
         for token in queryset:
-            services.api_token_revoke(token=token)
+            services.api_token_revoke(token=token, actor=request.user)
+            self.log_change(request, token, "Revoked the token.")
         self.message_user(request, f"Revoked {queryset.count()} token(s).")
+
+
+User = get_user_model()
+if admin.site.is_registered(User):
+    admin.site.unregister(User)
+
+
+@admin.register(User)
+class ChatUserAdmin(UserAdmin):
+    """Django's user admin, with the chat's account-wide actions."""
+
+    actions = ["sign_out_everywhere", "revoke_all_tokens"]
+
+    @admin.action(description="Sign out of all sessions (their sockets close)")
+    def sign_out_everywhere(self, request, queryset):
+        for user in queryset:
+            ended = services.user_sign_out_everywhere(user=user, actor=request.user)
+            self.log_change(request, user, f"Signed out of {ended} session(s).")
+        self.message_user(request, "Signed the selected users out everywhere.")
+
+    @admin.action(description="Revoke all API tokens (their sockets close)")
+    def revoke_all_tokens(self, request, queryset):
+        for token in ApiToken.objects.active().filter(user__in=queryset):
+            services.api_token_revoke(token=token, actor=request.user)
+            self.log_change(request, token.user, f"Revoked token {token.hint}.")
+        self.message_user(request, "Revoked the selected users' tokens.")

@@ -17,6 +17,9 @@ def room_get(*, slug):
         raise ChatError(NOT_FOUND, f"no room {slug!r}") from None
 
 
+room_get_async = database_sync_to_async(room_get)
+
+
 def room_get_by_id(room_id):
     return Room.objects.filter(pk=room_id).first()
 

@@ -10,4 +10,5 @@ urlpatterns = [
     path("direct/", views.direct_start, name="direct_start"),
     path("r/<slug:slug>/", views.room_detail, name="room"),
     path("accounts/signup/", views.signup, name="signup"),
+    path("api/push", views.api_push, name="api_push"),
 ]

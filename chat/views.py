@@ -1,18 +1,21 @@
 """Web pages: sign up, the room list, a room."""
 
+import json
+
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
 from django.core.exceptions import PermissionDenied
 from django.db import IntegrityError
 from django.db.models import prefetch_related_objects
-from django.http import Http404
+from django.http import Http404, JsonResponse
 from django.shortcuts import redirect, render
+from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from chat import selectors, services
+from chat import push, selectors, services
 from chat.forms import DirectStartForm, RoomCreateForm
-from chat.protocol import FORBIDDEN, NOT_FOUND, ChatError
+from chat.protocol import BAD_REQUEST, FORBIDDEN, NOT_FOUND, ChatError
 
 
 def signup(request):
@@ -107,3 +110,61 @@ def room_detail(request, slug):
     config = {"room": room.slug, "username": request.user.get_username()}
     context = {"room": room, "name": name, "chat_config": config}
     return render(request, "chat/room.html", context)
+
+
+# --- HTTP API -------------------------------------------------------------------
+
+PUSH_TARGETS = ("user", "room", "connection_id", "all")
+
+
+def _api_error(status, message):
+    return JsonResponse({"error": message}, status=status)
+
+
+def _bearer_key(request):
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    return key.strip() if scheme.lower() == "bearer" else ""
+
+
+@csrf_exempt
+@require_POST
+def api_push(request):
+    """POST /api/push: a ``push`` frame to a user, a room, a connection or all."""
+    key = _bearer_key(request)
+    token = selectors.token_get_active(key=key) if key else None
+    if token is None:
+        return _api_error(401, "send Authorization: Bearer <API token>")
+    if not token.user.has_perm("chat.push_message"):
+        return _api_error(
+            403, "this token's user lacks the chat.push_message permission"
+        )
+    try:
+        body = json.loads(request.body)
+    except ValueError:
+        return _api_error(400, "the body is not valid JSON")
+    if not isinstance(body, dict) or not isinstance(body.get("event"), str):
+        return _api_error(400, "the body needs an 'event' string")
+    if "data" not in body:
+        return _api_error(400, "the body needs 'data' (any JSON)")
+    targets = [name for name in PUSH_TARGETS if name in body]
+    if len(targets) != 1:
+        return _api_error(400, f"name exactly one target: {', '.join(PUSH_TARGETS)}")
+    try:
+        count = _push_to(targets[0], body[targets[0]], body["event"], body["data"])
+    except ChatError as exc:
+        return _api_error(400, exc.message)
+    return JsonResponse({"connections": count}, status=202)
+
+
+def _push_to(target, value, event, data):
+    if target == "all":
+        if value is not True:
+            raise ChatError(BAD_REQUEST, "'all' must be true")
+        return push.to_everyone(event, data)
+    if not isinstance(value, str) or not value:
+        raise ChatError(BAD_REQUEST, f"'{target}' must be a non-empty string")
+    if target == "user":
+        return push.to_user(selectors.user_get_active(username=value), event, data)
+    if target == "room":
+        return push.to_room(value, event, data)
+    return push.to_connection(value, event, data)

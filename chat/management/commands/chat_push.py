@@ -1,0 +1,42 @@
+import json
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError
+
+from chat import push
+from chat.protocol import ChatError
+
+
+class Command(BaseCommand):
+    help = "Push an event to live connections: of a user, in a room, or all."
+
+    def add_arguments(self, parser):
+        target = parser.add_mutually_exclusive_group(required=True)
+        target.add_argument("--user", help="username")
+        target.add_argument("--room", help="room slug")
+        target.add_argument("--all", action="store_true", help="every connection")
+        parser.add_argument("event")
+        parser.add_argument("data", help="JSON")
+
+    def handle(self, *args, user, room, all, event, data, **options):
+        try:
+            payload = json.loads(data)
+        except ValueError as exc:
+            raise CommandError(f"DATA is not valid JSON: {exc}") from None
+        try:
+            if user:
+                count = push.to_user(self._user(user), event, payload)
+            elif room:
+                count = push.to_room(room, event, payload)
+            else:
+                count = push.to_everyone(event, payload)
+        except ChatError as exc:
+            raise CommandError(exc.message) from None
+        self.stdout.write(f"Reached {count} connection(s).")
+
+    def _user(self, username):
+        User = get_user_model()
+        try:
+            return User.objects.get(**{User.USERNAME_FIELD: username})
+        except User.DoesNotExist:
+            raise CommandError(f"No user named {username!r}.") from None
