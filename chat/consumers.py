@@ -5,6 +5,7 @@ import logging
 import time
 from urllib.parse import parse_qs
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -36,7 +37,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
     channel_layer_alias = "chat.sockets-use-the-hub"
 
     hub = None
+    wire = None
     closing = False
+
+    async def dispatch(self, message):
+        # Channels closes stale database connections before every handler, a
+        # thread-pool round trip per frame. Every database call here runs in
+        # database_sync_to_async, which does that itself: skip it.
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     async def connect(self):
         user = self.scope.get("user")
@@ -59,6 +70,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         subprotocol = choose_subprotocol(self.scope.get("subprotocols", []))
         self.binary = subprotocol == protocol.SUBPROTOCOL_BINARY
         await self.accept(subprotocol)
+        self.wire = serving.daphne_wire(self.base_send)
         self.hub = await fanout.get_hub()
         presence.start_keeper(self.hub)
         serving.start_idle_watch(self.hub)
@@ -195,6 +207,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def deliver(self, encoded):
         """Write an already-encoded frame to this socket (the hub calls this)."""
         if self.closing:
+            return
+        wire = self.wire
+        if wire is not None:
+            if wire.state == wire.STATE_OPEN:
+                wire.sendPreparedMessage(serving.prepared(encoded, self.binary))
             return
         if self.binary:
             await self.send(bytes_data=encoded.binary)

@@ -382,12 +382,13 @@ def error_from(exc: ChatError, ref=None):
 class Encoded:
     """One outbound frame serialized once, ready for any number of sockets."""
 
-    __slots__ = ("type", "text", "_binary")
+    __slots__ = ("type", "text", "_binary", "prepared")
 
     def __init__(self, frame_type, text):
         self.type = frame_type
         self.text = text
         self._binary = None
+        self.prepared = {}  # per framing, the server's ready-to-write form
 
     @property
     def binary(self):
