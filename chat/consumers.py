@@ -11,7 +11,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.utils import timezone
 
-from chat import fanout, presence, protocol, selectors, services, serving
+from chat import fanout, presence, protocol, selectors, services, serving, writer
 from chat.protocol import BAD_REQUEST, NOT_JOINED, ChatError
 
 logger = logging.getLogger(__name__)
@@ -276,12 +276,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def on_send(self, frame):
         room = self._joined_room(frame)
-        message, _ = await db(services.message_create)(
-            room=room,
-            author=self.user,
-            body=frame["body"],
-            client_msg_id=frame["client_msg_id"],
+        request = services.SendRequest(
+            room, self.user, frame["body"], frame["client_msg_id"]
         )
+        message, _ = await writer.get_writer().submit(request)
         await self.send_frame(
             protocol.ack(ref=frame.ref, room_slug=message.room.slug, message=message)
         )

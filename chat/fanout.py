@@ -146,18 +146,21 @@ class Hub:
         """
         exclude_user = event.get("exclude_user")
         match = event.get("match")
-        encoded = None
+        frames = None
         if "text" in event:
-            encoded = protocol.Encoded(event["frame_type"], event["text"])
+            frames = [protocol.Encoded(event["frame_type"], event["text"])]
+        elif "batch" in event:
+            frames = [protocol.Encoded(kind, text) for kind, text in event["batch"]]
         for connection in list(self.members.get(event["group"], ())):
             if exclude_user is not None and connection.user_id == exclude_user:
                 continue
             if match and not connection.matches(match):
                 continue
-            if encoded is not None:
-                await connection.deliver(encoded)
-            else:
+            if frames is None:
                 await connection.control(event["control"])
+                continue
+            for encoded in frames:
+                await connection.deliver(encoded)
 
 
 async def get_hub():
@@ -205,6 +208,22 @@ async def _group_send_each(groups, event):
     layer = get_channel_layer()
     for group in groups:
         await layer.group_send(group, {**event, "group": group})
+
+
+async def publish_many(groups, frames):
+    """Send several frames, in order, as one layer message per group."""
+    encoded = [protocol.encode(frame) for frame in frames]
+    event = {
+        "type": "hub.frame",
+        "batch": [(e.type, e.text) for e in encoded],
+        "exclude_user": None,
+        "match": None,
+    }
+    await _group_send_each(groups, event)
+
+
+def publish_many_sync(groups, frames):
+    async_to_sync(publish_many)(groups, frames)
 
 
 def publish_sync(groups, frame, *, exclude_user=None, match=None):

@@ -51,6 +51,17 @@ def mute_get_active(*, room, user):
     return Mute.objects.active().filter(room=room, user=user).first()
 
 
+def mutes_active_for(*, pairs):
+    """Active mutes among (room_id, user_id) pairs, keyed by the pair."""
+    if not pairs:
+        return {}
+    mutes = Mute.objects.active().filter(
+        room_id__in={room_id for room_id, _ in pairs},
+        user_id__in={user_id for _, user_id in pairs},
+    )
+    return {(m.room_id, m.user_id): m for m in mutes if (m.room_id, m.user_id) in pairs}
+
+
 def room_list_for_user(*, user):
     """Public rooms, and the private rooms and direct conversations of ``user``."""
     return (

@@ -4,10 +4,11 @@ Every effect on live sockets (a broadcast, a socket closed or taken out of a
 room) is sent after the transaction commits.
 """
 
+from dataclasses import dataclass
 from functools import partial
 
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import Case, Value, When
 from django.utils import timezone
 
 from chat import fanout, protocol, selectors
@@ -112,53 +113,154 @@ def direct_room_get_or_create(*, user, other):
     return room
 
 
+@dataclass(frozen=True)
+class SendRequest:
+    room: Room
+    author: object
+    body: str
+    client_msg_id: str
+
+
 def message_create(*, room, author, body, client_msg_id):
     """Store a message with the room's next seq and broadcast it after commit.
 
     A retry (same author and ``client_msg_id``) stores nothing and returns the
     message stored the first time. Return (message, created).
     """
-    existing = _message_by_client_id(author=author, client_msg_id=client_msg_id)
-    if existing is not None:
-        return existing, False
-    _check_not_muted(room=room, user=author)
+    request = SendRequest(room, author, body, client_msg_id)
+    [result] = message_create_many(requests=[request])
+    if isinstance(result, ChatError):
+        raise result
+    return result
+
+
+def message_create_many(*, requests):
+    """Store many sends in one transaction (a group commit).
+
+    Return, per request and in order, (message, created) or the ChatError that
+    refused it. Each room's seq stays gapless: the rooms are locked in id order,
+    bumped once by the number of their new messages, and the messages inserted
+    in one statement. Broadcasts go out after commit, one per room.
+    """
+    results = [None] * len(requests)
     try:
         with transaction.atomic():
-            # The row lock this UPDATE takes serializes writers of one room until
-            # commit, so seq has no gap and no duplicate on any number of
-            # processes; a closed room matches no row.
-            bumped = Room.objects.filter(pk=room.pk, is_closed=False).update(
-                last_seq=F("last_seq") + 1
-            )
-            if not bumped:
-                raise ChatError(ROOM_CLOSED, f"room {room.slug!r} is closed")
-            seq = Room.objects.values_list("last_seq", flat=True).get(pk=room.pk)
-            message = Message.objects.create(
-                room=room,
-                seq=seq,
-                author=author,
-                body=body,
-                client_msg_id=client_msg_id,
-            )
-            payload = protocol.message_payload(message, room.slug, author)
-            _broadcast_on_commit(room, protocol.message(payload))
+            fresh = _resolve_retries_and_refusals(requests, results)
+            created = _store_fresh(requests, fresh, results)
+            for room, frames in _frames_by_room(created):
+                transaction.on_commit(
+                    partial(fanout.publish_many_sync, fanout.room_groups(room), frames)
+                )
     except IntegrityError:
-        # A concurrent retry of the same client_msg_id won the race.
-        existing = _message_by_client_id(author=author, client_msg_id=client_msg_id)
-        if existing is None:
-            raise
-        return existing, False
-    message.room = room
-    return message, True
+        if len(requests) == 1:
+            # A concurrent retry of the same client_msg_id won the race.
+            request = requests[0]
+            existing = _message_by_client_id(
+                author=request.author, client_msg_id=request.client_msg_id
+            )
+            if existing is None:
+                raise
+            return [(existing, False)]
+        # Somebody else stored one of these meanwhile: settle them one by one.
+        return [message_create_many(requests=[r])[0] for r in requests]
+    return results
+
+
+def _resolve_retries_and_refusals(requests, results):
+    """Answer retries and refused sends in ``results``; return the fresh indexes."""
+    keys = {(r.author.pk, r.client_msg_id) for r in requests}
+    stored = {
+        (m.author_id, m.client_msg_id): m
+        for m in Message.objects.select_related("room").filter(
+            author_id__in={k[0] for k in keys}, client_msg_id__in={k[1] for k in keys}
+        )
+        if (m.author_id, m.client_msg_id) in keys
+    }
+    muted = selectors.mutes_active_for(
+        pairs={(r.room.pk, r.author.pk) for r in requests}
+    )
+    fresh, first_of = [], {}
+    for index, request in enumerate(requests):
+        key = (request.author.pk, request.client_msg_id)
+        if key in stored:
+            results[index] = (stored[key], False)
+        elif key in first_of:
+            first_of[key].append(index)  # the same send twice in one batch
+        elif (request.room.pk, request.author.pk) in muted:
+            mute = muted[(request.room.pk, request.author.pk)]
+            results[index] = _muted_error(request.room, mute)
+        else:
+            first_of[key] = [index]
+            fresh.append(index)
+    return [(index, first_of[_key(requests[index])]) for index in fresh]
+
+
+def _key(request):
+    return (request.author.pk, request.client_msg_id)
+
+
+def _store_fresh(requests, fresh, results):
+    room_ids = sorted({requests[index].room.pk for index, _ in fresh})
+    # Lock the rooms in id order (no deadlock between two batches); on SQLite
+    # the IMMEDIATE transaction already holds the database write lock.
+    rooms = {
+        room.pk: room
+        for room in Room.objects.select_for_update()
+        .filter(pk__in=room_ids)
+        .order_by("pk")
+    }
+    next_seq = {pk: room.last_seq for pk, room in rooms.items()}
+    messages, owners = [], []
+    for index, duplicates in fresh:
+        request = requests[index]
+        room = rooms[request.room.pk]
+        if room.is_closed:
+            for i in duplicates:
+                results[i] = ChatError(ROOM_CLOSED, f"room {room.slug!r} is closed")
+            continue
+        next_seq[room.pk] += 1
+        messages.append(
+            Message(
+                room=room,
+                seq=next_seq[room.pk],
+                author=request.author,
+                body=request.body,
+                client_msg_id=request.client_msg_id,
+            )
+        )
+        owners.append(duplicates)
+    bumped = {pk: seq for pk, seq in next_seq.items() if seq != rooms[pk].last_seq}
+    if bumped:
+        Room.objects.filter(pk__in=bumped).update(
+            last_seq=Case(*(When(pk=pk, then=Value(seq)) for pk, seq in bumped.items()))
+        )
+    Message.objects.bulk_create(messages)
+    for message, duplicates in zip(messages, owners, strict=True):
+        results[duplicates[0]] = (message, True)
+        for i in duplicates[1:]:
+            results[i] = (message, False)
+    return messages
+
+
+def _frames_by_room(messages):
+    by_room = {}
+    for message in messages:
+        payload = protocol.message_payload(message, message.room.slug, message.author)
+        by_room.setdefault(message.room.pk, (message.room, []))[1].append(
+            protocol.message(payload)
+        )
+    return by_room.values()
+
+
+def _muted_error(room, mute):
+    until = f" until {protocol.timestamp(mute.expires_at)}" if mute.expires_at else ""
+    return ChatError(MUTED, f"you are muted in {room.slug!r}{until}: {mute.reason}")
 
 
 def _check_not_muted(*, room, user):
     mute = selectors.mute_get_active(room=room, user=user)
     if mute is not None:
-        until = (
-            f" until {protocol.timestamp(mute.expires_at)}" if mute.expires_at else ""
-        )
-        raise ChatError(MUTED, f"you are muted in {room.slug!r}{until}: {mute.reason}")
+        raise _muted_error(room, mute)
 
 
 def _message_by_client_id(*, author, client_msg_id):

@@ -128,3 +128,43 @@ def test_room_create_refuses_direct_room_slugs(alice):
         services.room_create(slug="dm-1-2", title="Sneaky", creator=alice)
     assert excinfo.value.code == "bad_request"
     assert not Room.objects.exists()
+
+
+@pytest.mark.django_db
+def test_message_create_many_answers_each_request_in_order(alice, make_user, lobby):
+    bob = make_user("bob")
+    other = services.room_create(slug="other", title="Other")
+    closed = services.room_create(slug="closed", title="Closed")
+    Room.objects.filter(pk=closed.pk).update(is_closed=True)
+    services.user_mute(user=bob, room=lobby, reason="hush")
+    earlier, _ = services.message_create(
+        room=other, author=alice, body="earlier", client_msg_id="old"
+    )
+    requests = [
+        services.SendRequest(lobby, alice, "one", "a1"),
+        services.SendRequest(other, alice, "two", "a2"),
+        services.SendRequest(lobby, alice, "three", "a3"),
+        services.SendRequest(lobby, alice, "one again", "a1"),
+        services.SendRequest(lobby, bob, "muted", "b1"),
+        services.SendRequest(closed, alice, "closed", "a4"),
+        services.SendRequest(lobby, alice, "retry", "old"),
+    ]
+    results = services.message_create_many(requests=requests)
+    summary = [
+        r.code if isinstance(r, ChatError) else (r[0].room.slug, r[0].seq, r[1])
+        for r in results
+    ]
+    assert summary == [
+        ("lobby", 1, True),
+        ("other", 2, True),
+        ("lobby", 2, True),
+        ("lobby", 1, False),
+        "muted",
+        "room_closed",
+        ("other", 1, False),
+    ]
+    assert results[3][0].pk == results[0][0].pk
+    assert results[6][0].pk == earlier.pk
+    last_seqs = dict(Room.objects.values_list("slug", "last_seq"))
+    assert last_seqs == {"lobby": 2, "other": 2, "closed": 0}
+    assert Message.objects.count() == 4

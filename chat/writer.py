@@ -1,0 +1,62 @@
+"""Group commit for sends: one transaction for all the sends that are waiting.
+
+While a batch is being stored, new sends queue up; the next batch takes all of
+them. Nothing is acknowledged before its batch commits, and a lone send is
+stored at once, so this adds no delay, only fewer transactions under load.
+"""
+
+import asyncio
+import weakref
+
+from channels.db import database_sync_to_async
+
+from chat import services
+from chat.protocol import ChatError
+
+MAX_BATCH = 256
+
+_writers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, MessageWriter]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class MessageWriter:
+    def __init__(self):
+        self.pending = []
+        self.task = None
+
+    async def submit(self, request):
+        """Store ``request`` (a ``services.SendRequest``); return (message, created)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.pending.append((request, future))
+        if self.task is None or self.task.done():
+            self.task = loop.create_task(self._drain())
+        result = await future
+        if isinstance(result, ChatError):
+            raise result
+        return result
+
+    async def _drain(self):
+        store = database_sync_to_async(services.message_create_many)
+        while self.pending:
+            batch = self.pending[:MAX_BATCH]
+            del self.pending[:MAX_BATCH]
+            try:
+                results = await store(requests=[request for request, _ in batch])
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+
+
+def get_writer():
+    loop = asyncio.get_running_loop()
+    writer = _writers.get(loop)
+    if writer is None:
+        writer = _writers[loop] = MessageWriter()
+    return writer
