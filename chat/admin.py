@@ -228,6 +228,12 @@ class BanAdmin(SanctionAdmin):
             return services.user_ban(**fields)
         return services.room_ban(room=data["room"], **fields)
 
+    def save_model(self, request, obj, form, change):
+        if change:
+            services.ban_update(ban=obj, actor=request.user)
+            return
+        super().save_model(request, obj, form, change)
+
     def delete_model(self, request, obj):
         services.ban_lift(ban=obj, actor=request.user)
 

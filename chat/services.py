@@ -408,7 +408,7 @@ def user_ban(*, user, reason, expires_at=None, actor=None):
             reason=reason,
             detail=_until(expires_at),
         )
-        _close_sockets_on_commit(user, f"banned: {reason}")
+        _enforce_on_commit(ban)
     return ban
 
 
@@ -426,13 +426,40 @@ def room_ban(*, user, room, reason, expires_at=None, actor=None):
             reason=reason,
             detail=_until(expires_at),
         )
-        control = {
-            "action": "remove",
-            "room": room.slug,
-            "reason": f"banned from the room: {reason}",
-        }
-        _command_on_commit([fanout.user_group(user.pk)], control)
+        _enforce_on_commit(ban)
     return ban
+
+
+def ban_update(*, ban, actor=None):
+    """Record a changed ban (reason, expiry) and enforce it if it is in force."""
+    with transaction.atomic():
+        ban.save()
+        kind = Kind.ROOM_BAN if ban.room_id else Kind.BAN
+        _record(
+            kind,
+            actor=actor,
+            target_user=ban.user,
+            room=ban.room,
+            reason=ban.reason,
+            detail=f"changed: {_until(ban.expires_at)}",
+        )
+        _enforce_on_commit(ban)
+    return ban
+
+
+def _enforce_on_commit(ban):
+    """Close the banned user's sockets (site ban) or take them out of the room."""
+    if not ban.is_active:
+        return
+    if ban.room_id is None:
+        _close_sockets_on_commit(ban.user, f"banned: {ban.reason}")
+        return
+    control = {
+        "action": "remove",
+        "room": ban.room.slug,
+        "reason": f"banned from the room: {ban.reason}",
+    }
+    _command_on_commit([fanout.user_group(ban.user_id)], control)
 
 
 def ban_lift(*, ban, actor=None):

@@ -1,5 +1,6 @@
 """Real server processes for tests: a private redis-server and daphne processes."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -181,3 +182,39 @@ class DaphneServer:
 
     def kill(self):
         self.stop(signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def this_process_uses_redis(redis_url, *, heartbeat=None):
+    """Point this (the test) process's channel layer and presence at ``redis_url``.
+
+    Inside, what the test process does through the services (the admin through
+    Django's test client, ``chat.push``) reaches the sockets of server processes
+    on the same Redis. Server processes are configured through the environment
+    (``DaphneServer``); this is the same configuration for the test process.
+    """
+    from channels.layers import channel_layers
+    from django.conf import settings
+    from django.test import override_settings
+
+    layers = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {
+                "hosts": [{"address": redis_url}],
+                "prefix": settings.CHAT_REDIS_PREFIX,
+                "capacity": 100_000,
+                "expiry": 60,
+                "group_expiry": 86400,
+            },
+        }
+    }
+    overrides = {"REDIS_URL": redis_url, "CHANNEL_LAYERS": layers}
+    if heartbeat is not None:
+        overrides["CHAT_HEARTBEAT"] = heartbeat
+    channel_layers.backends.clear()
+    try:
+        with override_settings(**overrides):
+            yield
+    finally:
+        channel_layers.backends.clear()

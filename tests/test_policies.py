@@ -375,3 +375,25 @@ async def test_room_close_is_recorded(alice, lobby):
         "done",
     )
     assert (await adb(Room.objects.get)(pk=lobby.pk)).is_closed is True
+
+
+async def test_ban_recorded_after_the_fact_closes_nothing_until_made_current(
+    connect, alice, bob
+):
+    socket = await connect(bob)
+    past = timezone.now() - timedelta(minutes=5)
+    ban = await adb(services.user_ban)(
+        user=bob, reason="old news", expires_at=past, actor=alice
+    )
+    assert await socket.request(type="ping") == {"type": "pong"}
+    ban.expires_at = None
+    await adb(services.ban_update)(ban=ban, actor=alice)
+    assert await closed_with(socket) == {
+        "type": "websocket.close",
+        "code": 4403,
+        "reason": "banned: old news",
+    }
+    kinds = await adb(list)(
+        ModerationAction.objects.order_by("created_at").values_list("detail", flat=True)
+    )
+    assert kinds[-1] == "changed: no end"

@@ -1,0 +1,1395 @@
+"""Moderation, server push and connection policies across server processes.
+
+The module starts its own redis-server and two daphne processes (A and B) on
+the test database, and points this process's channel layer and presence at the
+same Redis. Moderation goes through the real admin: Django's test client, logged
+in as a superuser, posts the admin's forms and actions in a thread, as sync code
+runs; its after-commit effects go out through Redis. Push goes through
+``chat.push``, the ``chat_push`` command and ``POST /api/push``. Every effect is
+observed on real WebSocket connections held by A and B, never by this process.
+"""
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from datetime import datetime, timedelta
+from io import StringIO
+from types import SimpleNamespace
+from urllib.parse import urlencode
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
+from django.contrib.admin.models import ADDITION, CHANGE, DELETION, LogEntry
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
+from django.contrib.contenttypes.models import ContentType
+from django.core.management import call_command
+from django.forms import MultiWidget
+from django.test import Client as HttpClient
+from django.urls import reverse
+from django.utils import timezone
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from chat import presence, push, services
+from chat.models import ApiToken, Ban, Membership, Message, ModerationAction, Mute, Room
+from tests.servers import (
+    ROOT,
+    SECRET_KEY,
+    DaphneServer,
+    RedisServer,
+    database_url,
+    this_process_uses_redis,
+)
+from tests.test_multiprocess import (
+    HEARTBEAT,
+    TIMEOUT,
+    WsClient,
+    daphne_start,
+    key_for,
+    room_create,
+    user_with_key,
+)
+from tests.test_multiprocess import presence as presence_frame
+
+pytestmark = [pytest.mark.redis, pytest.mark.django_db(transaction=True)]
+
+WITHIN = 2.0  # seconds: the issue's bound for a moderation effect on live sockets
+PASSWORD = "a-long-pass-9876"
+db = database_sync_to_async
+
+
+# --- servers -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(django_db_setup, django_db_blocker):
+    """redis-server, daphne A and B, and this process on the same Redis."""
+    redis = RedisServer().start()
+    servers = []
+    try:
+        for _ in range(2):
+            servers.append(daphne_start(redis, django_db_blocker))
+        with this_process_uses_redis(redis.url, heartbeat=HEARTBEAT):
+            yield SimpleNamespace(redis=redis, a=servers[0], b=servers[1])
+    finally:
+        for server in servers:
+            server.stop()
+        redis.stop()
+
+
+@pytest.fixture(autouse=True)
+def daphne_logs(cluster):
+    """Check A and B outlive each test; print what they logged during it."""
+    pair = [cluster.a, cluster.b]
+    starts = [len(server.output()) for server in pair]
+    yield
+    for name, server, start in zip("AB", pair, starts, strict=True):
+        print(f"--- daphne {name} log during the test ---\n{server.output()[start:]}")
+    for name, server in zip("AB", pair, strict=True):
+        assert server.alive(), f"daphne {name} died:\n{server.output()}"
+
+
+@pytest.fixture
+def server_a(cluster):
+    return cluster.a
+
+
+@pytest.fixture
+def server_b(cluster):
+    return cluster.b
+
+
+@pytest.fixture
+def third_server(cluster, django_db_blocker):
+    """``third_server(heartbeat=…, prefix=…)``: a daphne of this test's own.
+
+    Its own Redis prefix keeps its sockets out of A's and B's presence and
+    fan-out, so it may have another heartbeat and may be stopped.
+    """
+    started = []
+
+    def start(*, heartbeat=HEARTBEAT, prefix):
+        with django_db_blocker.unblock():
+            server = DaphneServer(
+                redis_url=cluster.redis.url,
+                heartbeat=heartbeat,
+                extra_env={"CHAT_REDIS_PREFIX": prefix},
+                verbosity=0,
+            )
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        print(f"--- daphne {server.port} log ---\n{server.output()}")
+        server.stop()
+
+
+# --- clients -----------------------------------------------------------------------
+
+
+def ws_url(server, *, key=None, **query):
+    params = {"token": key} if key else {}
+    params.update(query)
+    return server.ws_url + (f"?{urlencode(params)}" if params else "")
+
+
+class Socket(WsClient):
+    """``WsClient`` with a device key, a session cookie, and close expectations."""
+
+    pings = 0
+
+    @classmethod
+    async def open(
+        cls, server, name, *, key=None, headers=None, keepalive=HEARTBEAT / 2, **query
+    ):
+        try:
+            # ping_interval=None: no protocol-level pings from the library (they
+            # never reach the application; the idle test must see true silence).
+            websocket = await asyncio.wait_for(
+                connect(
+                    ws_url(server, key=key, **query),
+                    additional_headers=headers,
+                    max_queue=None,
+                    close_timeout=2,
+                    ping_interval=None,
+                ),
+                TIMEOUT,
+            )
+        except Exception as exc:
+            raise AssertionError(
+                f"{name} could not connect: {exc!r}\n{server.output()[-6000:]}"
+            ) from exc
+        client = cls(server, websocket, name)
+        client.hello = await client.recv()
+        assert client.hello["type"] == "hello", client.hello
+        if keepalive:
+            client._keepalive = asyncio.create_task(client._ping_every(keepalive))
+        return client
+
+    @property
+    def connection_id(self):
+        return self.hello["connection_id"]
+
+    @property
+    def process(self):
+        return self.connection_id.rsplit("-", 1)[0]
+
+    async def _ping_every(self, seconds):
+        try:
+            while True:
+                await asyncio.sleep(seconds)
+                await self.send(type="ping", ref="keepalive")
+        except ConnectionClosed:
+            pass
+
+    def _stop_keepalive(self):
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+
+    async def expect_close(self, timeout=TIMEOUT, *, skip=()):
+        """Read until the server closes; return its close frame's (code, reason).
+
+        Frames of types in ``skip`` may come first; any other frame fails.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = max(deadline - time.monotonic(), 0)
+            try:
+                raw = await asyncio.wait_for(self.websocket.recv(), remaining)
+            except TimeoutError:
+                self._fail(f"still open after {timeout:.2f}s")
+            except ConnectionClosed as exc:
+                self._stop_keepalive()
+                if exc.rcvd is None:
+                    self._fail(f"closed without a close frame from the server: {exc}")
+                return exc.rcvd.code, exc.rcvd.reason
+            frame = json.loads(raw)
+            if frame == {"type": "pong", "ref": "keepalive"}:
+                continue
+            if frame["type"] not in skip:
+                self._fail(f"expected the close, got {frame}")
+
+    async def expect_one_of(self, frame_types, *, skip=(), timeout=TIMEOUT):
+        """The next frame of one of ``frame_types``, passing over those in ``skip``."""
+        while True:
+            frame = await self.recv(timeout)
+            if frame["type"] in frame_types:
+                return frame
+            if frame["type"] not in skip:
+                self._fail(f"expected one of {frame_types}, got {frame}")
+
+    async def alive(self):
+        """Assert the socket is open and served: a ping gets its pong."""
+        Socket.pings += 1
+        ref = f"alive-{Socket.pings}"
+        try:
+            await self.send(type="ping", ref=ref)
+        except ConnectionClosed as exc:
+            self._fail(f"closed: {exc}")
+        assert await self.recv() == {"type": "pong", "ref": ref}, self.name
+
+    async def request(self, **frame):
+        await self.send(**frame)
+        return await self.recv()
+
+    async def history(self, room):
+        frame = await self.request(type="history", room=room, ref="h")
+        assert frame["type"] == "history", frame
+        return frame["messages"]
+
+    async def close(self):
+        self._stop_keepalive()
+        await self.websocket.close()
+
+
+@pytest.fixture
+async def open_socket(cluster):
+    """``await open_socket(server, name, key=…, device=…)`` → a connected ``Socket``."""
+    sockets = []
+
+    async def open_(server, name, **options):
+        socket = await Socket.open(server, name, **options)
+        sockets.append(socket)
+        return socket
+
+    yield open_
+    for socket in sockets:
+        await socket.close()
+
+
+async def handshake_status(server, *, key=None, headers=None):
+    """The HTTP status of a WebSocket handshake: 101 when it opens."""
+    try:
+        websocket = await connect(
+            ws_url(server, key=key), additional_headers=headers, ping_interval=None
+        )
+    except InvalidStatus as exc:
+        return exc.response.status_code
+    await websocket.close()
+    return 101
+
+
+async def closes_within(clients, started, expected, *, seconds=WITHIN, skip=()):
+    """Each client's socket closes with ``expected`` (code, reason) in time."""
+    remaining = started + seconds - time.monotonic()
+    results = await asyncio.gather(
+        *(c.expect_close(max(remaining, 0.05), skip=skip) for c in clients)
+    )
+    elapsed = time.monotonic() - started
+    assert results == [expected] * len(clients), [c.name for c in clients]
+    assert elapsed <= seconds, f"closed after {elapsed:.2f}s"
+
+
+async def expect_within(client, started, frame_type, *, seconds=WITHIN, skip=()):
+    remaining = max(started + seconds - time.monotonic(), 0.05)
+    return await client.expect(frame_type, skip=skip, timeout=remaining)
+
+
+# --- the admin ---------------------------------------------------------------------
+
+
+class Admin:
+    """The real admin views, through Django's test client as a superuser.
+
+    Sync Django code runs in a thread; the services' after-commit broadcasts run
+    there too and reach Redis.
+    """
+
+    def __init__(self, client, user):
+        self.client = client
+        self.user = user
+
+    async def get(self, name, *args, **params):
+        return await db(self.client.get)(reverse(name, args=args), params)
+
+    async def post(self, name, *args, data):
+        return await db(self.client.post)(reverse(name, args=args), data)
+
+    async def add(self, model, **fields):
+        """Submit ``model``'s add form (checked against the GET form first)."""
+        name = f"admin:chat_{model}_add"
+        form = (await self.get(name)).content.decode()
+        for field in fields:
+            assert f'name="{field}"' in form, f"no field {field!r} on the {model} form"
+        response = await self.post(name, data={**fields, "_save": "Save"})
+        assert_saved(response)
+        return response
+
+    async def delete(self, model, pk):
+        """Confirm the delete view of one object, as the admin's button does."""
+        name = f"admin:chat_{model}_delete"
+        response = await self.post(name, pk, data={"post": "yes"})
+        assert response.status_code == 302, response.content.decode()[-3000:]
+        return response
+
+    async def action(self, changelist, action, pks, **extra):
+        data = {"action": action, "_selected_action": list(pks), "index": 0, **extra}
+        response = await self.post(changelist, data=data)
+        assert response.status_code == 302, response.content.decode()[-3000:]
+        return response
+
+    async def change(self, model, pk, **changes):
+        """Submit the change form as shown, with ``changes`` (False unchecks)."""
+        name = f"admin:chat_{model}_change"
+        shown = await self.get(name, pk)
+        data = change_form_data(shown)
+        for field, value in changes.items():
+            if value is False:
+                data.pop(field, None)
+            else:
+                data[field] = "on" if value is True else value
+        response = await self.post(name, pk, data={**data, "_save": "Save"})
+        assert_saved(response)
+        return response
+
+
+def assert_saved(response):
+    if response.status_code == 302:
+        return
+    errors = []
+    context = response.context or {}
+    if "adminform" in context:
+        errors.append(context["adminform"].form.errors)
+    for inline in context.get("inline_admin_formsets", []):
+        errors.append(inline.formset.errors)
+    pytest.fail(f"the admin did not save ({response.status_code}): {errors}")
+
+
+def _form_values(form, data):
+    for name, field in form.fields.items():
+        assert not isinstance(field.widget, MultiWidget), name
+        bound = form[name]
+        value = bound.value()
+        if value is None or value is False:
+            continue
+        data[bound.html_name] = "on" if value is True else value
+
+
+def change_form_data(response):
+    """The POST data of an admin change form as it was shown, inlines included."""
+    assert response.status_code == 200
+    data = {}
+    _form_values(response.context["adminform"].form, data)
+    for inline in response.context["inline_admin_formsets"]:
+        formset = inline.formset
+        _form_values(formset.management_form, data)
+        for form in formset.forms:
+            _form_values(form, data)
+    return data
+
+
+def _admin_for_tests():
+    root = get_user_model().objects.create_superuser("root", "root@example.com", "pw")
+    client = HttpClient()
+    client.force_login(root)
+    return Admin(client, root)
+
+
+@pytest.fixture
+async def admin(cluster):
+    return await db(_admin_for_tests)()
+
+
+# --- data --------------------------------------------------------------------------
+
+
+@db
+def user_with_password(username):
+    return get_user_model().objects.create_user(username=username, password=PASSWORD)
+
+
+@db
+def session_cookie(username):
+    """Log ``username`` in as a browser would; the Cookie header of that session."""
+    browser = HttpClient()
+    assert browser.login(username=username, password=PASSWORD)
+    return f"sessionid={browser.cookies['sessionid'].value}"
+
+
+def browser_headers(server, cookie):
+    return {"Cookie": cookie, "Origin": server.http_url}
+
+
+@db
+def token_of(key):
+    return ApiToken.objects.get(key_hash=ApiToken.hash_key(key))
+
+
+@db
+def messages_create(slug, username, bodies):
+    room = Room.objects.get(slug=slug)
+    author = get_user_model().objects.get(username=username)
+    return [
+        services.message_create(
+            room=room, author=author, body=body, client_msg_id=f"{slug}-{n}"
+        )[0]
+        for n, body in enumerate(bodies, 1)
+    ]
+
+
+@db
+def moderation_log():
+    """Every recorded moderation action, oldest first, as plain values."""
+    rows = ModerationAction.objects.select_related(
+        "actor", "target_user", "room"
+    ).order_by("created_at", "pk")
+    return [
+        {
+            "kind": row.kind,
+            "actor": row.actor.username if row.actor else None,
+            "target": row.target_user.username if row.target_user else None,
+            "room": row.room.slug if row.room else None,
+            "message": row.message_id,
+            "reason": row.reason,
+            "detail": row.detail,
+        }
+        for row in rows
+    ]
+
+
+@db
+def admin_log(model):
+    """The admin's own change history of ``model``: (flag, object id, user, text)."""
+    content_type = ContentType.objects.get_for_model(model)
+    entries = LogEntry.objects.filter(content_type=content_type).order_by("pk")
+    return [
+        (e.action_flag, e.object_id, e.user.username, e.get_change_message())
+        for e in entries
+    ]
+
+
+def send_frame(room, body, msg_id):
+    return {
+        "type": "send",
+        "room": room,
+        "body": body,
+        "client_msg_id": msg_id,
+        "ref": msg_id,
+    }
+
+
+async def ack_and_echo(socket, echo, **frame):
+    """Send ``frame``; return its ack and the room's copy (``echo`` frame type).
+
+    Both come back to the sender, in either order; presence frames may mix in.
+    """
+    await socket.send(**frame)
+    got = {}
+    while len(got) < 2:
+        reply = await socket.expect_one_of(("ack", echo), skip=("presence",))
+        assert reply["type"] not in got, reply
+        got[reply["type"]] = reply
+    assert got["ack"]["ref"] == frame["ref"], got
+    return got["ack"], got[echo]
+
+
+async def send_and_ack(socket, room, body, msg_id):
+    ack, message = await ack_and_echo(
+        socket, "message", **send_frame(room, body, msg_id)
+    )
+    assert (message["body"], message["seq"]) == (body, ack["seq"]), message
+    return ack
+
+
+def admin_datetime(value):
+    """The admin's split date/time inputs for ``value`` (whole seconds, UTC)."""
+    local = timezone.localtime(value)
+    return {
+        "expires_at_0": local.strftime("%Y-%m-%d"),
+        "expires_at_1": local.strftime("%H:%M:%S"),
+    }
+
+
+NO_EXPIRY = {"expires_at_0": "", "expires_at_1": ""}
+
+
+# --- site ban ----------------------------------------------------------------------
+
+
+async def test_site_ban_in_the_admin_closes_the_users_sockets_on_both_processes(
+    server_a, server_b, admin, open_socket
+):
+    bob, bob_key = await user_with_key("bob")
+    _, carol_key = await user_with_key("carol")
+    bob_a = await open_socket(server_a, "bob@A", key=bob_key)
+    bob_b = await open_socket(server_b, "bob@B", key=bob_key)
+    carol_b = await open_socket(server_b, "carol@B", key=carol_key)
+
+    started = time.monotonic()
+    await admin.add("ban", user=bob.pk, room="", reason="spamming", **NO_EXPIRY)
+
+    await closes_within([bob_a, bob_b], started, (4403, "banned: spamming"))
+    await carol_b.alive()
+    assert await handshake_status(server_a, key=bob_key) == 403
+    assert await handshake_status(server_b, key=bob_key) == 403
+
+    [ban] = await db(lambda: list(Ban.objects.values()))()
+    assert (ban["user_id"], ban["room_id"], ban["reason"]) == (bob.pk, None, "spamming")
+    assert (ban["expires_at"], ban["created_by_id"]) == (None, admin.user.pk)
+    assert await moderation_log() == [
+        {
+            "kind": "ban",
+            "actor": "root",
+            "target": "bob",
+            "room": None,
+            "message": None,
+            "reason": "spamming",
+            "detail": "no end",
+        }
+    ]
+    assert await admin_log(Ban) == [(ADDITION, str(ban["id"]), "root", "Added.")]
+    listed = await admin.get("admin:chat_moderationaction_changelist")
+    assert [a.reason for a in listed.context["cl"].result_list] == ["spamming"]
+    assert "Site ban" in listed.content.decode()
+
+    # Lifting the ban (the admin's delete) lets bob in again, on either process.
+    await admin.delete("ban", ban["id"])
+    assert await db(Ban.objects.count)() == 0
+    assert [row["kind"] for row in await moderation_log()] == ["ban", "unban"]
+    assert (await admin_log(Ban))[-1][:3] == (DELETION, str(ban["id"]), "root")
+    again = await open_socket(server_b, "bob@B again", key=bob_key)
+    assert again.hello["user"] == {"id": bob.pk, "username": "bob"}
+    await open_socket(server_a, "bob@A again", key=bob_key)
+
+
+async def test_a_ban_refuses_handshakes_until_it_expires(
+    server_a, server_b, admin, open_socket
+):
+    bob, bob_key = await user_with_key("bob")
+    bob_a = await open_socket(server_a, "bob@A", key=bob_key)
+
+    # The form takes whole seconds: this ban ends 3 to 4 seconds from now.
+    ends = timezone.now() + timedelta(seconds=4)
+    started = time.monotonic()
+    await admin.add(
+        "ban", user=bob.pk, room="", reason="cool off", **admin_datetime(ends)
+    )
+    await closes_within([bob_a], started, (4403, "banned: cool off"))
+    assert await handshake_status(server_b, key=bob_key) == 403
+
+    expires_at = await db(lambda: Ban.objects.get().expires_at)()
+    await asyncio.sleep((expires_at - timezone.now()).total_seconds() + 0.2)
+    await open_socket(server_b, "bob@B after the ban", key=bob_key)
+    await open_socket(server_a, "bob@A after the ban", key=bob_key)
+
+
+async def test_a_ban_that_already_ended_refuses_nothing(
+    server_a, server_b, admin, open_socket
+):
+    bob, bob_key = await user_with_key("bob")
+    bob_b = await open_socket(server_b, "bob@B", key=bob_key)
+
+    past = timezone.now() - timedelta(hours=1)
+    await admin.add("ban", user=bob.pk, room="", reason="old", **admin_datetime(past))
+
+    assert await db(Ban.objects.count)() == 1
+    await open_socket(server_a, "bob@A", key=bob_key)
+    assert await handshake_status(server_b, key=bob_key) == 101
+    # A ban that is over must not throw out the sockets it no longer refuses.
+    try:
+        await bob_b.alive()
+        closed = None
+    except AssertionError as exc:
+        closed = str(exc).splitlines()[0]
+    if closed is not None:
+        pytest.fail(
+            "BUG chat/services.py user_ban: a ban whose expires_at is already past "
+            f"closed bob's open socket with 4403 although it refuses nothing: {closed}"
+        )
+
+
+# --- tokens and sessions -----------------------------------------------------------
+
+
+async def test_token_revoke_action_closes_only_the_sockets_opened_with_that_token(
+    server_a, server_b, admin, open_socket
+):
+    bob, revoked_key = await user_with_key("bob")
+    kept_key = await key_for(bob)
+    token = await token_of(revoked_key)
+    doomed = [
+        await open_socket(server_a, "bob@A token 1", key=revoked_key),
+        await open_socket(server_b, "bob@B token 1", key=revoked_key),
+    ]
+    kept = await open_socket(server_b, "bob@B token 2", key=kept_key)
+
+    started = time.monotonic()
+    await admin.action("admin:chat_apitoken_changelist", "revoke_tokens", [token.pk])
+
+    await closes_within(doomed, started, (4403, "token revoked"))
+    await kept.alive()
+    assert await handshake_status(server_a, key=revoked_key) == 403
+    await open_socket(server_a, "bob@A token 2", key=kept_key)
+    [row] = await moderation_log()
+    assert row == {
+        "kind": "token_revoke",
+        "actor": "root",
+        "target": "bob",
+        "room": None,
+        "message": None,
+        "reason": "",
+        "detail": f"token {token.hint}",
+    }
+    assert await admin_log(ApiToken) == [
+        (CHANGE, str(token.pk), "root", "Revoked the token.")
+    ]
+    history = await admin.get("admin:chat_apitoken_history", token.pk)
+    assert "Revoked the token." in history.content.decode()
+
+
+async def test_sign_out_everywhere_closes_the_sockets_opened_with_a_session(
+    server_a, server_b, admin, open_socket
+):
+    bob = await user_with_password("bob")
+    bob_key = await key_for(bob)
+    cookie = await session_cookie("bob")
+    by_session = [
+        await open_socket(
+            server, f"bob@{name} session", headers=browser_headers(server, cookie)
+        )
+        for name, server in (("A", server_a), ("B", server_b))
+    ]
+    assert by_session[0].hello["user"] == {"id": bob.pk, "username": "bob"}
+    by_token = await open_socket(server_a, "bob@A token", key=bob_key)
+
+    started = time.monotonic()
+    await admin.action("admin:auth_user_changelist", "sign_out_everywhere", [bob.pk])
+
+    await closes_within(by_session, started, (4403, "signed out"))
+    await by_token.alive()
+    headers = browser_headers(server_b, cookie)
+    assert await handshake_status(server_b, headers=headers) == 403
+    [row] = await moderation_log()
+    assert (row["kind"], row["actor"], row["target"]) == ("sign_out", "root", "bob")
+    assert row["detail"] == "1 session(s)"
+    assert await admin_log(get_user_model()) == [
+        (CHANGE, str(bob.pk), "root", "Signed out of 1 session(s).")
+    ]
+    # The admin's own session was not bob's: it still works.
+    assert (await admin.get("admin:index")).status_code == 200
+
+    # The user action that revokes all of bob's tokens takes the token socket.
+    started = time.monotonic()
+    await admin.action("admin:auth_user_changelist", "revoke_all_tokens", [bob.pk])
+    await closes_within([by_token], started, (4403, "token revoked"))
+    assert await handshake_status(server_a, key=bob_key) == 403
+
+
+# --- room ban and mute -------------------------------------------------------------
+
+
+async def test_room_ban_removes_the_user_from_that_room_only_and_refuses_joins(
+    server_a, server_b, admin, open_socket
+):
+    bob, bob_key = await user_with_key("bob")
+    _, alice_key = await user_with_key("alice")
+    den = await room_create("den")
+    await room_create("yard")
+    alice_a = await open_socket(server_a, "alice@A", key=alice_key)
+    await alice_a.join("den")
+    bob_b = await open_socket(server_b, "bob@B", key=bob_key)
+    await bob_b.join("den")
+    assert await alice_a.recv() == presence_frame("den", "bob", "online")
+    await bob_b.join("yard")
+    bob_a = await open_socket(server_a, "bob@A", key=bob_key)
+    await bob_a.join("yard")
+
+    started = time.monotonic()
+    await admin.add("ban", user=bob.pk, room=den.pk, reason="trolling", **NO_EXPIRY)
+
+    removed = await expect_within(bob_b, started, "removed")
+    assert removed == {
+        "type": "removed",
+        "room": "den",
+        "reason": "banned from the room: trolling",
+    }
+    assert await alice_a.recv() == presence_frame("den", "bob", "offline")
+    for socket in (bob_a, bob_b):
+        refused = await socket.request(type="join", room="den", ref="j")
+        assert refused == {
+            "type": "error",
+            "code": "forbidden",
+            "message": "you are banned from 'den': trolling",
+            "ref": "j",
+        }
+    # bob's other room, and his socket on A, are untouched.
+    await send_and_ack(bob_b, "yard", "still here", "y1")
+    assert (await bob_a.expect("message"))["body"] == "still here"
+    await bob_b.send(**send_frame("den", "let me in", "d1"))
+    assert (await bob_b.recv())["code"] == "not_joined"
+    await alice_a.nothing()
+
+    [row] = await moderation_log()
+    assert row == {
+        "kind": "room_ban",
+        "actor": "root",
+        "target": "bob",
+        "room": "den",
+        "message": None,
+        "reason": "trolling",
+        "detail": "no end",
+    }
+    [(flag, _, user, _)] = await admin_log(Ban)
+    assert (flag, user) == (ADDITION, "root")
+
+
+async def test_room_mute_refuses_sends_until_the_admin_lifts_it(
+    server_a, server_b, admin, open_socket
+):
+    bob, bob_key = await user_with_key("bob")
+    _, alice_key = await user_with_key("alice")
+    den = await room_create("den")
+    alice_a = await open_socket(server_a, "alice@A", key=alice_key)
+    await alice_a.join("den")
+    bob_b = await open_socket(server_b, "bob@B", key=bob_key)
+    await bob_b.join("den")
+    assert await alice_a.recv() == presence_frame("den", "bob", "online")
+
+    await admin.add("mute", user=bob.pk, room=den.pk, reason="cool down", **NO_EXPIRY)
+
+    assert await bob_b.request(**send_frame("den", "hey", "m1")) == {
+        "type": "error",
+        "code": "muted",
+        "message": "you are muted in 'den': cool down",
+        "ref": "m1",
+    }
+    bob_a = await open_socket(server_a, "bob@A", key=bob_key)
+    await bob_a.join("den")
+    assert (await bob_a.request(**send_frame("den", "hey", "m2")))["code"] == "muted"
+    # Muted, not removed: bob still reads the room.
+    assert (await bob_b.history("den")) == []
+    await alice_a.nothing()
+
+    mute = await db(Mute.objects.get)()
+    await admin.delete("mute", mute.pk)
+
+    ack = await send_and_ack(bob_b, "den", "thanks", "m3")
+    assert ack["seq"] == 1
+    assert (await alice_a.expect("message"))["body"] == "thanks"
+    log = await moderation_log()
+    assert [(r["kind"], r["target"], r["room"]) for r in log] == [
+        ("mute", "bob", "den"),
+        ("unmute", "bob", "den"),
+    ]
+    assert log[0]["reason"] == "cool down"
+    assert [entry[0] for entry in await admin_log(Mute)] == [ADDITION, DELETION]
+
+
+async def test_the_service_functions_reach_both_processes_without_the_admin(
+    server_a, server_b, open_socket
+):
+    """The admin only calls the services: called directly, they act the same."""
+    alice, alice_key = await user_with_key("alice")
+    bob, bob_key = await user_with_key("bob")
+    root = await db(get_user_model().objects.create_user)("mod")
+    hall = await room_create("hall")
+    [first] = await messages_create("hall", "alice", ["hidden soon"])
+    alice_a = await open_socket(server_a, "alice@A", key=alice_key)
+    await alice_a.join("hall")
+    bob_b = await open_socket(server_b, "bob@B", key=bob_key)
+    await bob_b.join("hall")
+    await alice_a.expect("presence")
+
+    started = time.monotonic()
+    await db(services.message_hide)(message=first, actor=root, reason="rude")
+    deleted = {"type": "message_deleted", "room": "hall", "id": first.pk, "seq": 1}
+    for socket in (alice_a, bob_b):
+        assert await expect_within(socket, started, "message_deleted") == deleted
+
+    started = time.monotonic()
+    await db(services.room_ban)(user=bob, room=hall, reason="flood", actor=root)
+    removed = await expect_within(bob_b, started, "removed")
+    assert removed["reason"] == "banned from the room: flood"
+    assert await alice_a.recv() == presence_frame("hall", "bob", "offline")
+
+    started = time.monotonic()
+    await db(services.room_close)(room=hall, actor=root, reason="maintenance")
+    assert await expect_within(alice_a, started, "removed") == {
+        "type": "removed",
+        "room": "hall",
+        "reason": "room closed: maintenance",
+    }
+
+    started = time.monotonic()
+    await db(services.connection_disconnect)(
+        connection_id=bob_b.connection_id, actor=root
+    )
+    await closes_within([bob_b], started, (4403, "kicked by a moderator"))
+
+    started = time.monotonic()
+    await db(services.user_ban)(user=alice, reason="enough", actor=root)
+    await closes_within([alice_a], started, (4403, "banned: enough"))
+    assert await handshake_status(server_b, key=alice_key) == 403
+    kinds = [(row["kind"], row["actor"]) for row in await moderation_log()]
+    assert kinds == [
+        ("message_delete", "mod"),
+        ("room_ban", "mod"),
+        ("room_close", "mod"),
+        ("disconnect", "mod"),
+        ("ban", "mod"),
+    ]
+
+
+# --- messages ----------------------------------------------------------------------
+
+
+async def test_messages_deleted_in_the_admin_go_from_both_processes_and_history(
+    server_a, server_b, admin, open_socket
+):
+    _, alice_key = await user_with_key("alice")
+    _, bob_key = await user_with_key("bob")
+    await room_create("news")
+    bodies = ["one", "two", "three", "four", "five"]
+    m1, m2, m3, m4, m5 = await messages_create("news", "alice", bodies)
+    alice_a = await open_socket(server_a, "alice@A", key=alice_key)
+    await alice_a.join("news")
+    bob_b = await open_socket(server_b, "bob@B", key=bob_key)
+    await bob_b.join("news")
+    await alice_a.expect("presence")
+    watchers = (alice_a, bob_b)
+
+    def deleted(message):
+        return {"type": "message_deleted", "room": "news", "id": message.pk}
+
+    # The delete view of one message.
+    started = time.monotonic()
+    await admin.delete("message", m1.pk)
+    for socket in watchers:
+        frame = await expect_within(socket, started, "message_deleted")
+        assert frame == {**deleted(m1), "seq": 1}
+    # The bulk action, two at once.
+    started = time.monotonic()
+    changelist = "admin:chat_message_changelist"
+    await admin.action(changelist, "hide_messages", [m2.pk, m3.pk])
+    for socket in watchers:
+        frames = [await expect_within(socket, started, "message_deleted")]
+        frames.append(await expect_within(socket, started, "message_deleted"))
+        frames.sort(key=lambda frame: frame["seq"])
+        assert frames == [{**deleted(m2), "seq": 2}, {**deleted(m3), "seq": 3}]
+    # Django's own "delete selected" action, confirmed.
+    started = time.monotonic()
+    await admin.action(changelist, "delete_selected", [m4.pk], post="yes")
+    for socket in watchers:
+        frame = await expect_within(socket, started, "message_deleted")
+        assert frame == {**deleted(m4), "seq": 4}
+        await socket.nothing()
+
+    for socket in watchers:
+        shown = await socket.history("news")
+        assert [(m["seq"], m["deleted"], m["body"]) for m in shown] == [
+            (1, True, ""),
+            (2, True, ""),
+            (3, True, ""),
+            (4, True, ""),
+            (5, False, "five"),
+        ]
+    # Rows stay (their seqs stay taken), the bodies kept for the record.
+    assert await db(lambda: Message.objects.filter(deleted_at=None).count())() == 1
+    log = await moderation_log()
+    assert sorted(r["message"] for r in log) == [m1.pk, m2.pk, m3.pk, m4.pk]
+    assert {(r["kind"], r["actor"], r["target"], r["room"]) for r in log} == {
+        ("message_delete", "root", "alice", "news")
+    }
+    history = {(flag, int(pk)) for flag, pk, _, _ in await admin_log(Message)}
+    assert history == {
+        (DELETION, m1.pk),
+        (CHANGE, m2.pk),
+        (CHANGE, m3.pk),
+        (DELETION, m4.pk),
+    }
+    assert m5.pk not in {r["message"] for r in log}
+
+
+async def test_a_room_moderator_edits_and_deletes_anyones_message_across_processes(
+    server_a, server_b, open_socket
+):
+    _, alice_key = await user_with_key("alice")
+    carol, carol_key = await user_with_key("carol")
+    _, dave_key = await user_with_key("dave")
+    club = await room_create("club")
+    await db(services.membership_add)(
+        room=club, user=carol, role=Membership.Role.MODERATOR
+    )
+    alice_b = await open_socket(server_b, "alice@B", key=alice_key)
+    await alice_b.join("club")
+    ack = await send_and_ack(alice_b, "club", "rude words", "c1")
+    carol_a = await open_socket(server_a, "carol@A", key=carol_key)
+    await carol_a.join("club")
+    dave_a = await open_socket(server_a, "dave@A", key=dave_key)
+    await dave_a.join("club", skip=("presence",))
+
+    refused = await dave_a.request(
+        type="edit", room="club", id=ack["id"], body="mine now", ref="e0"
+    )
+    assert (refused["code"], refused["ref"]) == ("forbidden", "e0")
+
+    _, echo = await ack_and_echo(
+        carol_a,
+        "message_edited",
+        type="edit",
+        room="club",
+        id=ack["id"],
+        body="[edited]",
+        ref="e",
+    )
+    edited = await alice_b.expect("message_edited", skip=("presence",))
+    assert edited == echo
+    assert {k: v for k, v in edited.items() if k != "edited_at"} == {
+        "type": "message_edited",
+        "room": "club",
+        "id": ack["id"],
+        "seq": 1,
+        "body": "[edited]",
+    }
+    assert edited["edited_at"]
+
+    await ack_and_echo(
+        carol_a, "message_deleted", type="delete", room="club", id=ack["id"], ref="d"
+    )
+    assert await alice_b.expect("message_deleted", skip=("presence",)) == {
+        "type": "message_deleted",
+        "room": "club",
+        "id": ack["id"],
+        "seq": 1,
+    }
+    [row] = await moderation_log()
+    assert (row["kind"], row["actor"], row["target"], row["message"]) == (
+        "message_delete",
+        "carol",
+        "alice",
+        ack["id"],
+    )
+
+
+# --- rooms -------------------------------------------------------------------------
+
+
+async def test_closing_a_room_in_its_change_form_removes_everyone_and_refuses_sends(
+    server_a, server_b, admin, open_socket
+):
+    _, alice_key = await user_with_key("alice")
+    bob, bob_key = await user_with_key("bob")
+    forum = await room_create("forum")
+    await room_create("other")
+    await messages_create("forum", "bob", ["before the close"])
+    alice_a = await open_socket(server_a, "alice@A", key=alice_key)
+    await alice_a.join("forum")
+    bob_b = await open_socket(server_b, "bob@B", key=bob_key)
+    await bob_b.join("forum")
+    await bob_b.join("other")
+    await alice_a.expect("presence")
+
+    started = time.monotonic()
+    await admin.change("room", forum.pk, is_closed=True)
+
+    for socket in (alice_a, bob_b):
+        removed = await expect_within(socket, started, "removed", skip=("presence",))
+        assert removed == {"type": "removed", "room": "forum", "reason": "room closed"}
+    assert await db(lambda: Room.objects.get(slug="forum").is_closed)()
+    # Only that room: bob stays in the other one.
+    await send_and_ack(bob_b, "other", "elsewhere", "o1")
+
+    # Rejoined, the room is readable and refuses sends.
+    for socket in (alice_a, bob_b):
+        joined = await socket.join("forum", skip=("presence", "message"))
+        assert joined["closed"] is True
+        refused = await socket.request(
+            **send_frame("forum", "hello?", f"x-{socket.name}")
+        )
+        assert (refused["type"], refused["code"]) == ("error", "room_closed")
+        [shown] = await socket.history("forum")
+        assert (shown["seq"], shown["body"]) == (1, "before the close")
+    log = await moderation_log()
+    assert [(r["kind"], r["actor"], r["room"]) for r in log] == [
+        ("room_close", "root", "forum")
+    ]
+    [(flag, pk, user, _)] = await admin_log(Room)
+    assert (flag, pk, user) == (CHANGE, str(forum.pk), "root")
+
+    # Unchecking it reopens the room.
+    await admin.change("room", forum.pk, is_closed=False)
+    assert (await send_and_ack(bob_b, "forum", "open again", "f2"))["seq"] == 2
+    assert (await alice_a.expect("message", skip=("presence",)))["seq"] == 2
+    assert [r["kind"] for r in await moderation_log()] == ["room_close", "room_reopen"]
+
+
+async def test_the_close_rooms_action_removes_the_rooms_sockets(
+    server_a, server_b, admin, open_socket
+):
+    _, alice_key = await user_with_key("alice")
+    _, bob_key = await user_with_key("bob")
+    market = await room_create("market")
+    alice_a = await open_socket(server_a, "alice@A", key=alice_key)
+    await alice_a.join("market")
+    bob_b = await open_socket(server_b, "bob@B", key=bob_key)
+    await bob_b.join("market")
+    await alice_a.expect("presence")
+
+    started = time.monotonic()
+    await admin.action("admin:chat_room_changelist", "close_rooms", [market.pk])
+
+    for socket in (alice_a, bob_b):
+        removed = await expect_within(socket, started, "removed", skip=("presence",))
+        assert removed == {"type": "removed", "room": "market", "reason": "room closed"}
+    rejoined = await bob_b.join("market", skip=("presence",))
+    assert rejoined["closed"] is True
+    refused = await bob_b.request(**send_frame("market", "anyone?", "k1"))
+    assert refused == {**refused, "type": "error", "code": "room_closed", "ref": "k1"}
+    assert [r["kind"] for r in await moderation_log()] == ["room_close"]
+    assert await admin_log(Room) == [
+        (CHANGE, str(market.pk), "root", "Closed the room.")
+    ]
+
+
+# --- live connections --------------------------------------------------------------
+
+
+def _ours(connections, sockets):
+    ids = {socket.connection_id for socket in sockets}
+    return {c["id"]: c for c in connections if c["id"] in ids}
+
+
+async def live_page(admin, sockets, *, expect_count):
+    """The live connections page once it lists ``expect_count`` of ``sockets``."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        response = await admin.get("admin:chat_live_connections")
+        assert response.status_code == 200
+        listed = _ours(response.context["connections"], sockets)
+        if len(listed) == expect_count:
+            return response, listed
+        assert time.monotonic() < deadline, listed
+        await asyncio.sleep(0.1)
+
+
+async def test_live_connections_page_lists_both_processes_and_disconnects(
+    server_a, server_b, admin, open_socket
+):
+    bob, bob_key = await user_with_key("bob")
+    alice, alice_key = await user_with_key("alice")
+    await room_create("lounge")
+    await room_create("patio")
+    bob_a = await open_socket(server_a, "bob@A", key=bob_key, device="phone")
+    await bob_a.join("lounge")
+    alice_b = await open_socket(server_b, "alice@B", key=alice_key)
+    await alice_b.join("lounge")
+    assert await bob_a.recv() == presence_frame("lounge", "alice", "online")
+    await alice_b.join("patio")
+    assert bob_a.process != alice_b.process
+
+    response, listed = await live_page(admin, [bob_a, alice_b], expect_count=2)
+    for socket, user, rooms, device in (
+        (bob_a, bob, ["lounge"], "phone"),
+        (alice_b, alice, ["lounge", "patio"], None),
+    ):
+        entry = listed[socket.connection_id]
+        assert {k: entry[k] for k in ("user_id", "username", "rooms", "device")} == {
+            "user_id": user.pk,
+            "username": user.username,
+            "rooms": rooms,
+            "device": device,
+        }
+        assert entry["process"] == socket.process
+        since = datetime.fromisoformat(entry["connected_at"])
+        assert abs((timezone.now() - since).total_seconds()) < 30
+    per_room = dict(response.context["per_room"])
+    assert (per_room["lounge"], per_room["patio"]) == (2, 1)
+    page = response.content.decode()
+    for text in (
+        bob_a.connection_id,
+        alice_b.connection_id,
+        bob_a.process,
+        alice_b.process,
+        "<td>phone</td>",
+        "<td>lounge, patio</td>",
+        "<tr><td>lounge</td><td>2</td></tr>",
+        "<tr><td>patio</td><td>1</td></tr>",
+    ):
+        assert text in page, text
+
+    started = time.monotonic()
+    response = await admin.post(
+        "admin:chat_live_connections",
+        data={"connection_id": bob_a.connection_id, "reason": "cool it"},
+    )
+    assert response.status_code == 302
+
+    await closes_within([bob_a], started, (4403, "kicked by a moderator: cool it"))
+    assert await alice_b.recv() == presence_frame("lounge", "bob", "offline")
+    await alice_b.alive()
+    await live_page(admin, [bob_a, alice_b], expect_count=1)
+    # A kick is no ban.
+    await open_socket(server_b, "bob@B", key=bob_key)
+    [row] = await moderation_log()
+    assert (row["kind"], row["actor"], row["reason"]) == (
+        "disconnect",
+        "root",
+        "cool it",
+    )
+    assert row["detail"] == f"connection {bob_a.connection_id}"
+
+
+# --- push --------------------------------------------------------------------------
+
+
+async def live_count_settles(expected):
+    """Wait until the registry counts ``expected`` live connections in all."""
+    deadline = time.monotonic() + 2 * HEARTBEAT + 1
+    while (count := await presence.live_count()) != expected:
+        assert time.monotonic() < deadline, f"{count} live connections"
+        await asyncio.sleep(0.1)
+
+
+def push_frame(event, data):
+    return {"type": "push", "event": event, "data": data}
+
+
+@pytest.fixture
+async def push_setup(server_a, server_b, open_socket):
+    """bob on A (in the plaza) and on B (not in it); alice on B, in the plaza."""
+    bob, bob_key = await user_with_key("bob")
+    _, alice_key = await user_with_key("alice")
+    await room_create("plaza")
+    alice_b = await open_socket(server_b, "alice@B", key=alice_key)
+    await alice_b.join("plaza")
+    bob_a = await open_socket(server_a, "bob@A", key=bob_key)
+    await bob_a.join("plaza")
+    assert await alice_b.recv() == presence_frame("plaza", "bob", "online")
+    bob_b = await open_socket(server_b, "bob@B", key=bob_key)
+    await live_count_settles(3)
+    return SimpleNamespace(bob=bob, bob_a=bob_a, bob_b=bob_b, alice_b=alice_b)
+
+
+async def receive_push(reached, missed, event, data):
+    for socket in reached:
+        assert await socket.recv() == push_frame(event, data), socket.name
+    for socket in missed:
+        await socket.nothing()
+
+
+async def test_push_from_python_sync_and_async_reaches_both_processes(push_setup):
+    s = push_setup
+    everyone = [s.bob_a, s.bob_b, s.alice_b]
+
+    # Sync code (a view, a task): a plain call in a thread with no event loop.
+    count = await sync_to_async(push.to_user)(s.bob, "invoice.paid", {"id": 7})
+    assert count == 2
+    await receive_push([s.bob_a, s.bob_b], [s.alice_b], "invoice.paid", {"id": 7})
+    # Async code: awaited, with a user id.
+    assert await push.to_user(s.bob.pk, "async.user", [1, "two"]) == 2
+    await receive_push([s.bob_a, s.bob_b], [s.alice_b], "async.user", [1, "two"])
+
+    assert await push.to_room("plaza", "room.news", {"n": 1}) == 2
+    await receive_push([s.bob_a, s.alice_b], [s.bob_b], "room.news", {"n": 1})
+    assert await sync_to_async(push.to_room)("plaza", "room.sync", None) == 2
+    await receive_push([s.bob_a, s.alice_b], [s.bob_b], "room.sync", None)
+
+    assert await push.to_connection(s.bob_b.connection_id, "just.you", "hi") == 1
+    await receive_push([s.bob_b], [s.bob_a, s.alice_b], "just.you", "hi")
+    one = await sync_to_async(push.to_connection)(s.bob_a.connection_id, "a", 1)
+    assert one == 1
+    await receive_push([s.bob_a], [s.bob_b, s.alice_b], "a", 1)
+
+    assert await push.to_everyone("all.hands", {"ok": True}) == 3
+    await receive_push(everyone, [], "all.hands", {"ok": True})
+    assert await sync_to_async(push.to_everyone)("all.sync", {}) == 3
+    await receive_push(everyone, [], "all.sync", {})
+
+
+def command_env(cluster):
+    return {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "chatsite.settings",
+        "DJANGO_SECRET_KEY": SECRET_KEY,
+        "DATABASE_URL": database_url(),
+        "REDIS_URL": cluster.redis.url,
+        "CHAT_HEARTBEAT": str(HEARTBEAT),
+    }
+
+
+async def test_chat_push_command_reaches_both_processes(cluster, push_setup):
+    s = push_setup
+    # As an operator runs it: its own process, the cluster's environment.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "manage.py",
+        "chat_push",
+        "--user",
+        "bob",
+        "deploy",
+        '{"version": 2}',
+        cwd=ROOT,
+        env=command_env(cluster),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()
+    assert out.decode().strip() == "Reached 2 connection(s)."
+    await receive_push([s.bob_a, s.bob_b], [s.alice_b], "deploy", {"version": 2})
+
+    # The same command in this process, for the other targets.
+    for args, reached, missed, count in (
+        (["--room", "plaza"], [s.bob_a, s.alice_b], [s.bob_b], 2),
+        (["--all"], [s.bob_a, s.bob_b, s.alice_b], [], 3),
+    ):
+        out = StringIO()
+        await sync_to_async(call_command)("chat_push", *args, "ev", "[1]", stdout=out)
+        assert out.getvalue().strip() == f"Reached {count} connection(s)."
+        await receive_push(reached, missed, "ev", [1])
+
+
+def _http_post(url, body, headers):
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+async def api_push(server, body, *, key=None):
+    """POST /api/push to a server process: (status, JSON answer)."""
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    if not isinstance(body, bytes):
+        body = json.dumps(body).encode()
+    return await asyncio.to_thread(
+        _http_post, f"{server.http_url}/api/push", body, headers
+    )
+
+
+@db
+def grant_push_permission(user):
+    user.user_permissions.add(
+        Permission.objects.get(content_type__app_label="chat", codename="push_message")
+    )
+
+
+async def test_api_push_reaches_both_processes_with_the_permission_only(
+    server_a, server_b, push_setup
+):
+    s = push_setup
+    pusher, key = await user_with_key("pusher")
+    await grant_push_permission(pusher)
+    _, plain_key = await user_with_key("plain")
+
+    body = {"event": "order.shipped", "data": {"order": 9}, "user": "bob"}
+    assert await api_push(server_a, body, key=key) == (202, {"connections": 2})
+    await receive_push([s.bob_a, s.bob_b], [s.alice_b], "order.shipped", {"order": 9})
+
+    for target, value, reached, missed in (
+        ("room", "plaza", [s.bob_a, s.alice_b], [s.bob_b]),
+        ("connection_id", s.bob_b.connection_id, [s.bob_b], [s.bob_a, s.alice_b]),
+        ("all", True, [s.bob_a, s.bob_b, s.alice_b], []),
+    ):
+        body = {"event": f"to.{target}", "data": None, target: value}
+        status, answer = await api_push(server_b, body, key=key)
+        assert (status, answer) == (202, {"connections": len(reached)}), target
+        await receive_push(reached, missed, f"to.{target}", None)
+
+    good = {"event": "e", "data": {}, "user": "bob"}
+    refused = [
+        (await api_push(server_a, good, key=plain_key), 403),
+        (await api_push(server_a, good), 401),
+        (await api_push(server_a, good, key="cs_not-a-token"), 401),
+        (await api_push(server_a, b"{not json", key=key), 400),
+        (await api_push(server_a, {"data": {}, "user": "bob"}, key=key), 400),
+        (await api_push(server_a, {**good, "room": "plaza"}, key=key), 400),
+        (await api_push(server_a, {"event": "e", "data": {}}, key=key), 400),
+    ]
+    for (status, answer), expected in refused:
+        assert status == expected, answer
+        assert isinstance(answer.get("error"), str), answer
+    for socket in (s.bob_a, s.bob_b, s.alice_b):
+        await socket.nothing()
+
+
+# --- connection policies -----------------------------------------------------------
+
+
+async def test_a_new_connection_with_the_same_device_key_replaces_the_old_anywhere(
+    server_a, server_b, admin, open_socket
+):
+    bob, bob_key = await user_with_key("bob")
+    _, alice_key = await user_with_key("alice")
+    replaced = (4409, "replaced by a newer connection with the same device key")
+    phone_a = await open_socket(server_a, "bob phone@A", key=bob_key, device="phone")
+    laptop_a = await open_socket(server_a, "bob laptop@A", key=bob_key, device="laptop")
+    alice_phone = await open_socket(
+        server_a, "alice phone@A", key=alice_key, device="phone"
+    )
+
+    started = time.monotonic()
+    phone_b = await open_socket(server_b, "bob phone@B", key=bob_key, device="phone")
+    await closes_within([phone_a], started, replaced)
+    await laptop_a.alive()
+    await alice_phone.alive()
+    await phone_b.alive()
+
+    sockets = [phone_a, laptop_a, alice_phone, phone_b]
+    _, listed = await live_page(admin, sockets, expect_count=3)
+    assert {(c["username"], c["device"], c["process"]) for c in listed.values()} == {
+        ("bob", "laptop", laptop_a.process),
+        ("alice", "phone", alice_phone.process),
+        ("bob", "phone", phone_b.process),
+    }
+    assert phone_b.connection_id in listed
+
+    # And back: a phone socket on A replaces the one on B.
+    started = time.monotonic()
+    again = await open_socket(
+        server_a, "bob phone@A again", key=bob_key, device="phone"
+    )
+    await closes_within([phone_b], started, replaced)
+    await again.alive()
+    await laptop_a.alive()
+
+
+async def test_a_silent_connection_is_closed_after_twice_the_heartbeat(
+    third_server, open_socket
+):
+    server = third_server(heartbeat=1, prefix="idle")
+    _, key = await user_with_key("bob")
+    silent = await open_socket(server, "silent", key=key, keepalive=None)
+    opened = time.monotonic()
+    chatty = await open_socket(server, "chatty", key=key, keepalive=0.5)
+    assert silent.hello["heartbeat"] == chatty.hello["heartbeat"] == 1
+
+    code_reason = await silent.expect_close(timeout=4)
+    elapsed = time.monotonic() - opened
+    assert code_reason == (4408, "nothing received for 2 seconds")
+    assert 1.8 <= elapsed <= 2.6, f"closed after {elapsed:.2f}s"
+
+    await asyncio.sleep(opened + 3.2 - time.monotonic())
+    await chatty.alive()
+
+
+async def test_sigterm_closes_every_socket_with_1001_before_the_process_exits(
+    third_server, open_socket
+):
+    server = third_server(prefix="shutdown")
+    _, key = await user_with_key("bob")
+    await room_create("hall")
+    sockets = [await open_socket(server, f"bob#{n}", key=key) for n in (1, 2)]
+    await sockets[0].join("hall")
+    process = server.process
+
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+
+    results = await asyncio.gather(*(s.expect_close(timeout=5) for s in sockets))
+    assert results == [(1001, "server shutting down")] * 2
+    while process.poll() is None:
+        assert time.monotonic() - signalled < 5, "daphne still runs 5s after SIGTERM"
+        await asyncio.sleep(0.05)
