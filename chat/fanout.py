@@ -210,20 +210,23 @@ async def _group_send_each(groups, event):
         await layer.group_send(group, {**event, "group": group})
 
 
-async def publish_many(groups, frames):
-    """Send several frames, in order, as one layer message per group."""
-    encoded = [protocol.encode(frame) for frame in frames]
-    event = {
-        "type": "hub.frame",
-        "batch": [(e.type, e.text) for e in encoded],
-        "exclude_user": None,
-        "match": None,
-    }
-    await _group_send_each(groups, event)
+async def publish_many(broadcasts):
+    """Send several (groups, frames) broadcasts; each group's frames in one message."""
+    layer = get_channel_layer()
+    for groups, frames in broadcasts:
+        encoded = [protocol.encode(frame) for frame in frames]
+        event = {
+            "type": "hub.frame",
+            "batch": [(e.type, e.text) for e in encoded],
+            "exclude_user": None,
+            "match": None,
+        }
+        for group in groups:
+            await layer.group_send(group, {**event, "group": group})
 
 
-def publish_many_sync(groups, frames):
-    async_to_sync(publish_many)(groups, frames)
+def publish_many_sync(broadcasts):
+    async_to_sync(publish_many)(broadcasts)
 
 
 def publish_sync(groups, frame, *, exclude_user=None, match=None):

@@ -147,10 +147,12 @@ def message_create_many(*, requests):
         with transaction.atomic():
             fresh = _resolve_retries_and_refusals(requests, results)
             created = _store_fresh(requests, fresh, results)
-            for room, frames in _frames_by_room(created):
-                transaction.on_commit(
-                    partial(fanout.publish_many_sync, fanout.room_groups(room), frames)
-                )
+            broadcasts = [
+                (fanout.room_groups(room), frames)
+                for room, frames in _frames_by_room(created)
+            ]
+            if broadcasts:
+                transaction.on_commit(partial(fanout.publish_many_sync, broadcasts))
     except IntegrityError:
         if len(requests) == 1:
             # A concurrent retry of the same client_msg_id won the race.

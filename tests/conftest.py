@@ -2,6 +2,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
+from django.db import connections
 
 from chat import fanout, presence, services, serving
 from chatsite.asgi import application
@@ -18,6 +19,8 @@ async def fresh_hub():
     from channels.layers import channel_layers
 
     channel_layers.backends.clear()
+    # The database thread's connection would outlive the test database.
+    await sync_to_async(connections.close_all)()
 
 
 @pytest.fixture
