@@ -206,13 +206,35 @@ async def command(groups, control, *, match=None):
 
 async def _group_send_each(groups, event):
     layer = get_channel_layer()
-    for group in groups:
-        await layer.group_send(group, {**event, "group": group})
+    async with _layer_slot():
+        for group in groups:
+            await layer.group_send(group, {**event, "group": group})
+
+
+# channels-redis takes a pooled Redis connection per call, and redis-py's pool
+# raises past 100 connections instead of waiting: bound the calls in flight.
+LAYER_CALLS_IN_FLIGHT = 48
+_slots: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _layer_slot():
+    loop = asyncio.get_running_loop()
+    slot = _slots.get(loop)
+    if slot is None:
+        slot = _slots[loop] = asyncio.Semaphore(LAYER_CALLS_IN_FLIGHT)
+    return slot
 
 
 async def publish_many(broadcasts):
     """Send several (groups, frames) broadcasts; each group's frames in one message."""
     layer = get_channel_layer()
+    async with _layer_slot():
+        await _publish_many(layer, broadcasts)
+
+
+async def _publish_many(layer, broadcasts):
     for groups, frames in broadcasts:
         encoded = [protocol.encode(frame) for frame in frames]
         event = {

@@ -149,7 +149,12 @@ class RedisPresence:
 
         # After a Redis restart every pooled connection is dead; retry a command
         # once on a fresh connection instead of failing it.
-        self.redis = redis.Redis.from_url(url, retry_on_error=[redis.ConnectionError])
+        # A blocking pool: under a connect storm commands wait for a connection
+        # instead of failing (redis-py's plain pool raises past its cap).
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=32, timeout=20, retry_on_error=[redis.ConnectionError]
+        )
+        self.redis = redis.Redis(connection_pool=pool)
         self.prefix = prefix
         self.stale_after = stale_after
         self._epoch = None
