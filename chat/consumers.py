@@ -211,7 +211,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         wire = self.wire
         if wire is not None:
             if wire.state == wire.STATE_OPEN:
-                wire.sendPreparedMessage(serving.prepared(encoded, self.binary))
+                serving.write_prepared(wire, serving.prepared(encoded, self.binary))
             return
         if self.binary:
             await self.send(bytes_data=encoded.binary)

@@ -150,3 +150,38 @@ def prepared(encoded, binary):
         cached = PreparedMessage(payload, binary, applyMask=False, doNotCompress=True)
         encoded.prepared[binary] = cached
     return cached
+
+
+def write_prepared(wire, message):
+    """Write a prepared frame to a daphne socket, straight to the kernel if we can.
+
+    Twisted buffers every write until the event loop's next turn and toggles the
+    socket's epoll registration around it: two system calls and a loop pass per
+    frame. When nothing is queued ahead of this frame on a plain TCP socket, send
+    it now; whatever the kernel does not take goes through Twisted as usual.
+    """
+    data = message.payloadHybi
+    transport = wire.transport
+    if _can_send_now(transport):
+        try:
+            sent = transport.socket.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            sent = 0  # Twisted's own write finds the broken connection
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
+
+
+def _can_send_now(transport):
+    return (
+        getattr(transport, "socket", None) is not None
+        and not getattr(transport, "TLS", False)
+        and getattr(transport, "connected", False)
+        and not getattr(transport, "disconnecting", True)
+        and not getattr(transport, "_tempDataBuffer", True)
+        and len(getattr(transport, "dataBuffer", b"x"))
+        == getattr(transport, "offset", -1)
+    )

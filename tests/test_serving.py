@@ -33,3 +33,57 @@ def test_prepared_message_is_built_once_per_framing():
     assert text.payloadHybi == b'\x81\x19{"type":"pong","ref":"r"}'
     binary = serving.prepared(encoded, True)
     assert binary.payloadHybi == b'\x82\x0f\x00\x00\x00\x0c{"ref":"r"}'
+
+
+class FakeTcpTransport:
+    """The attributes of a Twisted TCP connection that ``write_prepared`` reads."""
+
+    def __init__(self, sock):
+        self.socket = sock
+        self.connected = True
+        self.disconnecting = False
+        self.dataBuffer = b""
+        self.offset = 0
+        self._tempDataBuffer = []
+        self.written = []
+
+    def write(self, data):
+        self.written.append(bytes(data))
+
+
+class FakeWire:
+    def __init__(self, transport):
+        self.transport = transport
+
+
+def test_prepared_frame_goes_straight_to_an_idle_socket():
+    import socket
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    transport = FakeTcpTransport(ours)
+    message = serving.prepared(protocol.encode(protocol.pong(ref="r")), False)
+    serving.write_prepared(FakeWire(transport), message)
+    assert theirs.recv(100) == message.payloadHybi
+    assert transport.written == []
+    ours.close()
+    theirs.close()
+
+
+def test_prepared_frame_queues_behind_pending_data():
+    import socket
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    transport = FakeTcpTransport(ours)
+    transport._tempDataBuffer = [b"earlier"]
+    message = serving.prepared(protocol.encode(protocol.pong(ref="r")), False)
+    serving.write_prepared(FakeWire(transport), message)
+    assert transport.written == [message.payloadHybi]
+    theirs.setblocking(False)
+    try:
+        assert theirs.recv(100) == b""
+    except BlockingIOError:
+        pass  # nothing was sent around Twisted's queue
+    ours.close()
+    theirs.close()
