@@ -1,5 +1,6 @@
 # make run  — create the virtualenv, install, migrate, serve on http://127.0.0.1:8000
 # make test — create the virtualenv, install, run the whole suite
+# make bench — the benchmark (bench/README.md); BENCH_ARGS="--compare", "--quick", …
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -28,3 +29,10 @@ test: $(VENV)/.dev
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+$(VENV)/.bench: requirements.txt requirements-dev.txt requirements-bench.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements-bench.txt
+	touch $@ $(VENV)/.dev $(VENV)/.runtime
+
+bench: $(VENV)/.bench
+	$(BIN)/python -m bench $(BENCH_ARGS)

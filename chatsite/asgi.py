@@ -16,9 +16,10 @@ from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: 
 
 from chat.middleware import BrowserOriginValidator, TokenAuthMiddleware  # noqa: E402
 from chat.routing import websocket_urlpatterns  # noqa: E402
-from chat.serving import patch_daphne_close  # noqa: E402
+from chat.serving import patch_daphne_close, tune_gc  # noqa: E402
 
 patch_daphne_close()
+tune_gc()
 
 application = ProtocolTypeRouter(
     {

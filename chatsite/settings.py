@@ -8,6 +8,7 @@ DJANGO_DEBUG      1/true/yes to turn debug on (default off)
 DJANGO_ALLOWED_HOSTS  comma-separated (default: localhost,127.0.0.1,[::1])
 DJANGO_CSRF_TRUSTED_ORIGINS  comma-separated https origins, behind a TLS proxy
 DJANGO_BEHIND_TLS_PROXY  1 to trust X-Forwarded-Proto and use secure cookies
+DJANGO_CONN_MAX_AGE  seconds a database connection is kept (default 300)
 CHAT_HEARTBEAT    seconds a client may stay silent before it must ping (default 30)
 CHAT_ALLOWED_ORIGINS  comma-separated origins a browser socket may come from
                   (default: any origin whose host is in ALLOWED_HOSTS)
@@ -98,8 +99,12 @@ WSGI_APPLICATION = None
 ASGI_APPLICATION = "chatsite.asgi.application"
 
 DATABASES = {
+    # Keep connections: the consumers' database thread would otherwise open a
+    # new one (a new PostgreSQL backend) for every call.
     "default": dj_database_url.config(
-        default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}", conn_max_age=0
+        default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}",
+        conn_max_age=int(os.environ.get("DJANGO_CONN_MAX_AGE", "300")),
+        conn_health_checks=True,
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":

@@ -1,0 +1,3 @@
+"""No pages: the baseline serves only its WebSocket route."""
+
+urlpatterns = []

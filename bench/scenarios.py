@@ -1,0 +1,626 @@
+"""The four scenarios, driven from the harness process.
+
+A ``Session`` is one scenario's servers (a fresh redis-server and daphne
+processes) and client processes. It connects sockets round-robin over the
+servers and the client processes, runs steps and turns what the clients
+counted into figures: deliveries/s, latency percentiles, loss, CPU.
+"""
+
+import math
+import multiprocessing
+import sys
+import time
+from array import array
+from dataclasses import dataclass, field
+
+from bench import loadgen, profile
+from bench.stack import CoreWatch, Stack, core_busy_seconds, postgres_cpu_seconds
+
+FANOUT_SENDERS = 4
+# At low rates a step lasts longer, so its p99 is not one message's worst case.
+FANOUT_MIN_MESSAGES = 30
+ROOMS = 250
+ROOM_MEMBERS = 4
+IDLE_PER_ROOM = 4
+IDLE_WARM_SOCKETS = 100
+PERSIST_SENDERS = 10
+PERSIST_WINDOW = 20
+P99_LIMIT_MS = 100.0
+CLIENT_SATURATED = 0.9
+LATE_SHARE = 0.05
+# A step waits (up to QUIET_WAIT seconds) until other processes leave the server
+# core alone. Others busier than NOISY_SHARE of it over the step, or than
+# NOISY_PEAK in any half second, make the step "noisy"; a failing noisy fan-out
+# step is run again.
+NOISY_SHARE = 0.10
+NOISY_PEAK = 0.50
+QUIET_WAIT = 30.0
+NOISY_RETRIES = 2
+MAX_DELIVERIES_PER_SECOND = 256_000
+CONNECT_CONCURRENCY = 64
+
+
+@dataclass
+class Durations:
+    """How long a run measures: the full run, or ``--quick`` for a smoke run."""
+
+    fanout_start: int  # deliveries/s of the first fan-out step
+    fanout_step: float
+    rooms: float
+    persist: float
+    idle_sockets: int
+    refine: bool
+
+    @classmethod
+    def for_run(cls, quick):
+        if quick:
+            return cls(
+                fanout_start=1000,
+                fanout_step=2.0,
+                rooms=5.0,
+                persist=3.0,
+                idle_sockets=1000,
+                refine=False,
+            )
+        return cls(
+            fanout_start=250,
+            fanout_step=6.0,
+            rooms=20.0,
+            persist=10.0,
+            idle_sockets=5000,
+            refine=True,
+        )
+
+
+@dataclass
+class Target:
+    """What is benchmarked: chatsite, or the tutorial's consumer (baseline)."""
+
+    name: str
+    asgi_app: str
+    env: dict
+    keys: list = field(default_factory=list)
+    postgres: bool = False
+
+    @property
+    def acknowledges(self):
+        return self.name == "chatsite"
+
+    def socket(self, port, user, room, sender):
+        if self.name == "chatsite":
+            url = f"ws://127.0.0.1:{port}/ws/?token={self.keys[user]}"
+            return {"url": url, "room": room, "sender": sender}
+        return {
+            "url": f"ws://127.0.0.1:{port}/ws/chat/{room}/",
+            # The tutorial's AllowedHostsOriginValidator refuses a missing Origin.
+            "headers": {"Origin": "http://127.0.0.1"},
+            "room": room,
+            "sender": sender,
+        }
+
+
+def percentile(ordered, q):
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def ms(value_us):
+    return None if value_us is None else round(value_us / 1000, 2)
+
+
+class Clients:
+    """The client processes, pinned to the load generator's cores."""
+
+    def __init__(self, kind, count, cpus):
+        context = multiprocessing.get_context("spawn")
+        self.cpus = cpus
+        self.pipes = []
+        self.processes = []
+        for index in range(count):
+            parent, child = context.Pipe()
+            process = context.Process(
+                target=loadgen.worker_main,
+                args=(child, index, kind, cpus),
+                daemon=True,
+            )
+            process.start()
+            self.pipes.append(parent)
+            self.processes.append(process)
+
+    def __len__(self):
+        return len(self.pipes)
+
+    def send(self, commands):
+        for pipe, command in zip(self.pipes, commands, strict=True):
+            pipe.send(command)
+
+    def receive(self):
+        return [pipe.recv() for pipe in self.pipes]
+
+    def call(self, commands):
+        self.send(commands)
+        return self.receive()
+
+    def call_all(self, **command):
+        return self.call([dict(command) for _ in self.pipes])
+
+    def close(self):
+        try:
+            self.call_all(op="close")
+        except (EOFError, OSError):
+            pass
+        for process in self.processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+
+
+class Session:
+    """One scenario's servers and clients."""
+
+    def __init__(self, name, target, options, layout):
+        self.name = name
+        self.target = target
+        self.options = options
+        self.server_cpus, self.client_cpus = layout
+        self.stack = Stack(
+            asgi_app=target.asgi_app,
+            env=target.env,
+            count=options.servers,
+            cpus=self.server_cpus,
+            postgres=target.postgres,
+        )
+        self.clients = None
+        self.members = {}  # room -> connected sockets
+        self.socket_count = 0
+        self.steps = 0
+
+    def __enter__(self):
+        self.stack.start()
+        self.clients = Clients(self.target.name, self.options.clients, self.client_cpus)
+        return self
+
+    def __exit__(self, *exc):
+        self.health = self.stack.health()
+        if self.clients is not None:
+            # Every socket closes at once: how the servers take that is reported
+            # apart from what happened while measuring.
+            self.clients.close()
+            self.stack.settle(timeout=15)
+            after = self.stack.health()
+            self.health["teardown_errors"] = after["errors"] - self.health["errors"]
+            self.health["teardown_kinds"] = after["kinds"]
+        self.stack.stop()
+        self.health["logs"] = self.stack.clean_logs(keep=self._troubled())
+
+    def _troubled(self):
+        health = self.health
+        return bool(health["dead"] or health["errors"] or health.get("teardown_errors"))
+
+    @property
+    def client_cores(self):
+        return len(self.client_cpus) if self.client_cpus else 1
+
+    def connect(self, sockets, profile_label=None):
+        """Open ``(room, user, sender)`` sockets; each is joined to its room.
+
+        Socket i goes to server i mod N, and the client processes take turns.
+        """
+        ports = self.stack.ports()
+        per_client = [[] for _ in range(len(self.clients))]
+        for room, user, sender in sockets:
+            i = self.socket_count
+            self.socket_count += 1
+            spec = self.target.socket(ports[i % len(ports)], user, room, sender)
+            per_client[(i // len(ports)) % len(self.clients)].append(spec)
+        recording = self.profile(profile_label) if profile_label else None
+        server_cpu = self.stack.server_cpu()
+        wall = time.monotonic()
+        results = self.clients.call(
+            [
+                {"op": "connect", "sockets": specs, "concurrency": CONNECT_CONCURRENCY}
+                for specs in per_client
+            ]
+        )
+        seconds = time.monotonic() - wall
+        server_cpu = self.stack.server_cpu() - server_cpu
+        samples = recording.finish() if recording else None
+        connected = sum(r["connected"] for r in results)
+        # A room's expected deliveries count the sockets that did join it.
+        for result in results:
+            for room, count in result["rooms"].items():
+                self.members[room] = self.members.get(room, 0) + count
+        failures = [f for r in results for f in r["failures"]]
+        extra = {"profile": samples} if samples else {}
+        return {
+            **extra,
+            "sockets": len(sockets),
+            "connected": connected,
+            "failed": sum(r["failed"] for r in results),
+            "failures": failures[:3],
+            "seconds": round(seconds, 2),
+            "per_second": round(connected / seconds, 1) if seconds else None,
+            "server_cpu_share": round(server_cpu / max(seconds, 1e-9), 3),
+            "server_ms_per_socket": round(server_cpu / max(connected, 1) * 1e3, 2),
+            "client_cpu_share": round(
+                max(r["cpu"] / max(r["seconds"], 1e-9) for r in results), 3
+            ),
+        }
+
+    def settle(self, timeout=60.0):
+        return self.stack.settle(timeout=timeout)
+
+    def step(self, *, mode, duration, rate=0.0, window=0, label=""):
+        """Run one measured step on every client process; return its figures."""
+        self.steps += 1
+        step = self.steps
+        # What is not acknowledged or delivered this long after the step counts
+        # as unacknowledged or lost.
+        drain = min(10.0, max(3.0, duration))
+        watch = CoreWatch(self.stack, self.server_cpus) if self.server_cpus else None
+        waited = time.monotonic()
+        if watch is not None:
+            watch.wait_quiet(NOISY_SHARE, QUIET_WAIT)
+        waited = time.monotonic() - waited
+        start = time.monotonic() + 0.3
+        command = {
+            "op": "run",
+            "step": step,
+            "tag": f"{label}{step}",
+            "start": start,
+            "duration": duration,
+            "mode": mode,
+            "rate": rate,
+            "window": window,
+            "drain": drain,
+        }
+        count = len(self.clients)
+        self.clients.send([{**command, "phase": i / count} for i in range(count)])
+        time.sleep(max(0.0, start - time.monotonic()))
+        server0, redis0 = self.stack.server_cpu(), self.stack.redis_cpu()
+        postgres0 = postgres_cpu_seconds() if self.stack.postgres else None
+        cores0 = core_busy_seconds()
+        recording = self.profile(f"step{step}")
+        if watch is not None:
+            watch.tick()
+            watch.shares.clear()
+        while (left := start + duration - time.monotonic()) > 0:
+            time.sleep(min(0.5, left))
+            if watch is not None:
+                watch.tick()
+        server_cpu = self.stack.server_cpu() - server0
+        redis_cpu = self.stack.redis_cpu() - redis0
+        cores = {c: t - cores0.get(c, 0.0) for c, t in core_busy_seconds().items()}
+        if postgres0 is not None:
+            postgres_cpu = postgres_cpu_seconds() - postgres0
+            redis_cpu_and_db = redis_cpu + postgres_cpu
+        else:
+            postgres_cpu, redis_cpu_and_db = None, redis_cpu
+        samples = recording.finish() if recording else None
+        runs = self.clients.receive()
+        expected = self._expected(runs)
+        self._drain(step, expected, timeout=drain)
+        collected = self.clients.call_all(op="collect", step=step)
+        figures = self._figures(
+            runs, collected, expected, duration, server_cpu, redis_cpu, rate, mode
+        )
+        figures.update(
+            self._machine(cores, runs, server_cpu + redis_cpu_and_db, duration)
+        )
+        if postgres_cpu is not None:
+            figures["postgres_cpu_share"] = round(postgres_cpu / duration, 3)
+        figures.update(noise(watch, waited))
+        if samples:
+            figures["profile"] = samples
+        return figures
+
+    def _machine(self, cores, runs, ours, duration):
+        """How busy each core was, and how much of it was not this benchmark.
+
+        Other sessions' test suites may share the machine; their CPU shows here
+        (and so does PostgreSQL's, which runs on any core).
+        """
+        clients = sum(r["cpu"] for r in runs)
+        other = max(0.0, sum(cores.values()) - ours - clients) / duration
+        return {
+            "core_busy_share": {
+                c: round(t / duration, 3) for c, t in sorted(cores.items())
+            },
+            "other_cpu_share": round(other, 3),
+        }
+
+    def profile(self, label):
+        """Start sampling the first server with py-spy, if ``--profile`` asked."""
+        if self.options.profile is None:
+            return None
+        name = f"{self.target.name}-{self.name}-{label}.txt"
+        return profile.Recording(self.stack.servers[0].pid, self.options.profile / name)
+
+    def _expected(self, runs):
+        acked = {}
+        for run in runs:
+            for room, count in run["acked"].items():
+                acked[room] = acked.get(room, 0) + count
+        return sum(count * self.members[room] for room, count in acked.items())
+
+    def _drain(self, step, expected, timeout, quiet=1.5):
+        """Wait until every expected delivery arrived or nothing moves any more."""
+        deadline = time.monotonic() + timeout
+        last, last_change = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            received = sum(
+                r["received"] for r in self.clients.call_all(op="count", step=step)
+            )
+            if received >= expected:
+                return
+            if received != last:
+                last, last_change = received, time.monotonic()
+            elif time.monotonic() - last_change > quiet:
+                return
+            time.sleep(0.1)
+
+    def _figures(
+        self, runs, collected, expected, duration, server_cpu, redis_cpu, rate, mode
+    ):
+        latencies = array("q")
+        ack_latencies = array("q")
+        for c in collected:
+            latencies.frombytes(c["latencies"])
+            ack_latencies.frombytes(c["ack_latencies"])
+        latencies = sorted(latencies)
+        ack_latencies = sorted(ack_latencies)
+        delivered = len(latencies)
+        sent = sum(sum(r["sent"].values()) for r in runs)
+        acked = sum(sum(r["acked"].values()) for r in runs)
+        client_shares = [r["cpu"] / max(r["wall"], 1e-9) for r in runs]
+        client_total = sum(r["cpu"] for r in runs) / max(duration, 1e-9)
+        late_sends = sum(r["late_sends"] for r in runs)
+        saturated = max(client_shares) > CLIENT_SATURATED or (
+            client_total > CLIENT_SATURATED * self.client_cores
+        )
+        # Sends far behind their schedule mean the offered rate was not offered.
+        behind = mode == "rate" and late_sends > LATE_SHARE * max(sent, 1)
+        errors = {}
+        for c in collected:
+            for code, count in c["errors"].items():
+                errors[code] = errors.get(code, 0) + count
+        p99 = ms(percentile(latencies, 0.99))
+        lost = max(0, expected - delivered)
+        unacked = sum(r["unacked"] for r in runs) if self.target.acknowledges else 0
+        dropped = sum(c["dropped"] for c in collected)
+        return {
+            "mode": mode,
+            "offered_msgs_per_s": rate,
+            "seconds": duration,
+            "sent": sent,
+            "acked": acked,
+            "unacked": unacked,
+            "acked_per_s": round(sum(r["acked_in_window"] for r in runs) / duration, 1),
+            "expected_deliveries": expected,
+            "delivered": delivered,
+            "lost": lost,
+            "extra": max(0, delivered - expected),
+            "deliveries_per_s": round(delivered / duration, 1),
+            "p50_ms": ms(percentile(latencies, 0.50)),
+            "p99_ms": p99,
+            "max_ms": ms(latencies[-1] if latencies else None),
+            "ack_p50_ms": ms(percentile(ack_latencies, 0.50)),
+            "ack_p99_ms": ms(percentile(ack_latencies, 0.99)),
+            "server_cpu_share": round(server_cpu / duration, 3),
+            "redis_cpu_share": round(redis_cpu / duration, 3),
+            "server_us_per_delivery": (
+                round(server_cpu / delivered * 1e6, 1) if delivered else None
+            ),
+            "client_cpu_share": round(max(client_shares), 3),
+            "client_cpu_total": round(client_total, 3),
+            "late_sends": late_sends,
+            "max_send_lateness_ms": round(max(r["max_lateness_ms"] for r in runs), 1),
+            "client_limited": saturated or behind,
+            "dropped_sockets": dropped,
+            "error_frames": errors,
+            "passed": (
+                p99 is not None
+                and p99 < P99_LIMIT_MS
+                and lost == 0
+                and unacked == 0
+                and dropped == 0
+            ),
+        }
+
+
+def noise(watch, waited):
+    """Figures on how much other processes disturbed a step."""
+    if watch is None or not watch.shares:
+        return {"noisy": False}
+    mean = sum(watch.shares) / len(watch.shares)
+    peak = max(watch.shares)
+    return {
+        "other_on_server_cores": round(mean, 3),
+        "other_on_server_cores_peak": round(peak, 3),
+        "waited_for_quiet_s": round(waited, 1),
+        "noisy": mean > NOISY_SHARE or peak > NOISY_PEAK,
+    }
+
+
+def log(message):
+    print(message, flush=True, file=sys.stderr)
+
+
+def step_line(name, figures):
+    return (
+        f"  {name}: offered {figures['offered_msgs_per_s']:g} msg/s, "
+        f"{figures['deliveries_per_s']:,.0f} deliveries/s, "
+        f"p50 {figures['p50_ms']} ms, p99 {figures['p99_ms']} ms, "
+        f"lost {figures['lost']}, unacked {figures['unacked']}, "
+        f"server cpu {figures['server_cpu_share']:.0%}, "
+        f"client cpu {figures['client_cpu_share']:.0%}, "
+        f"others on server core {figures.get('other_on_server_cores', 0):.0%}"
+        f"{' NOISY' if figures['noisy'] else ''}"
+        f"{' CLIENT-LIMITED' if figures['client_limited'] else ''}"
+        f" -> {'pass' if figures['passed'] else 'FAIL'}"
+    )
+
+
+def fanout_step_seconds(durations, rate):
+    shortest = durations.fanout_step
+    return min(3 * shortest, max(shortest, FANOUT_MIN_MESSAGES / rate))
+
+
+def fanout_step(session, receivers, senders, rate, steps):
+    """Offer ``rate`` msgs/s to the room; a noisy failure is run again."""
+    for _ in range(1 + NOISY_RETRIES):
+        session.settle(timeout=15)
+        figures = session.step(
+            mode="rate",
+            duration=fanout_step_seconds(session.options.durations, rate),
+            rate=rate / senders,
+            label=f"f{receivers}-",
+        )
+        figures["offered_msgs_per_s"] = round(rate, 2)
+        steps.append(figures)
+        log(step_line(f"fan-out {receivers}", figures))
+        if figures["passed"] or not figures["noisy"]:
+            break
+    return figures
+
+
+def fanout(session, receivers):
+    """One room, ``receivers`` members, 4 of them senders, offered rate doubling."""
+    room = f"fan{receivers}"
+    senders = min(FANOUT_SENDERS, receivers)
+    connect = session.connect([(room, i, i < senders) for i in range(receivers)])
+    log(f"  connected {connect['connected']}/{receivers} in {connect['seconds']}s")
+    session.settle()
+    # At least 1 msg/s: a slower step would hold too few messages for a p99.
+    rate = max(1.0, session.options.durations.fanout_start / receivers)
+    steps, best, failed = [], None, None
+    while rate * receivers <= MAX_DELIVERIES_PER_SECOND:
+        figures = fanout_step(session, receivers, senders, rate, steps)
+        if not figures["passed"]:
+            failed = figures
+            break
+        best = figures
+        if figures["client_limited"]:
+            break
+        rate *= 2
+    if session.options.durations.refine and best is not None and failed is not None:
+        # One more step halfway (geometrically) between the last pass and the fail.
+        rate = best["offered_msgs_per_s"] * math.sqrt(2)
+        figures = fanout_step(session, receivers, senders, rate, steps)
+        if figures["passed"]:
+            best = figures
+    return {
+        "receivers": receivers,
+        "senders": senders,
+        "connect": connect,
+        "steps": steps,
+        "best": best,
+        "first_failure": failed,
+        "first_step": steps[0] if steps else None,
+        "client_limited": any(s["client_limited"] for s in steps),
+    }
+
+
+def rooms(session):
+    """250 rooms of 4 members, every member sending 1 msg/s."""
+    sockets = [
+        (f"r{k:03d}", k * ROOM_MEMBERS + m, True)
+        for k in range(ROOMS)
+        for m in range(ROOM_MEMBERS)
+    ]
+    connect = session.connect(sockets)
+    log(f"  connected {connect['connected']}/{len(sockets)} in {connect['seconds']}s")
+    session.settle()
+    figures = session.step(
+        mode="rate", duration=session.options.durations.rooms, rate=1.0, label="r"
+    )
+    log(step_line("many rooms", figures))
+    return {
+        "rooms": ROOMS,
+        "members": ROOM_MEMBERS,
+        "acknowledged": session.target.acknowledges,
+        "connect": connect,
+        **figures,
+    }
+
+
+def idle(session):
+    """Idle sockets, each joined to a room of 4: memory per socket, connect rate."""
+    count = session.options.durations.idle_sockets
+    sockets = [(f"idle{i // IDLE_PER_ROOM:04d}", i, False) for i in range(count)]
+    warm, rest = sockets[:IDLE_WARM_SOCKETS], sockets[IDLE_WARM_SOCKETS:]
+    # The first sockets pay for imports, pools and caches; measure after them.
+    session.connect(warm)
+    session.settle()
+    rss_before = session.stack.server_rss_kib()
+    redis_before = session.stack.redis_rss_kib()
+    connect = session.connect(rest, profile_label="connect")
+    log(f"  connected {connect['connected']}/{len(rest)} in {connect['seconds']}s")
+    session.settle()
+    time.sleep(1.0)
+    rss_after = session.stack.server_rss_kib()
+    redis_after = session.stack.redis_rss_kib()
+    measured = max(connect["connected"], 1)
+    return {
+        "sockets": count,
+        "measured_sockets": len(rest),
+        "connect": connect,
+        "connects_per_s": connect["per_second"],
+        "server_rss_kib_before": rss_before,
+        "server_rss_kib_after": rss_after,
+        "kib_per_socket": round((sum(rss_after) - sum(rss_before)) / measured, 2),
+        "redis_kib_per_socket": round((redis_after - redis_before) / measured, 2),
+        "client_cpu_share": connect["client_cpu_share"],
+        "client_limited": connect["client_cpu_share"] > CLIENT_SATURATED,
+    }
+
+
+def persist(session):
+    """One busy room: 10 senders, each keeping 20 sends unacknowledged."""
+    if not session.target.acknowledges:
+        return {
+            "skipped": "the tutorial consumer stores nothing and acknowledges nothing"
+        }
+    sockets = [("persist", i, True) for i in range(PERSIST_SENDERS)]
+    connect = session.connect(sockets)
+    session.settle()
+    figures = session.step(
+        mode="window",
+        duration=session.options.durations.persist,
+        window=PERSIST_WINDOW,
+        label="p",
+    )
+    log(
+        f"  persist: {figures['acked_per_s']:,.0f} acked msgs/s, ack p50 "
+        f"{figures['ack_p50_ms']} ms, p99 {figures['ack_p99_ms']} ms, lost "
+        f"{figures['lost']}, server cpu {figures['server_cpu_share']:.0%}"
+    )
+    return {
+        "senders": PERSIST_SENDERS,
+        "window": PERSIST_WINDOW,
+        "connect": connect,
+        **figures,
+    }
+
+
+SCENARIOS = {
+    "fanout100": lambda session: fanout(session, 100),
+    "fanout1000": lambda session: fanout(session, 1000),
+    "rooms": rooms,
+    "idle": idle,
+    "persist": persist,
+}
+
+
+def run_scenario(name, target, options, layout):
+    log(f"{target.name}: {name}")
+    began = time.monotonic()
+    with Session(name, target, options, layout) as session:
+        result = SCENARIOS[name](session)
+    result["server_health"] = session.health
+    result["elapsed_s"] = round(time.monotonic() - began, 1)
+    health = session.health
+    if health["dead"] or health["errors"] or health.get("teardown_errors"):
+        log(f"  server trouble: {health}")
+    return result
