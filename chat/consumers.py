@@ -1,5 +1,6 @@
 """The WebSocket interface at ``/ws/``: decode a frame, call a service, reply."""
 
+import asyncio
 import itertools
 import logging
 import time
@@ -19,6 +20,8 @@ logger = logging.getLogger(__name__)
 # Connection ids are unique across processes: the process id and a counter.
 _counter = itertools.count(1)
 MAX_DEVICE_CHARS = 64
+# Sends of one socket waiting for their commit before it stops reading frames.
+MAX_SENDS_IN_FLIGHT = 64
 
 db = database_sync_to_async
 
@@ -66,6 +69,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.auth = "token" if self.token_id is not None else "session"
         self.device = self._device_from_query()
         self.rooms = {}  # slug -> Room this socket joined
+        self.sends_in_flight = set()
         self.last_seen = time.monotonic()
         subprotocol = choose_subprotocol(self.scope.get("subprotocols", []))
         self.binary = subprotocol == protocol.SUBPROTOCOL_BINARY
@@ -279,10 +283,32 @@ class ChatConsumer(AsyncWebsocketConsumer):
         request = services.SendRequest(
             room, self.user, frame["body"], frame["client_msg_id"]
         )
-        message, _ = await writer.get_writer().submit(request)
-        await self.send_frame(
-            protocol.ack(ref=frame.ref, room_slug=message.room.slug, message=message)
-        )
+        # Queue the send and read the next frame at once: a client that sends
+        # several messages without waiting gets them stored in one transaction
+        # (in its order) instead of one transaction each. The ack follows the
+        # commit.
+        stored = writer.get_writer().enqueue(request)
+        task = asyncio.ensure_future(self._ack_when_stored(stored, frame.ref))
+        self.sends_in_flight.add(task)
+        task.add_done_callback(self.sends_in_flight.discard)
+        if len(self.sends_in_flight) >= MAX_SENDS_IN_FLIGHT:
+            await asyncio.wait(
+                self.sends_in_flight, return_when=asyncio.FIRST_COMPLETED
+            )
+
+    async def _ack_when_stored(self, stored, ref):
+        try:
+            result = await stored
+            if isinstance(result, ChatError):
+                await self.send_frame(protocol.error_from(result, ref=ref))
+                return
+            message, _ = result
+            await self.send_frame(
+                protocol.ack(ref=ref, room_slug=message.room.slug, message=message)
+            )
+        except Exception:
+            logger.exception("storing a send from %s failed", self.connection_id)
+            await self.close_with(protocol.CLOSE_SERVER_ERROR, "server error")
 
     async def on_dm(self, frame):
         message, _ = await db(services.direct_message_create)(

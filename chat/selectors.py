@@ -1,5 +1,7 @@
 """Reads: rooms a user may see, history, recovery, token lookup."""
 
+from datetime import timedelta
+
 from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
 from django.db.models import Q
@@ -111,6 +113,9 @@ def messages_since(*, room, since):
     return _payloads(room, messages), complete
 
 
+TOKEN_USE_RESOLUTION = timedelta(minutes=1)
+
+
 def token_get_active(*, key):
     """The active API token with raw ``key`` (its user loaded), or None."""
     token = (
@@ -120,7 +125,13 @@ def token_get_active(*, key):
         .first()
     )
     if token is not None:
-        ApiToken.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
+        now = timezone.now()
+        # At most one write a minute per token, not one per handshake.
+        if (
+            token.last_used_at is None
+            or now - token.last_used_at > TOKEN_USE_RESOLUTION
+        ):
+            ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
     return token
 
 

@@ -25,14 +25,21 @@ class MessageWriter:
         self.pending = []
         self.task = None
 
-    async def submit(self, request):
-        """Store ``request`` (a ``services.SendRequest``); return (message, created)."""
+    def enqueue(self, request):
+        """Queue ``request`` (a ``services.SendRequest``) now, in arrival order.
+
+        The future resolves, after commit, to (message, created) or a ChatError.
+        """
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.pending.append((request, future))
         if self.task is None or self.task.done():
             self.task = loop.create_task(self._drain())
-        result = await future
+        return future
+
+    async def submit(self, request):
+        """Store ``request``; return (message, created) or raise its ChatError."""
+        result = await self.enqueue(request)
         if isinstance(result, ChatError):
             raise result
         return result
