@@ -139,18 +139,33 @@ class Hub:
     async def deliver(self, event):
         """Hand a layer event to the matching local sockets.
 
-        ``exclude_user`` skips a user's sockets; ``match`` narrows the group to
-        the sockets whose attributes match (see ``ChatConsumer.matches``). An
-        event with ``text`` is a frame to send; one with ``control`` is an
-        order for the socket itself (close, leave a room).
+        ``multi`` carries (group, frames) pairs for many groups at once. Else
+        ``exclude_user`` skips a user's sockets and ``match`` narrows the group
+        to the sockets whose attributes match (see ``ChatConsumer.matches``);
+        ``text`` is a frame to send, ``control`` an order for the socket itself
+        (close, leave a room).
         """
+        if "multi" in event:
+            for group, batch in event["multi"]:
+                await self._deliver_frames(group, batch)
+            return
+        await self._deliver_one(event)
+
+    async def _deliver_frames(self, group, batch):
+        members = self.members.get(group)
+        if not members:
+            return
+        frames = [protocol.Encoded(kind, text) for kind, text in batch]
+        for connection in list(members):
+            for encoded in frames:
+                await connection.deliver(encoded)
+
+    async def _deliver_one(self, event):
         exclude_user = event.get("exclude_user")
         match = event.get("match")
         frames = None
         if "text" in event:
             frames = [protocol.Encoded(event["frame_type"], event["text"])]
-        elif "batch" in event:
-            frames = [protocol.Encoded(kind, text) for kind, text in event["batch"]]
         for connection in list(self.members.get(event["group"], ())):
             if exclude_user is not None and connection.user_id == exclude_user:
                 continue
@@ -228,23 +243,20 @@ def _layer_slot():
 
 
 async def publish_many(broadcasts):
-    """Send several (groups, frames) broadcasts; each group's frames in one message."""
-    layer = get_channel_layer()
-    async with _layer_slot():
-        await _publish_many(layer, broadcasts)
+    """Send several (groups, frames) broadcasts as a single layer message.
 
-
-async def _publish_many(layer, broadcasts):
+    The message goes to every process with live sockets (the ``everyone``
+    group), and each hub hands each group's frames to its own members of that
+    group. One store batch touching many rooms then costs one layer round trip,
+    not one per room.
+    """
+    parts = []
     for groups, frames in broadcasts:
-        encoded = [protocol.encode(frame) for frame in frames]
-        event = {
-            "type": "hub.frame",
-            "batch": [(e.type, e.text) for e in encoded],
-            "exclude_user": None,
-            "match": None,
-        }
-        for group in groups:
-            await layer.group_send(group, {**event, "group": group})
+        batch = [(e.type, e.text) for e in map(protocol.encode, frames)]
+        parts.extend((group, batch) for group in groups)
+    event = {"type": "hub.frame", "multi": parts}
+    async with _layer_slot():
+        await get_channel_layer().group_send(EVERYONE_GROUP, {**event, "group": None})
 
 
 def publish_many_sync(broadcasts):
