@@ -12,6 +12,7 @@ import sys
 import time
 from array import array
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench import loadgen, profile
 from bench.stack import CoreWatch, Stack, core_busy_seconds, postgres_cpu_seconds
@@ -192,7 +193,11 @@ class Session:
             self.health["teardown_errors"] = after["errors"] - self.health["errors"]
             self.health["teardown_kinds"] = after["kinds"]
         self.stack.stop()
-        self.health["logs"] = self.stack.clean_logs(keep=self._troubled())
+        kept = self.stack.clean_logs(keep=self._troubled())
+        for path in kept:
+            log(f"kept the log of a troubled run: {path}")
+        # File names only: the results are committed, the machine's paths are not.
+        self.health["logs"] = [Path(path).name for path in kept]
 
     def _troubled(self):
         health = self.health

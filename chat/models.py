@@ -159,12 +159,41 @@ class SanctionQuerySet(models.QuerySet):
         )
 
 
-class Ban(models.Model):
-    """Keeps a user out of the whole site (no room) or out of one room."""
+class Sanction(models.Model):
+    """What bans and mutes share: who, why, until when, set by whom."""
 
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="chat_bans"
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="chat_%(class)ss",
     )
+    reason = models.CharField(max_length=200)
+    expires_at = models.DateTimeField(
+        null=True, blank=True, help_text="Leave empty for no end."
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    objects = SanctionQuerySet.as_manager()
+
+    class Meta:
+        abstract = True
+        ordering = ["-created_at"]
+
+    @property
+    def is_active(self):
+        return self.expires_at is None or self.expires_at > timezone.now()
+
+
+class Ban(Sanction):
+    """Keeps a user out of the whole site (no room) or out of one room."""
+
     room = models.ForeignKey(
         Room,
         null=True,
@@ -173,64 +202,25 @@ class Ban(models.Model):
         related_name="bans",
         help_text="Leave empty for a site-wide ban.",
     )
-    reason = models.CharField(max_length=200)
-    expires_at = models.DateTimeField(
-        null=True, blank=True, help_text="Leave empty for a ban without end."
-    )
-    created_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL,
-        null=True,
-        blank=True,
-        on_delete=models.SET_NULL,
-        related_name="+",
-    )
-    created_at = models.DateTimeField(default=timezone.now, editable=False)
 
-    objects = SanctionQuerySet.as_manager()
-
-    class Meta:
-        ordering = ["-created_at"]
+    class Meta(Sanction.Meta):
+        pass
 
     def __str__(self):
         where = f"room {self.room}" if self.room_id else "site"
         return f"{self.user} banned from {where}"
 
-    @property
-    def is_active(self):
-        return self.expires_at is None or self.expires_at > timezone.now()
 
-
-class Mute(models.Model):
+class Mute(Sanction):
     """Keeps a user from sending in one room; they can still read it."""
 
-    user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="chat_mutes"
-    )
     room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="mutes")
-    reason = models.CharField(max_length=200)
-    expires_at = models.DateTimeField(
-        null=True, blank=True, help_text="Leave empty for a mute without end."
-    )
-    created_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL,
-        null=True,
-        blank=True,
-        on_delete=models.SET_NULL,
-        related_name="+",
-    )
-    created_at = models.DateTimeField(default=timezone.now, editable=False)
 
-    objects = SanctionQuerySet.as_manager()
-
-    class Meta:
-        ordering = ["-created_at"]
+    class Meta(Sanction.Meta):
+        pass
 
     def __str__(self):
         return f"{self.user} muted in {self.room}"
-
-    @property
-    def is_active(self):
-        return self.expires_at is None or self.expires_at > timezone.now()
 
 
 class ModerationAction(models.Model):

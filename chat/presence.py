@@ -21,7 +21,7 @@ import weakref
 
 from django.conf import settings
 
-from chat import fanout, protocol
+from chat import fanout, protocol, serving
 
 logger = logging.getLogger(__name__)
 
@@ -419,27 +419,6 @@ async def live_count(*, user_id=None, room_id=None, connection_id=None):
     )
 
 
-_keepers = {}
-
-
-def start_keeper(hub):
-    """Start this process's presence keeper once per event loop."""
-    loop = asyncio.get_running_loop()
-    task = _keepers.get(loop)
-    if task is None or task.done():
-        _keepers[loop] = loop.create_task(_keep_forever(hub))
-
-
-async def stop_keeper():
-    task = _keepers.pop(asyncio.get_running_loop(), None)
-    if task is not None:
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-
-
 async def _keep_forever(hub):
     interval = max(settings.CHAT_HEARTBEAT / 3, 0.2)
     ticks = 0
@@ -454,6 +433,12 @@ async def _keep_forever(hub):
             raise
         except Exception:
             logger.exception("presence keeper failed; retrying")
+
+
+# This process's presence keeper, once per event loop.
+keeper = serving.BackgroundTask(_keep_forever)
+start_keeper = keeper.start
+stop_keeper = keeper.stop
 
 
 async def keep_once(hub):

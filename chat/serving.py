@@ -14,6 +14,7 @@ import gc
 import logging
 import signal
 import time
+import weakref
 
 from django.conf import settings
 
@@ -23,25 +24,28 @@ logger = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_SECONDS = 1.0
 
-_watchers = {}
 
+class BackgroundTask:
+    """A coroutine run once per event loop: started on demand, stopped by tests."""
 
-def start_idle_watch(hub):
-    """Close this process's idle sockets, checking every third of a heartbeat."""
-    loop = asyncio.get_running_loop()
-    task = _watchers.get(loop)
-    if task is None or task.done():
-        _watchers[loop] = loop.create_task(_watch_idle_forever(hub))
+    def __init__(self, coroutine_function):
+        self.coroutine_function = coroutine_function
+        self.tasks = weakref.WeakKeyDictionary()
 
+    def start(self, *args):
+        loop = asyncio.get_running_loop()
+        task = self.tasks.get(loop)
+        if task is None or task.done():
+            self.tasks[loop] = loop.create_task(self.coroutine_function(*args))
 
-async def stop_idle_watch():
-    task = _watchers.pop(asyncio.get_running_loop(), None)
-    if task is not None:
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
+    async def stop(self):
+        task = self.tasks.pop(asyncio.get_running_loop(), None)
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
 
 
 async def _watch_idle_forever(hub):
@@ -51,6 +55,12 @@ async def _watch_idle_forever(hub):
             await close_idle(hub)
         except Exception:
             logger.exception("idle check failed; retrying")
+
+
+# Close this process's idle sockets, checking every third of a heartbeat.
+idle_watch = BackgroundTask(_watch_idle_forever)
+start_idle_watch = idle_watch.start
+stop_idle_watch = idle_watch.stop
 
 
 async def close_idle(hub, now=None):
