@@ -34,6 +34,21 @@ def make_user(db):
 
 
 @pytest.fixture
+async def alice(make_user):
+    return await sync_to_async(make_user)("alice")
+
+
+@pytest.fixture
+async def bob(make_user):
+    return await sync_to_async(make_user)("bob")
+
+
+@pytest.fixture
+async def lobby():
+    return await sync_to_async(services.room_create)(slug="lobby", title="The Lobby")
+
+
+@pytest.fixture
 def token_for():
     def make(user):
         return services.api_token_create(user=user)[1]

@@ -15,21 +15,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 adb = sync_to_async
 
 
-@pytest.fixture
-async def alice(make_user):
-    return await adb(make_user)("alice")
-
-
-@pytest.fixture
-async def bob(make_user):
-    return await adb(make_user)("bob")
-
-
-@pytest.fixture
-async def lobby():
-    return await adb(services.room_create)(slug="lobby", title="The Lobby")
-
-
 async def send_message(client, body, msg_id, room="lobby"):
     """Send and return the ack, skipping the sender's own ``message`` echo."""
     await client.send(type="send", room=room, body=body, client_msg_id=msg_id)

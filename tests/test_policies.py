@@ -17,21 +17,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 adb = sync_to_async
 
 
-@pytest.fixture
-async def alice(make_user):
-    return await adb(make_user)("alice")
-
-
-@pytest.fixture
-async def bob(make_user):
-    return await adb(make_user)("bob")
-
-
-@pytest.fixture
-async def lobby():
-    return await adb(services.room_create)(slug="lobby", title="The Lobby")
-
-
 async def closed_with(client, timeout=3):
     output = await client.communicator.receive_output(timeout=timeout)
     client.connected = False
