@@ -122,7 +122,9 @@ class Hub:
     async def refresh_subscriptions(self):
         """Re-add every group before the layer's group expiry forgets it."""
         async with self._lock:
-            for group in list(self._subscribed):
+            # The groups that carry stored messages and orders come back first.
+            groups = sorted(self._subscribed, key=lambda g: g.startswith("room."))
+            for group in groups:
                 await self.layer.group_add(group, self.channel_name)
 
     async def _receive_forever(self):

@@ -545,6 +545,19 @@ async def test_concurrent_sends_through_two_processes_get_seqs_one_to_a_hundred(
 # The last tests restart the module's Redis; keep them at the end.
 
 
+async def until_typing_crosses(sender, receiver, username, room):
+    deadline = time.monotonic() + 3 * HEARTBEAT + 2
+    while True:
+        await sender.send(type="typing", room=room)
+        try:
+            frame = await asyncio.wait_for(receiver.recv(), 0.3)
+        except (AssertionError, TimeoutError):
+            assert time.monotonic() < deadline, f"{username}'s frames never crossed"
+            continue
+        assert frame == {"type": "typing", "room": room, "user": username}
+        return
+
+
 async def test_delivery_and_presence_work_again_after_redis_restarts(
     server_a, server_b, redis_server, open_client
 ):
@@ -558,17 +571,10 @@ async def test_delivery_and_presence_work_again_after_redis_restarts(
 
     redis_server.restart()  # an empty Redis: no groups, no presence entries
 
-    # Within a keeper round each process has put its state back.
-    deadline = time.monotonic() + 2 * HEARTBEAT
-    while True:
-        await alice.send(type="typing", room="phoenix")
-        try:
-            frame = await asyncio.wait_for(bob.recv(), 0.3)
-        except (AssertionError, TimeoutError):
-            assert time.monotonic() < deadline, "A's frames never reached B again"
-            continue
-        assert frame == {"type": "typing", "room": "phoenix", "user": "alice"}
-        break
+    # Within a keeper round or two each process has put its state back: wait
+    # until frames cross again both ways (each hub restores its own groups).
+    await until_typing_crosses(alice, bob, "alice", "phoenix")
+    await until_typing_crosses(bob, alice, "bob", "phoenix")
     await bob.send(type="send", room="phoenix", body="back", client_msg_id="p1")
     ack, own = sorted([await bob.recv(), await bob.recv()], key=lambda f: f["type"])
     expected = await stored_message("phoenix", 1)
