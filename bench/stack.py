@@ -9,7 +9,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,8 @@ import time
 from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
+
+from tests.ports import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -45,25 +46,6 @@ def raise_open_files_limit():
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port, process, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
 
 
 def cpu_seconds(pid):
@@ -207,7 +189,7 @@ class Process:
                 stderr=subprocess.STDOUT,
             )
         try:
-            wait_for_port(self.port, self.process)
+            wait_for_port(self.port, self.process, timeout=30.0)
         except RuntimeError as exc:
             raise RuntimeError(
                 f"{self.name} did not start: {exc}\n{self.log()}"
