@@ -8,6 +8,7 @@ from urllib.parse import parse_qs
 
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.utils import timezone
@@ -35,10 +36,6 @@ def choose_subprotocol(offered):
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
-    # No channel-layer channel per socket: the process's fan-out hub receives
-    # for all of them (see chat.fanout). An alias with no layer means none.
-    channel_layer_alias = "chat.sockets-use-the-hub"
-
     hub = None
     wire = None
     closing = False
@@ -52,14 +49,22 @@ class ChatConsumer(AsyncWebsocketConsumer):
             raise ValueError(f"No handler for message type {message['type']}")
         await handler(message)
 
+    async def __call__(self, scope, receive, send):
+        # One socket, one loop. Channels' version also waits on a channel-layer
+        # channel of the socket's own, through a task per socket; here the
+        # process's fan-out hub receives for every socket (see chat.fanout).
+        # chat.middleware has checked the user before this runs.
+        self.scope = scope
+        self.channel_layer = None
+        self.base_send = send
+        try:
+            while True:
+                await self.dispatch(await receive())
+        except StopConsumer:
+            pass
+
     async def connect(self):
-        user = self.scope.get("user")
-        if user is None or not user.is_authenticated:
-            await self.close()  # before accept: the handshake gets HTTP 403
-            return
-        if await db(selectors.site_ban_get_active)(user=user) is not None:
-            await self.close()
-            return
+        user = self.scope["user"]
         self.user = user
         self.user_id = user.pk
         self.username = user.get_username()
@@ -75,6 +80,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.binary = subprotocol == protocol.SUBPROTOCOL_BINARY
         await self.accept(subprotocol)
         self.wire = serving.daphne_wire(self.base_send)
+        if self.wire is not None:
+            serving.release_handshake(self.wire)
         self.hub = await fanout.get_hub()
         presence.start_keeper(self.hub)
         serving.start_idle_watch(self.hub)

@@ -82,14 +82,14 @@ def room_join(*, slug, user):
 
     Return the room and the user's read marker.
     """
-    room = selectors.room_get_readable(slug=slug, user=user)
-    membership = selectors.membership_get(room=room, user=user)
-    if membership is None:
+    room, read_seq = selectors.room_access_get(slug=slug, user=user)
+    if read_seq is None:
         try:
             membership = membership_add(room=room, user=user)
         except IntegrityError:
             membership = selectors.membership_get(room=room, user=user)
-    return room, membership.read_seq
+        read_seq = membership.read_seq
+    return room, read_seq
 
 
 def direct_room_get_or_create(*, user, other):

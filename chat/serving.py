@@ -138,17 +138,80 @@ def daphne_wire(send):
     Writing a frame prepared once straight to it skips, per socket, daphne's
     message checks, the UTF-8 encoding and the frame header building.
     """
-    for _ in range(5):
-        if isinstance(send, functools.partial):
-            owner = getattr(send.func, "__self__", None)
-            if type(owner).__module__ == "daphne.server" and send.args:
-                return send.args[0]
-            return None
-        # Channels' session middleware wraps send; the real one is beneath.
-        send = getattr(getattr(send, "__self__", None), "real_send", None)
-        if send is None:
-            return None
+    if isinstance(send, functools.partial) and send.args:
+        owner = getattr(send.func, "__self__", None)
+        if type(owner).__module__ == "daphne.server":
+            return send.args[0]
     return None
+
+
+# What daphne and autobahn keep of the HTTP upgrade request for a socket's whole
+# life, though nothing reads it once the socket is open.
+_HANDSHAKE_LEFTOVERS = (
+    "clean_headers",
+    "http_headers",
+    "http_request_data",
+    "http_response_data",
+    "http_status_line",
+    "http_request_uri",
+    "http_request_params",
+)
+_SCALARS = (type(None), bool, int, float, str, bytes)
+_MISSING = object()
+
+
+class _HandshakeRequest:
+    """All daphne reads of an open socket's request: its path, for logging."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path):
+        self.path = path
+
+
+def release_handshake(wire):
+    """Let go of what an open daphne socket keeps of its handshake, and compact it.
+
+    About 6 KiB per idle socket: the request's headers (three copies), the raw
+    request and response, and twisted's HTTP channel that did the upgrade, which
+    stays referenced as the socket's producer and by a 12-hour timeout call.
+    """
+    state = wire.__dict__
+    for name in _HANDSHAKE_LEFTOVERS:
+        state.pop(name, None)
+    request = state.get("request")
+    if request is not None:
+        wire.request = _HandshakeRequest(request.path)
+    transport = wire.transport
+    channel = getattr(transport, "producer", None)
+    if channel is not None and hasattr(channel, "setTimeout"):
+        channel.setTimeout(None)  # cancels the HTTP channel's pending timeout
+        transport.unregisterProducer()
+    _share_scalar_attributes(wire)
+
+
+def _share_scalar_attributes(instance):
+    """Move attributes every instance holds alike to the class, once.
+
+    Autobahn copies ~30 settings from its factory into every protocol and sets
+    ~40 flags and counters, nearly all the same for every open socket; a dict of
+    100+ keys per socket. A scalar equal to the class's value is left to the
+    class (an assignment later makes it the instance's again, as before); one
+    the class lacks becomes the class's, since every open socket has it.
+    """
+    cls = type(instance)
+    state = instance.__dict__
+    for name, value in list(state.items()):
+        if type(value) not in _SCALARS:
+            continue
+        shared = getattr(cls, name, _MISSING)
+        if shared is _MISSING:
+            setattr(cls, name, value)
+            shared = value
+        if type(shared) is type(value) and shared == value:
+            del state[name]
+    # A dict never shrinks: a copy is sized for what is left.
+    instance.__dict__ = dict(state)
 
 
 def prepared(encoded, binary):

@@ -10,22 +10,16 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatsite.settings")
 django_asgi_app = get_asgi_application()
 
-from channels.auth import AuthMiddlewareStack  # noqa: E402
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
-from chat.middleware import BrowserOriginValidator, TokenAuthMiddleware  # noqa: E402
-from chat.routing import websocket_urlpatterns  # noqa: E402
+from chat.consumers import ChatConsumer  # noqa: E402
+from chat.middleware import ChatApplication  # noqa: E402
 from chat.serving import patch_daphne_close, tune_gc  # noqa: E402
 
 patch_daphne_close()
 tune_gc()
 
-application = ProtocolTypeRouter(
-    {
-        "http": ASGIStaticFilesHandler(django_asgi_app),
-        "websocket": BrowserOriginValidator(
-            AuthMiddlewareStack(TokenAuthMiddleware(URLRouter(websocket_urlpatterns)))
-        ),
-    }
+application = ChatApplication(
+    http=ASGIStaticFilesHandler(django_asgi_app),
+    websocket=ChatConsumer.as_asgi(),
 )

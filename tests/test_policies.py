@@ -47,6 +47,17 @@ async def test_site_ban_closes_sockets_with_4403_and_refuses_handshakes(
     )
 
 
+async def test_site_ban_refuses_a_session_cookie_handshake(connect, alice, bob):
+    http = HttpClient()
+    await adb(http.force_login)(bob)
+    cookie = f"sessionid={http.cookies['sessionid'].value}".encode()
+    before = await connect(path="/ws/", headers=[(b"cookie", cookie)])
+    assert before.connected is True
+    await adb(services.user_ban)(user=bob, reason="spamming", actor=alice)
+    after = await connect(path="/ws/", headers=[(b"cookie", cookie)])
+    assert after.connected is False
+
+
 async def test_expired_site_ban_lets_the_user_in(connect, bob):
     past = timezone.now() - timedelta(minutes=1)
     await adb(services.user_ban)(user=bob, reason="old", expires_at=past)

@@ -2,19 +2,16 @@
 
 import functools
 
-from channels.sessions import InstanceSessionWrapper
 from daphne.server import Server
 
 from chat import protocol, serving
 
 
-def test_daphne_wire_is_found_behind_the_session_middleware():
+def test_daphne_wire_is_the_protocol_behind_daphnes_send():
     server = Server.__new__(Server)
     wire = object()
     send = functools.partial(server.handle_reply, wire)
     assert serving.daphne_wire(send) is wire
-    wrapped = InstanceSessionWrapper({"cookies": {}}, send)
-    assert serving.daphne_wire(wrapped.send) is wire
 
 
 def test_no_daphne_wire_under_another_server():
@@ -87,3 +84,71 @@ def test_prepared_frame_queues_behind_pending_data():
         pass  # nothing was sent around Twisted's queue
     ours.close()
     theirs.close()
+
+
+class FakeHttpChannel:
+    """Twisted's HTTP channel that did the upgrade: a producer with a timeout."""
+
+    timeout = 43200
+
+    def setTimeout(self, period):
+        self.timeout = period
+
+
+class FakeRequest:
+    path = "/ws/"
+    headers = {"cookie": "sessionid=secret"}
+
+
+class FakeProducerTransport:
+    def __init__(self, producer):
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.producer = None
+
+
+class FakeOpenSocket:
+    """An open daphne socket's protocol, as far as ``release_handshake`` goes."""
+
+    STATE_OPEN = 3
+    state = 3
+
+    def __init__(self, channel):
+        self.transport = FakeProducerTransport(channel)
+        self.request = FakeRequest()
+        self.clean_headers = [(b"cookie", b"sessionid=secret")]
+        self.http_request_data = b"GET /ws/ HTTP/1.1\r\n..."
+        self.http_headers = {"cookie": "sessionid=secret"}
+        self.state = 3
+        self.autoPingInterval = 0
+        self.closedByMe = False
+        self.utf8validator = object()
+
+
+def test_release_handshake_drops_the_upgrade_request_and_the_http_channel():
+    channel = FakeHttpChannel()
+    wire = FakeOpenSocket(channel)
+    serving.release_handshake(wire)
+    state = vars(wire)
+    for name in ("clean_headers", "http_request_data", "http_headers"):
+        assert name not in state
+    assert wire.request.path == "/ws/"
+    assert not hasattr(wire.request, "headers")
+    assert channel.timeout is None
+    assert wire.transport.producer is None
+
+
+def test_scalars_alike_for_every_socket_move_to_the_class():
+    first, second = FakeOpenSocket(FakeHttpChannel()), FakeOpenSocket(FakeHttpChannel())
+    second.closedByMe = True
+    serving.release_handshake(first)
+    serving.release_handshake(second)
+    # Equal to the class's value (state) or made the class's by the first
+    # socket (autoPingInterval, closedByMe): left to the class.
+    assert set(vars(first)) == {"transport", "request", "utf8validator"}
+    assert (first.state, first.autoPingInterval, first.closedByMe) == (3, 0, False)
+    # A value of its own stays the socket's; assigning one later works as before.
+    assert vars(second)["closedByMe"] is True
+    first.state = 5
+    assert (first.state, second.state, FakeOpenSocket.state) == (5, 3, 3)
