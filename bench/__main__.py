@@ -24,6 +24,7 @@ from pathlib import Path
 from bench import profile, report, scenarios
 from bench.stack import (
     ROOT,
+    SERVERS,
     Database,
     baseline_env,
     chatsite_env,
@@ -38,7 +39,13 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--servers", type=int, default=2, help="daphne processes (2)")
+    parser.add_argument("--servers", type=int, default=2, help="server processes (2)")
+    parser.add_argument(
+        "--server",
+        choices=SERVERS,
+        default="daphne",
+        help="the ASGI server (daphne; uvicorn needs requirements-bench.txt)",
+    )
     parser.add_argument("--clients", type=int, default=2, help="client processes (2)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
@@ -91,7 +98,14 @@ def seed_spec(durations):
 
 def versions():
     names = ["Django", "channels", "channels-redis", "daphne", "redis", "picows"]
-    return {name: metadata.version(name) for name in names}
+    names += ["uvicorn", "uvloop"]
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def git_commit():
@@ -146,6 +160,7 @@ def main(argv=None):
             "commit": git_commit(),
             "quick": options.quick,
             "servers": options.servers,
+            "server": options.server,
             "client_processes": options.clients,
             "database": database.vendor,
             "server_cpus": server_cpus,

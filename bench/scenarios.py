@@ -171,6 +171,7 @@ class Session:
             count=options.servers,
             cpus=self.server_cpus,
             postgres=target.postgres,
+            kind=options.server,
         )
         self.clients = None
         self.members = {}  # room -> connected sockets

@@ -245,17 +245,28 @@ def redis_server(cpus):
     return process
 
 
-def daphne_server(index, asgi_app, env, cpus):
+SERVERS = ("daphne", "uvicorn")
+
+
+def asgi_server(kind, index, asgi_app, env, cpus):
+    """One ASGI server process: daphne, or uvicorn (uvloop, httptools, websockets)."""
     port = free_port()
-    command = [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
-    command += ["--verbosity", "0", asgi_app]
-    return Process(f"daphne{index}", pinned(command, cpus), env=env, port=port)
+    if kind == "daphne":
+        command = [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
+        command += ["--verbosity", "0", asgi_app]
+    else:
+        command = [PYTHON, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port)]
+        command += ["--loop", "uvloop", "--http", "httptools"]
+        command += ["--ws", "websockets-sansio", "--log-level", "warning"]
+        command += ["--no-access-log", "--lifespan", "off", asgi_app]
+    return Process(f"{kind}{index}", pinned(command, cpus), env=env, port=port)
 
 
 class Stack:
-    """One redis-server and ``count`` daphne processes serving ``asgi_app``."""
+    """One redis-server and ``count`` ASGI server processes serving ``asgi_app``."""
 
-    def __init__(self, *, asgi_app, env, count, cpus, postgres=False):
+    def __init__(self, *, asgi_app, env, count, cpus, postgres=False, kind="daphne"):
+        self.kind = kind
         self.asgi_app = asgi_app
         self.postgres = postgres
         self.base_env = env
@@ -272,7 +283,8 @@ class Stack:
         self.redis = redis_server(self.cpus).start()
         env = {**self.base_env, "REDIS_URL": self.redis_url}
         self.servers = [
-            daphne_server(i, self.asgi_app, env, self.cpus) for i in range(self.count)
+            asgi_server(self.kind, i, self.asgi_app, env, self.cpus)
+            for i in range(self.count)
         ]
         for server in self.servers:
             server.start()
