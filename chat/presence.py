@@ -10,7 +10,11 @@ hub's groups back at its next refresh. Without Redis the entries live in this
 process's memory.
 
 ``presence`` frames go out when a user's first socket enters a room and when
-their last one leaves.
+their last one leaves. Leaving takes two steps: the entry is first marked as
+leaving (scored with minus the time it left, which no live range includes), the
+``offline`` frame goes out, then the entry is removed. A process killed between
+the steps leaves a leaving entry behind, which the other processes' sweep
+reports once it is a heartbeat old, so that frame is never lost.
 """
 
 import asyncio
@@ -91,12 +95,15 @@ class MemoryPresence:
         members.add(_member(connection_id, user_id, username))
         return first
 
-    async def exit(self, room_id, connection_id, user_id, username):
+    async def exit_begin(self, room_id, connection_id, user_id, username):
         members = self.rooms.get(room_id, set())
         members.discard(_member(connection_id, user_id, username))
         if not members:
             self.rooms.pop(room_id, None)
         return not any(_parse(m)[1] == user_id for m in members)
+
+    async def exit_end(self, room_id, connection_id, user_id, username):
+        return None
 
     async def online(self, room_id):
         return sorted({_parse(m)[2] for m in self.rooms.get(room_id, ())})
@@ -125,6 +132,20 @@ end
 redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[5])
 if had == 1 then return 0 end
+return 1
+"""
+
+# Mark an entry as leaving (score ARGV[4], below every live score); answer 1
+# when it was not leaving or gone already and the user has no live entry left.
+_LEAVE = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[2])
+if not score or tonumber(score) < 0 then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[2])
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')
+for _, m in ipairs(live) do
+  local uid = string.match(m, '^[^|]*|([^|]*)|')
+  if uid == ARGV[3] then return 0 end
+end
 return 1
 """
 
@@ -160,6 +181,7 @@ class RedisPresence:
         self._epoch = None
         self._restoring = False
         self._enter = self.redis.register_script(_ENTER)
+        self._leave = self.redis.register_script(_LEAVE)
         self._exit = self.redis.register_script(_EXIT)
 
     def _key(self, room_id):
@@ -253,12 +275,20 @@ class RedisPresence:
         )
         return bool(first)
 
-    async def exit(self, room_id, connection_id, user_id, username):
+    async def exit_begin(self, room_id, connection_id, user_id, username):
+        """Mark the entry as leaving; True when it was the user's last live one."""
         member = _member(connection_id, user_id, username)
-        last = await self._exit(
-            keys=[self._key(room_id)], args=[self._live_since(), member, str(user_id)]
+        last = await self._leave(
+            keys=[self._key(room_id)],
+            args=[self._live_since(), member, str(user_id), -time.time()],
         )
         return bool(last)
+
+    async def exit_end(self, room_id, connection_id, user_id, username):
+        """Remove the entry, once its ``offline`` frame (if any) went out."""
+        await self.redis.zrem(
+            self._key(room_id), _member(connection_id, user_id, username)
+        )
 
     async def online(self, room_id):
         members = await self.redis.zrangebyscore(
@@ -323,7 +353,9 @@ class RedisPresence:
         for raw_room in await self.redis.smembers(self._rooms_key):
             room_id = int(raw_room)
             key = self._key(room_id)
-            stale = await self.redis.zrangebyscore(key, "-inf", f"({cutoff}")
+            # Live entries nobody refreshed for a heartbeat, and entries left
+            # leaving for a heartbeat (scored -left_at, so above -cutoff).
+            stale = await self.redis.zrangebyscore(key, f"({-cutoff}", f"({cutoff}")
             for member in stale:
                 _, user_id, username = _parse(member)
                 # Only the process whose ZREM wins reports the user gone.
@@ -380,12 +412,15 @@ async def room_exit(*, room, connection_id, user):
     """Forget a socket in ``room``; tell the others if it was the user's last."""
     store = get_store()
     username = user.get_username()
-    last = await store.exit(room.pk, connection_id, user.pk, username)
+    last = await store.exit_begin(room.pk, connection_id, user.pk, username)
     if last:
         frame = protocol.presence(
             room_slug=room.slug, username=username, status="offline"
         )
         await fanout.publish(fanout.room_groups(room), frame, exclude_user=user.pk)
+    # Not reached when publishing fails or the process dies first: the entry
+    # stays leaving, and a sweep reports the user gone a heartbeat later.
+    await store.exit_end(room.pk, connection_id, user.pk, username)
 
 
 async def room_online(room):

@@ -1,0 +1,83 @@
+"""Presence in Redis as two processes share it, on a redis-server of the test's own.
+
+Each ``RedisPresence`` stands for one server process; a process that "dies"
+simply stops calling its store.
+"""
+
+import asyncio
+
+import pytest
+
+from chat.presence import RedisPresence
+from tests.servers import RedisServer
+
+pytestmark = pytest.mark.redis
+
+HEARTBEAT = 0.5  # seconds; short, so a test can outwait it
+ROOM = 7
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    server = RedisServer().start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+async def stores(redis_url):
+    """Process X and process Y, on an empty Redis."""
+    x = RedisPresence(redis_url, "presence-test", HEARTBEAT)
+    y = RedisPresence(redis_url, "presence-test", HEARTBEAT)
+    await x.redis.flushdb()
+    yield x, y
+    await x.close()
+    await y.close()
+
+
+async def test_a_leaving_entry_is_out_of_the_online_list_at_once(stores):
+    x, y = stores
+    assert await x.enter(ROOM, "c1", 1, "alice") is True
+    assert await y.enter(ROOM, "c2", 2, "bob") is True
+    assert await y.online(ROOM) == ["alice", "bob"]
+
+    assert await x.exit_begin(ROOM, "c1", 1, "alice") is True
+    assert await y.online(ROOM) == ["bob"]
+    assert await y.count(room_id=ROOM) == 1
+    # A fresh leaving entry is its own process's to report, not the sweep's.
+    assert await y.sweep() == []
+
+    await x.exit_end(ROOM, "c1", 1, "alice")
+    await asyncio.sleep(HEARTBEAT + 0.1)  # nobody vouched for bob meanwhile
+    assert await y.sweep() == [(ROOM, "bob")]
+    assert await y.online(ROOM) == []
+
+
+async def test_a_process_killed_while_its_user_leaves_still_reports_them_offline(
+    stores,
+):
+    x, y = stores
+    await x.enter(ROOM, "c1", 1, "alice")
+    # X marks alice's socket as leaving, then dies before publishing "offline"
+    # and before removing the entry.
+    assert await x.exit_begin(ROOM, "c1", 1, "alice") is True
+    assert await y.sweep() == []
+
+    await asyncio.sleep(HEARTBEAT + 0.1)
+    assert await y.sweep() == [(ROOM, "alice")]
+    assert await y.sweep() == []  # reported once
+    assert await y.online(ROOM) == []
+
+
+async def test_leaving_one_of_two_sockets_is_not_the_last(stores):
+    x, y = stores
+    assert await x.enter(ROOM, "c1", 1, "alice") is True
+    assert await y.enter(ROOM, "c2", 1, "alice") is False
+    assert await x.exit_begin(ROOM, "c1", 1, "alice") is False
+    await x.exit_end(ROOM, "c1", 1, "alice")
+    assert await y.online(ROOM) == ["alice"]
+    assert await y.exit_begin(ROOM, "c2", 1, "alice") is True
+    # Leaving twice (a retry) reports nothing the second time.
+    assert await y.exit_begin(ROOM, "c2", 1, "alice") is False
+    await y.exit_end(ROOM, "c2", 1, "alice")
+    assert await x.online(ROOM) == []
