@@ -135,12 +135,9 @@ if had == 1 then return 0 end
 return 1
 """
 
-# Mark an entry as leaving (score ARGV[4], below every live score); answer 1
-# when it was not leaving or gone already and the user has no live entry left.
-_LEAVE = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[2])
-if not score or tonumber(score) < 0 then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[4], ARGV[2])
+# The tail of _LEAVE and _EXIT: answer 1 when user ARGV[3] has no live entry
+# (score at least ARGV[1]) in the room KEYS[1], else 0.
+_USER_GONE = """
 local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')
 for _, m in ipairs(live) do
   local uid = string.match(m, '^[^|]*|([^|]*)|')
@@ -149,17 +146,25 @@ end
 return 1
 """
 
+# Mark an entry as leaving (score ARGV[4], below every live score); answer 1
+# when it was not leaving or gone already and the user has no live entry left.
+_LEAVE = (
+    """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[2])
+if not score or tonumber(score) < 0 then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[2])
+"""
+    + _USER_GONE
+)
+
 # Remove an entry; answer 1 when it was there and the user has none left.
-_EXIT = """
+_EXIT = (
+    """
 local removed = redis.call('ZREM', KEYS[1], ARGV[2])
 if removed == 0 then return 0 end
-local live = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')
-for _, m in ipairs(live) do
-  local uid = string.match(m, '^[^|]*|([^|]*)|')
-  if uid == ARGV[3] then return 0 end
-end
-return 1
 """
+    + _USER_GONE
+)
 
 
 class RedisPresence:
