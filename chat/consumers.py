@@ -13,7 +13,16 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.utils import timezone
 
-from chat import fanout, presence, protocol, selectors, services, serving, writer
+from chat import (
+    fanout,
+    policies,
+    presence,
+    protocol,
+    selectors,
+    services,
+    serving,
+    writer,
+)
 from chat.protocol import BAD_REQUEST, NOT_JOINED, ChatError
 
 logger = logging.getLogger(__name__)
@@ -53,7 +62,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         # One socket, one loop. Channels' version also waits on a channel-layer
         # channel of the socket's own, through a task per socket; here the
         # process's fan-out hub receives for every socket (see chat.fanout).
-        # chat.middleware has checked the user before this runs.
+        # chat.application has checked the user before this runs.
         self.scope = scope
         self.channel_layer = None
         self.base_send = send
@@ -84,7 +93,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             serving.release_handshake(self.wire)
         self.hub = await fanout.get_hub()
         presence.start_keeper(self.hub)
-        serving.start_idle_watch(self.hub)
+        policies.start_idle_watch(self.hub)
         self.hub.connections.add(self)
         await presence.connection_register(self.info())
         for group in self._own_groups():

@@ -11,19 +11,15 @@ for connect, receive and disconnect; the channel layer stays the bus.
 import asyncio
 import logging
 import secrets
-import weakref
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 
 from chat import protocol
+from chat.loops import PerLoop, cancel_and_wait
 
 logger = logging.getLogger(__name__)
-
-_hubs: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub]" = (
-    weakref.WeakKeyDictionary()
-)
 
 
 # Unique per server process; connection ids start with it, so a frame for one
@@ -78,18 +74,25 @@ class Hub:
         self._subscribed: set[str] = set()
         self._lock = asyncio.Lock()
         self._task = None
+        self._started = None
 
     async def start(self):
+        """Start receiving, once; later calls wait until it has started."""
+        if self._started is None:
+            self._started = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._started)
+
+    async def _start(self):
         self.channel_name = await self.layer.new_channel("hub.")
         self._task = asyncio.get_running_loop().create_task(self._receive_forever())
+        if settings.CHAT_CLOSE_ON_SIGTERM:
+            from chat import policies
+
+            policies.install_shutdown_handler(self)
 
     async def stop(self):
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait(self._task)
             self._task = None
 
     async def add(self, group, connection):
@@ -180,24 +183,19 @@ class Hub:
                 await connection.deliver(encoded)
 
 
+_hubs: PerLoop[Hub] = PerLoop(lambda: Hub(get_channel_layer()))
+
+
 async def get_hub():
     """The hub of the running event loop, started on first use."""
-    loop = asyncio.get_running_loop()
-    hub = _hubs.get(loop)
-    if hub is None:
-        hub = Hub(get_channel_layer())
-        _hubs[loop] = hub
-        await hub.start()
-        if settings.CHAT_CLOSE_ON_SIGTERM:
-            from chat import serving
-
-            serving.install_shutdown_handler(hub)
+    hub = _hubs.get()
+    await hub.start()
     return hub
 
 
 async def stop_hub():
     """Stop the running loop's hub (tests start each with a fresh one)."""
-    hub = _hubs.pop(asyncio.get_running_loop(), None)
+    hub = _hubs.pop()
     if hub is not None:
         await hub.stop()
 
@@ -231,17 +229,13 @@ async def _group_send_each(groups, event):
 # channels-redis takes a pooled Redis connection per call, and redis-py's pool
 # raises past 100 connections instead of waiting: bound the calls in flight.
 LAYER_CALLS_IN_FLIGHT = 48
-_slots: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore]" = (
-    weakref.WeakKeyDictionary()
+_slots: PerLoop[asyncio.Semaphore] = PerLoop(
+    lambda: asyncio.Semaphore(LAYER_CALLS_IN_FLIGHT)
 )
 
 
 def _layer_slot():
-    loop = asyncio.get_running_loop()
-    slot = _slots.get(loop)
-    if slot is None:
-        slot = _slots[loop] = asyncio.Semaphore(LAYER_CALLS_IN_FLIGHT)
-    return slot
+    return _slots.get()
 
 
 async def publish_many(broadcasts):

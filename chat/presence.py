@@ -21,11 +21,11 @@ import asyncio
 import logging
 import secrets
 import time
-import weakref
 
 from django.conf import settings
 
-from chat import fanout, protocol, serving
+from chat import fanout, protocol
+from chat.loops import BackgroundTask, PerLoop
 
 logger = logging.getLogger(__name__)
 
@@ -375,28 +375,24 @@ class RedisPresence:
         await self.redis.aclose()
 
 
-_stores: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, object]" = (
-    weakref.WeakKeyDictionary()
-)
+def _store_new():
+    if settings.REDIS_URL:
+        return RedisPresence(
+            settings.REDIS_URL, settings.CHAT_REDIS_PREFIX, settings.CHAT_HEARTBEAT
+        )
+    return MemoryPresence()
+
+
+_stores: PerLoop["RedisPresence | MemoryPresence"] = PerLoop(_store_new)
 
 
 def get_store():
     """The presence store for the running loop (Redis when ``REDIS_URL`` is set)."""
-    loop = asyncio.get_running_loop()
-    store = _stores.get(loop)
-    if store is None:
-        if settings.REDIS_URL:
-            store = RedisPresence(
-                settings.REDIS_URL, settings.CHAT_REDIS_PREFIX, settings.CHAT_HEARTBEAT
-            )
-        else:
-            store = MemoryPresence()
-        _stores[loop] = store
-    return store
+    return _stores.get()
 
 
 async def reset_store():
-    store = _stores.pop(asyncio.get_running_loop(), None)
+    store = _stores.pop()
     if store is not None:
         await store.close()
 
@@ -476,7 +472,7 @@ async def _keep_forever(hub):
 
 
 # This process's presence keeper, once per event loop.
-keeper = serving.BackgroundTask(_keep_forever)
+keeper = BackgroundTask(_keep_forever)
 start_keeper = keeper.start
 stop_keeper = keeper.stop
 

@@ -6,18 +6,14 @@ stored at once, so this adds no delay, only fewer transactions under load.
 """
 
 import asyncio
-import weakref
 
 from channels.db import database_sync_to_async
 
 from chat import services
+from chat.loops import PerLoop
 from chat.protocol import ChatError
 
 MAX_BATCH = 256
-
-_writers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, MessageWriter]" = (
-    weakref.WeakKeyDictionary()
-)
 
 
 class MessageWriter:
@@ -61,9 +57,9 @@ class MessageWriter:
                     future.set_result(result)
 
 
+_writers: PerLoop[MessageWriter] = PerLoop(MessageWriter)
+
+
 def get_writer():
-    loop = asyncio.get_running_loop()
-    writer = _writers.get(loop)
-    if writer is None:
-        writer = _writers[loop] = MessageWriter()
-    return writer
+    """The running loop's writer."""
+    return _writers.get()

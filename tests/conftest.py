@@ -4,7 +4,7 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
 from django.db import connections
 
-from chat import fanout, presence, services, serving
+from chat import fanout, policies, presence, services
 from chatsite.asgi import application
 
 
@@ -13,7 +13,7 @@ async def fresh_hub():
     """Each test gets a fresh fan-out hub and presence store, as a new process would."""
     yield
     await presence.stop_keeper()
-    await serving.stop_idle_watch()
+    await policies.stop_idle_watch()
     await fanout.stop_hub()
     await presence.reset_store()
     from channels.layers import channel_layers

@@ -1,0 +1,66 @@
+"""State and background tasks kept once per running event loop.
+
+A server process runs one loop, but tests run many (one per test, or one per
+session): whatever a process keeps for its sockets (the hub, the presence
+store, the writer, the keeper tasks) is kept per loop, and dropped with it.
+"""
+
+import asyncio
+import weakref
+from collections.abc import Callable, Coroutine
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class PerLoop(Generic[T]):
+    """One value per running event loop, made by ``factory`` on first use."""
+
+    def __init__(self, factory: Callable[[], T]) -> None:
+        self.factory = factory
+        self.values: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def get(self) -> T:
+        loop = asyncio.get_running_loop()
+        value = self.values.get(loop)
+        if value is None:
+            value = self.values[loop] = self.factory()
+        return value
+
+    def pop(self) -> T | None:
+        """Forget the running loop's value; return it, or None if there was none."""
+        return self.values.pop(asyncio.get_running_loop(), None)
+
+
+class _TaskSlot:
+    task: asyncio.Task | None = None
+
+
+class BackgroundTask:
+    """A coroutine run once per event loop: started on demand, stopped by tests."""
+
+    def __init__(self, coroutine_function: Callable[..., Coroutine[Any, Any, Any]]):
+        self.coroutine_function = coroutine_function
+        self.slots: PerLoop[_TaskSlot] = PerLoop(_TaskSlot)
+
+    def start(self, *args: Any) -> None:
+        slot = self.slots.get()
+        if slot.task is None or slot.task.done():
+            loop = asyncio.get_running_loop()
+            slot.task = loop.create_task(self.coroutine_function(*args))
+
+    async def stop(self) -> None:
+        slot = self.slots.pop()
+        if slot is not None and slot.task is not None:
+            await cancel_and_wait(slot.task)
+
+
+async def cancel_and_wait(task: asyncio.Task) -> None:
+    """Cancel ``task`` and wait until it has finished."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass

@@ -1,0 +1,94 @@
+"""Policies of a server process: idle sockets, shutdown, garbage collection.
+
+- Idle sockets: nothing received for twice the heartbeat closes with 4408.
+- Shutdown: SIGTERM closes every open socket with 1001 before the process exits,
+  so clients reconnect elsewhere at once.
+- Garbage collection: rare and short full collections (``tune_gc``).
+"""
+
+import asyncio
+import gc
+import logging
+import signal
+import time
+
+from django.conf import settings
+
+from chat import protocol
+from chat.loops import BackgroundTask
+
+logger = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_SECONDS = 1.0
+
+
+async def _watch_idle_forever(hub):
+    while True:
+        await asyncio.sleep(max(settings.CHAT_HEARTBEAT / 3, 0.1))
+        try:
+            await close_idle(hub)
+        except Exception:
+            logger.exception("idle check failed; retrying")
+
+
+# Close this process's idle sockets, checking every third of a heartbeat.
+idle_watch = BackgroundTask(_watch_idle_forever)
+start_idle_watch = idle_watch.start
+stop_idle_watch = idle_watch.stop
+
+
+async def close_idle(hub, now=None):
+    """Close sockets silent for more than twice the heartbeat with 4408."""
+    now = time.monotonic() if now is None else now
+    limit = 2 * settings.CHAT_HEARTBEAT
+    for connection in list(hub.connections):
+        if now - connection.last_seen > limit:
+            await connection.close_with(
+                protocol.CLOSE_IDLE, f"nothing received for {limit} seconds"
+            )
+
+
+def install_shutdown_handler(hub):
+    """On SIGTERM, close every socket with 1001, then let the server stop."""
+    loop = asyncio.get_running_loop()
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm():
+        loop.create_task(_shutdown(hub, previous))
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    except (NotImplementedError, RuntimeError, ValueError):
+        # Not the main thread (tests) or no signals here: nothing to install.
+        return False
+    return True
+
+
+async def _shutdown(hub, previous):
+    connections = list(hub.connections)
+    logger.info("SIGTERM: closing %d socket(s) with 1001", len(connections))
+    for connection in connections:
+        try:
+            await connection.close_with(
+                protocol.CLOSE_GOING_AWAY, "server shutting down"
+            )
+        except Exception:
+            logger.exception("closing %s failed", connection.connection_id)
+    # Give the close frames a moment to leave before the server stops.
+    await asyncio.sleep(SHUTDOWN_GRACE_SECONDS if connections else 0)
+    if callable(previous):
+        previous(signal.SIGTERM, None)
+    else:
+        raise SystemExit(0)
+
+
+def tune_gc():
+    """Keep full garbage collections rare and short in a server process.
+
+    Everything loaded at start-up (Django, the URL map, templates) is frozen out
+    of the collector's reach, and the thresholds rise, so a collection no longer
+    walks the whole heap every few seconds and stalls every socket for 100+ ms.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
