@@ -244,13 +244,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # --- frames ----------------------------------------------------------------
 
     def _joined_room(self, frame):
-        room = self.rooms.get(frame["room"])
+        room = self.rooms.get(frame.room)
         if room is None:
-            raise ChatError(NOT_JOINED, f"join room {frame['room']!r} first")
+            raise ChatError(NOT_JOINED, f"join room {frame.room!r} first")
         return room
 
     async def on_join(self, frame):
-        slug = frame["room"]
+        slug = frame.room
         room, read_seq = await db(services.room_join)(slug=slug, user=self.user)
         if slug not in self.rooms:
             # Listen before reading last_seq, so nothing falls between the two.
@@ -267,7 +267,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self.send_frame(
             protocol.joined(room=room, online=online, read_seq=read_seq, ref=frame.ref)
         )
-        since = frame.get("since")
+        since = frame.since
         if since is not None:
             await self._recover(room, since)
 
@@ -296,9 +296,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def on_send(self, frame):
         room = self._joined_room(frame)
-        request = services.SendRequest(
-            room, self.user, frame["body"], frame["client_msg_id"]
-        )
+        request = services.SendRequest(room, self.user, frame.body, frame.client_msg_id)
         # Queue the send and read the next frame at once: a client that sends
         # several messages without waiting gets them stored in one transaction
         # (in its order) instead of one transaction each. The ack follows the
@@ -329,23 +327,22 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def on_dm(self, frame):
         message, _ = await db(services.direct_message_create)(
             author=self.user,
-            to_username=frame["to"],
-            body=frame["body"],
-            client_msg_id=frame["client_msg_id"],
+            to_username=frame.to,
+            body=frame.body,
+            client_msg_id=frame.client_msg_id,
         )
         await self.send_frame(
             protocol.ack(ref=frame.ref, room_slug=message.room.slug, message=message)
         )
 
     async def on_history(self, frame):
-        room = self.rooms.get(frame["room"])
+        room = self.rooms.get(frame.room)
         if room is None:
             room = await db(selectors.room_get_readable)(
-                slug=frame["room"], user=self.user
+                slug=frame.room, user=self.user
             )
-        limit = frame.get("limit", protocol.HISTORY_DEFAULT_LIMIT)
         messages, has_more = await db(selectors.message_history)(
-            room=room, before=frame.get("before"), limit=limit
+            room=room, before=frame.before, limit=frame.limit
         )
         await self.send_frame(
             protocol.history(
@@ -364,7 +361,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def on_edit(self, frame):
         room = self._joined_room(frame)
         message = await db(services.message_edit)(
-            room=room, message_id=frame["id"], user=self.user, body=frame["body"]
+            room=room, message_id=frame.id, user=self.user, body=frame.body
         )
         await self.send_frame(
             protocol.ack(ref=frame.ref, room_slug=room.slug, message=message)
@@ -373,7 +370,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def on_delete(self, frame):
         room = self._joined_room(frame)
         message = await db(services.message_delete)(
-            room=room, message_id=frame["id"], user=self.user
+            room=room, message_id=frame.id, user=self.user
         )
         await self.send_frame(
             protocol.ack(ref=frame.ref, room_slug=room.slug, message=message)
@@ -381,7 +378,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def on_read(self, frame):
         room = self._joined_room(frame)
-        await db(services.read_marker_set)(room=room, user=self.user, seq=frame["seq"])
+        await db(services.read_marker_set)(room=room, user=self.user, seq=frame.seq)
 
     async def on_ping(self, frame):
         await self.send_frame(protocol.pong(ref=frame.ref))

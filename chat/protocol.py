@@ -1,17 +1,26 @@
-"""Every wire frame of protocol version 1: inbound parsing, outbound shapes, codes.
+"""Every wire frame of protocol version 1, declared once: schemas, codes, framings.
 
-Inbound frames are JSON objects with a ``type``; ``parse_json`` and
-``parse_binary`` turn them into a ``ClientFrame`` or raise ``ChatError`` with
-the code the client gets back in an ``error`` frame. Outbound frames are built
-by the functions below and encoded once with ``encode``, whatever the number of
-sockets they go to.
+Client frames are msgspec ``Struct``s tagged by their ``type``: ``parse_json`` and
+``parse_binary`` validate and decode a frame in one pass into one of them, or
+raise ``ChatError`` with the code the client gets back in an ``error`` frame.
+Fields a client sends beyond the schema are ignored, as the contract allows.
+
+Server frames are ``Struct``s too, made by the builder functions below and
+encoded once with ``encode``, whatever the number of sockets they go to. Both
+framings come from the same declaration: the JSON text carries the ``type`` tag;
+the binary framing (``chat.v1.bin``) is the action code, then the frame's fields
+without it.
+
+The push API's body (``POST /api/push``) is declared here as well.
 """
 
-import json
 import re
 import struct
-from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Annotated, Any, ClassVar, Final
+
+import msgspec
+from msgspec import Meta, Struct
 
 PROTOCOL_VERSION = 1
 SUBPROTOCOL_JSON = "chat.v1"
@@ -21,6 +30,9 @@ MAX_FRAME_BYTES = 64 * 1024
 MAX_BODY_CHARS = 4000
 MAX_ID_CHARS = 64
 MAX_REF_CHARS = 64
+MAX_USERNAME_CHARS = 150
+# The largest whole number every JSON client reads exactly (2^53 - 1).
+MAX_SAFE_INTEGER = 2**53 - 1
 HISTORY_DEFAULT_LIMIT = 50
 HISTORY_MAX_LIMIT = 100
 RECOVERY_MAX_MESSAGES = 1000
@@ -46,7 +58,7 @@ TOO_LARGE = "too_large"
 ROOM_CLOSED = "room_closed"
 
 # Action codes of the binary framing, both directions.
-FRAME_CODES = {
+FRAME_CODES: Final = {
     "hello": 1,
     "join": 2,
     "joined": 3,
@@ -71,342 +83,574 @@ FRAME_CODES = {
     "recovered": 22,
     "removed": 23,
 }
-FRAME_TYPES = {code: name for name, code in FRAME_CODES.items()}
+FRAME_TYPES: Final = {code: name for name, code in FRAME_CODES.items()}
 
-ROOM_SLUG_RE = re.compile(r"^[-a-zA-Z0-9_]{1,64}$")
+ROOM_SLUG_PATTERN = r"^[-a-zA-Z0-9_]{1,64}$"
+ROOM_SLUG_RE = re.compile(ROOM_SLUG_PATTERN)
 
 
 class ChatError(Exception):
     """A request the server refuses; becomes an ``error`` frame with ``code``."""
 
-    def __init__(self, code, message, **extra):
+    def __init__(self, code: str, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.extra = extra
 
 
-# --- inbound -----------------------------------------------------------------
+# --- field types ----------------------------------------------------------------
+
+RoomSlug = Annotated[str, Meta(pattern=ROOM_SLUG_PATTERN)]
+Seq = Annotated[int, Meta(ge=0, le=MAX_SAFE_INTEGER)]
+MessageId = Annotated[int, Meta(ge=1, le=MAX_SAFE_INTEGER)]
+Limit = Annotated[int, Meta(ge=1, le=HISTORY_MAX_LIMIT)]
+Body = Annotated[str, Meta(min_length=1, max_length=MAX_BODY_CHARS)]
+ClientMsgId = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS)]
+Username = Annotated[str, Meta(min_length=1, max_length=MAX_USERNAME_CHARS)]
+Ref = Annotated[str, Meta(max_length=MAX_REF_CHARS)]
 
 
-@dataclass(frozen=True)
-class ClientFrame:
-    type: str
-    ref: str | None = None
-    fields: dict = field(default_factory=dict)
-
-    def __getitem__(self, name):
-        return self.fields[name]
-
-    def get(self, name, default=None):
-        return self.fields.get(name, default)
+# --- client frames ----------------------------------------------------------------
 
 
-def _room(value):
-    if not isinstance(value, str) or not ROOM_SLUG_RE.match(value):
-        raise ValueError("must be a room slug (letters, digits, - and _)")
-    return value
+class ClientFrame(Struct, tag_field="type", kw_only=True):
+    """A frame from a client; ``type`` names its handler (``on_<type>``)."""
+
+    type: ClassVar[str]
+    ref: Ref | None = None
 
 
-def _seq(value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError("must be a whole number of 0 or more")
-    return value
+class Join(ClientFrame, tag="join"):
+    type: ClassVar[str] = "join"
+    room: RoomSlug
+    since: Seq | None = None
 
 
-def _id(value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError("must be a positive whole number")
-    return value
+class Leave(ClientFrame, tag="leave"):
+    type: ClassVar[str] = "leave"
+    room: RoomSlug
 
 
-def _limit(value):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or not (1 <= value <= HISTORY_MAX_LIMIT)
-    ):
-        raise ValueError(f"must be a whole number from 1 to {HISTORY_MAX_LIMIT}")
-    return value
+class Send(ClientFrame, tag="send"):
+    type: ClassVar[str] = "send"
+    room: RoomSlug
+    body: Body
+    client_msg_id: ClientMsgId
 
 
-def _body(value):
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"must be a string of 1 to {MAX_BODY_CHARS} characters")
-    if len(value) > MAX_BODY_CHARS:
-        raise ChatError(TOO_LARGE, f"body is longer than {MAX_BODY_CHARS} characters")
-    return value
+class History(ClientFrame, tag="history"):
+    type: ClassVar[str] = "history"
+    room: RoomSlug
+    before: Seq | None = None
+    limit: Limit | None = None
+
+    def __post_init__(self) -> None:
+        if self.limit is None:
+            self.limit = HISTORY_DEFAULT_LIMIT
 
 
-def _client_msg_id(value):
-    if not isinstance(value, str) or not (1 <= len(value) <= MAX_ID_CHARS):
-        raise ValueError(f"must be a string of 1 to {MAX_ID_CHARS} characters")
-    return value
+class Typing(ClientFrame, tag="typing"):
+    type: ClassVar[str] = "typing"
+    room: RoomSlug
 
 
-def _username(value):
-    if not isinstance(value, str) or not (1 <= len(value) <= 150):
-        raise ValueError("must be a username")
-    return value
+class Edit(ClientFrame, tag="edit"):
+    type: ClassVar[str] = "edit"
+    room: RoomSlug
+    id: MessageId
+    body: Body
 
 
-# type -> {field: (validator, required)}; fields not listed are ignored.
-CLIENT_FRAMES = {
-    "join": {"room": (_room, True), "since": (_seq, False)},
-    "leave": {"room": (_room, True)},
-    "send": {
-        "room": (_room, True),
-        "body": (_body, True),
-        "client_msg_id": (_client_msg_id, True),
-    },
-    "history": {
-        "room": (_room, True),
-        "before": (_seq, False),
-        "limit": (_limit, False),
-    },
-    "typing": {"room": (_room, True)},
-    "edit": {"room": (_room, True), "id": (_id, True), "body": (_body, True)},
-    "delete": {"room": (_room, True), "id": (_id, True)},
-    "read": {"room": (_room, True), "seq": (_seq, True)},
-    "dm": {
-        "to": (_username, True),
-        "body": (_body, True),
-        "client_msg_id": (_client_msg_id, True),
-    },
-    "ping": {},
+class Delete(ClientFrame, tag="delete"):
+    type: ClassVar[str] = "delete"
+    room: RoomSlug
+    id: MessageId
+
+
+class Read(ClientFrame, tag="read"):
+    type: ClassVar[str] = "read"
+    room: RoomSlug
+    seq: Seq
+
+
+class DirectMessage(ClientFrame, tag="dm"):
+    type: ClassVar[str] = "dm"
+    to: Username
+    body: Body
+    client_msg_id: ClientMsgId
+
+
+class Ping(ClientFrame, tag="ping"):
+    type: ClassVar[str] = "ping"
+
+
+CLIENT_FRAMES: Final[dict[str, type[ClientFrame]]] = {
+    cls.type: cls
+    for cls in (Join, Leave, Send, History, Typing, Edit, Delete, Read, DirectMessage)
+    + (Ping,)
+}
+_client_decoder = msgspec.json.Decoder(
+    Join | Leave | Send | History | Typing | Edit | Delete | Read | DirectMessage | Ping
+)
+_binary_decoders = {
+    FRAME_CODES[name]: msgspec.json.Decoder(cls) for name, cls in CLIENT_FRAMES.items()
 }
 
 
-def parse_json(text):
-    """Parse a JSON text frame from a client."""
+class _Envelope(Struct):
+    """What a refused frame is read for: its type and ref, to answer it."""
+
+    type: Any = None
+    ref: Any = None
+    body: Any = None
+
+
+_envelope_decoder = msgspec.json.Decoder(_Envelope)
+
+
+def parse_json(text: str | bytes) -> ClientFrame:
+    """Validate and decode a JSON text frame from a client."""
     try:
-        data = json.loads(text)
-    except (ValueError, TypeError):
+        return _client_decoder.decode(text)
+    except msgspec.ValidationError as exc:  # a DecodeError too: first
+        raise _refusal(exc, text, known_type=None) from None
+    except (msgspec.DecodeError, RecursionError):
         raise ChatError(BAD_REQUEST, "frame is not valid JSON") from None
-    return parse_object(data)
 
 
-def parse_binary(data):
-    """Parse a ``chat.v1.bin`` frame: 4-byte big-endian action code, then JSON."""
+def parse_binary(data: bytes) -> ClientFrame:
+    """Validate and decode a ``chat.v1.bin`` frame: 4-byte action code, then JSON."""
     if len(data) < 4:
         raise ChatError(BAD_REQUEST, "binary frame is shorter than its 4-byte code")
     (code,) = struct.unpack(">I", data[:4])
-    frame_type = FRAME_TYPES.get(code)
-    if frame_type is None:
+    decoder = _binary_decoders.get(code)
+    if decoder is None:
         raise ChatError(BAD_REQUEST, f"unknown action code {code}")
     payload = data[4:]
+    if not payload.strip():
+        payload = b"{}"
     try:
-        obj = json.loads(payload) if payload.strip() else {}
-    except (ValueError, UnicodeDecodeError):
+        return decoder.decode(payload)
+    except msgspec.ValidationError as exc:  # a DecodeError too: first
+        raise _refusal(exc, payload, known_type=FRAME_TYPES[code]) from None
+    except (msgspec.DecodeError, RecursionError):
         raise ChatError(BAD_REQUEST, "binary frame payload is not valid JSON") from None
-    if not isinstance(obj, dict):
-        raise ChatError(BAD_REQUEST, "frame must be a JSON object")
-    obj["type"] = frame_type
-    return parse_object(obj)
 
 
-def parse_object(data):
-    if not isinstance(data, dict):
-        raise ChatError(BAD_REQUEST, "frame must be a JSON object")
-    ref = data.get("ref")
+def _refusal(
+    exc: msgspec.ValidationError, data: str | bytes, *, known_type: str | None
+) -> ChatError:
+    """The ``ChatError`` for a frame that failed its schema, with its ``ref``."""
+    try:
+        envelope = _envelope_decoder.decode(data)
+    except (msgspec.DecodeError, RecursionError):
+        return ChatError(BAD_REQUEST, "frame must be a JSON object")
+    ref = envelope.ref
     if ref is not None and not (isinstance(ref, str) and len(ref) <= MAX_REF_CHARS):
-        raise ChatError(BAD_REQUEST, f"ref must be a string of at most {MAX_REF_CHARS}")
-    frame_type = data.get("type")
-    schema = CLIENT_FRAMES.get(frame_type) if isinstance(frame_type, str) else None
-    if schema is None:
-        raise ChatError(BAD_REQUEST, f"unknown frame type {frame_type!r}", ref=ref)
-    fields = {}
-    for name, (validate, required) in schema.items():
-        value = data.get(name)
-        if value is None:
-            if required:
-                raise ChatError(
-                    BAD_REQUEST, f"{frame_type}: {name} is required", ref=ref
-                )
-            continue
-        try:
-            fields[name] = validate(value)
-        except ValueError as exc:
-            raise ChatError(
-                BAD_REQUEST, f"{frame_type}: {name} {exc}", ref=ref
-            ) from None
-        except ChatError as exc:
-            exc.extra.setdefault("ref", ref)
-            raise
-    return ClientFrame(type=frame_type, ref=ref, fields=fields)
+        message = f"ref must be a string of at most {MAX_REF_CHARS}"
+        return ChatError(BAD_REQUEST, message)
+    frame_type = known_type or envelope.type
+    if frame_type not in CLIENT_FRAMES:
+        return ChatError(BAD_REQUEST, f"unknown frame type {frame_type!r}", ref=ref)
+    body = envelope.body
+    if isinstance(body, str) and len(body) > MAX_BODY_CHARS:
+        message = f"body is longer than {MAX_BODY_CHARS} characters"
+        return ChatError(TOO_LARGE, message, ref=ref)
+    return ChatError(BAD_REQUEST, f"{frame_type}: {exc}", ref=ref)
 
 
-# --- outbound ----------------------------------------------------------------
+# --- server frames ----------------------------------------------------------------
 
 
-def timestamp(value: datetime | None):
-    """ISO 8601 in UTC with a Z, or None."""
+class ServerFrame(Struct, tag_field="type", omit_defaults=True, kw_only=True):
+    """A frame to clients; only fields with a default of None are ever left out."""
+
+
+class Reply(ServerFrame, kw_only=True):
+    """A frame that answers a client frame, echoing its ``ref`` when it had one."""
+
+    ref: str | None = None
+
+
+class User(Struct):
+    id: int
+    username: str
+
+
+class MessageData(Struct):
+    """A stored message as clients see it (``message``, ``history``, recovery)."""
+
+    room: str
+    id: int
+    seq: int
+    user: User
+    body: str
+    created_at: str | None
+    client_msg_id: str | None
+    edited_at: str | None
+    deleted: bool
+
+
+class Hello(ServerFrame, tag="hello"):
+    protocol: int
+    connection_id: str
+    user: User
+    heartbeat: int
+
+
+class Joined(Reply, tag="joined"):
+    room: str
+    title: str
+    last_seq: int
+    online: list[str]
+    read_seq: int
+    private: bool
+    direct: bool
+    closed: bool
+
+
+class Recovered(ServerFrame, tag="recovered"):
+    room: str
+    complete: bool
+
+
+class Left(Reply, tag="left"):
+    room: str
+
+
+class MessageFrame(MessageData, ServerFrame, tag="message"):
+    pass
+
+
+class Ack(Reply, tag="ack"):
+    room: str
+    client_msg_id: str | None
+    id: int
+    seq: int
+
+
+class HistoryPage(Reply, tag="history"):
+    room: str
+    messages: list[MessageData]
+    has_more: bool
+
+
+class TypingFrame(ServerFrame, tag="typing"):
+    room: str
+    user: str
+
+
+class Presence(ServerFrame, tag="presence"):
+    room: str
+    user: str
+    status: str
+
+
+class MessageEdited(ServerFrame, tag="message_edited"):
+    room: str
+    id: int
+    seq: int
+    body: str
+    edited_at: str | None
+
+
+class MessageDeleted(ServerFrame, tag="message_deleted"):
+    room: str
+    id: int
+    seq: int
+
+
+class Removed(ServerFrame, tag="removed"):
+    room: str
+    reason: str
+
+
+class Push(ServerFrame, tag="push"):
+    event: str
+    data: Any
+
+
+class Pong(Reply, tag="pong"):
+    pass
+
+
+class Error(Reply, tag="error"):
+    code: str
+    message: str
+    retry_after: float | None = None
+
+
+SERVER_FRAMES: Final[dict[str, type[ServerFrame]]] = {
+    cls.__struct_config__.tag: cls  # type: ignore[misc]
+    for cls in (
+        Hello,
+        Joined,
+        Recovered,
+        Left,
+        MessageFrame,
+        Ack,
+        HistoryPage,
+        TypingFrame,
+        Presence,
+        MessageEdited,
+        MessageDeleted,
+        Removed,
+        Push,
+        Pong,
+        Error,
+    )
+}
+
+
+def timestamp(value: datetime | None) -> str | None:
+    """ISO 8601 in UTC with milliseconds and a Z, or None."""
     if value is None:
         return None
     return value.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-def _with_ref(frame, ref):
-    if ref is not None:
-        frame["ref"] = ref
-    return frame
+def user_payload(user: Any) -> User:
+    return User(id=user.pk, username=user.get_username())
 
 
-def user_payload(user):
-    return {"id": user.pk, "username": user.get_username()}
-
-
-def message_payload(message, room_slug, author):
+def message_payload(message: Any, room_slug: str, author: Any) -> MessageData:
     """The shared shape of a stored message (``message`` and ``history``)."""
     deleted = message.deleted_at is not None
-    return {
-        "room": room_slug,
-        "id": message.pk,
-        "seq": message.seq,
-        "user": {"id": author.pk, "username": author.get_username()},
-        "body": "" if deleted else message.body,
-        "created_at": timestamp(message.created_at),
-        "client_msg_id": message.client_msg_id,
-        "edited_at": timestamp(message.edited_at),
-        "deleted": deleted,
-    }
-
-
-def hello(*, connection_id, user, heartbeat):
-    return {
-        "type": "hello",
-        "protocol": PROTOCOL_VERSION,
-        "connection_id": connection_id,
-        "user": user_payload(user),
-        "heartbeat": heartbeat,
-    }
-
-
-def joined(*, room, online, read_seq, ref):
-    frame = {
-        "type": "joined",
-        "room": room.slug,
-        "title": room.title,
-        "last_seq": room.last_seq,
-        "online": online,
-        "read_seq": read_seq,
-        "private": room.is_private,
-        "direct": room.is_direct,
-        "closed": room.is_closed,
-    }
-    return _with_ref(frame, ref)
-
-
-def recovered(*, room_slug, complete):
-    return {"type": "recovered", "room": room_slug, "complete": complete}
-
-
-def left(*, room_slug, ref):
-    return _with_ref({"type": "left", "room": room_slug}, ref)
-
-
-def message(payload):
-    return {"type": "message", **payload}
-
-
-def ack(*, ref, room_slug, message):
-    return _with_ref(
-        {
-            "type": "ack",
-            "room": room_slug,
-            "client_msg_id": message.client_msg_id,
-            "id": message.pk,
-            "seq": message.seq,
-        },
-        ref,
+    return MessageData(
+        room=room_slug,
+        id=message.pk,
+        seq=message.seq,
+        user=User(id=author.pk, username=author.get_username()),
+        body="" if deleted else message.body,
+        created_at=timestamp(message.created_at),
+        client_msg_id=message.client_msg_id,
+        edited_at=timestamp(message.edited_at),
+        deleted=deleted,
     )
 
 
-def history(*, room_slug, messages, has_more, ref):
-    frame = {"type": "history", "room": room_slug, "messages": messages}
-    frame["has_more"] = has_more
-    return _with_ref(frame, ref)
+def hello(*, connection_id: str, user: Any, heartbeat: int) -> Hello:
+    return Hello(
+        protocol=PROTOCOL_VERSION,
+        connection_id=connection_id,
+        user=user_payload(user),
+        heartbeat=heartbeat,
+    )
 
 
-def typing(*, room_slug, username):
-    return {"type": "typing", "room": room_slug, "user": username}
+def joined(*, room: Any, online: list[str], read_seq: int, ref: str | None) -> Joined:
+    return Joined(
+        room=room.slug,
+        title=room.title,
+        last_seq=room.last_seq,
+        online=online,
+        read_seq=read_seq,
+        private=room.is_private,
+        direct=room.is_direct,
+        closed=room.is_closed,
+        ref=ref,
+    )
 
 
-def presence(*, room_slug, username, status):
-    return {"type": "presence", "room": room_slug, "user": username, "status": status}
+def recovered(*, room_slug: str, complete: bool) -> Recovered:
+    return Recovered(room=room_slug, complete=complete)
 
 
-def message_edited(*, room_slug, message):
-    return {
-        "type": "message_edited",
-        "room": room_slug,
-        "id": message.pk,
-        "seq": message.seq,
-        "body": message.body,
-        "edited_at": timestamp(message.edited_at),
-    }
+def left(*, room_slug: str, ref: str | None) -> Left:
+    return Left(room=room_slug, ref=ref)
 
 
-def message_deleted(*, room_slug, message):
-    return {
-        "type": "message_deleted",
-        "room": room_slug,
-        "id": message.pk,
-        "seq": message.seq,
-    }
+def message(payload: MessageData) -> MessageFrame:
+    return MessageFrame(*(getattr(payload, name) for name in _MESSAGE_FIELDS))
 
 
-def removed(*, room_slug, reason):
-    return {"type": "removed", "room": room_slug, "reason": reason}
+_MESSAGE_FIELDS = MessageData.__struct_fields__
 
 
-def push(*, event, data):
-    return {"type": "push", "event": event, "data": data}
+def ack(*, ref: str | None, room_slug: str, message: Any) -> Ack:
+    return Ack(
+        room=room_slug,
+        client_msg_id=message.client_msg_id,
+        id=message.pk,
+        seq=message.seq,
+        ref=ref,
+    )
 
 
-def pong(*, ref):
-    return _with_ref({"type": "pong"}, ref)
+def history(
+    *, room_slug: str, messages: list[MessageData], has_more: bool, ref: str | None
+) -> HistoryPage:
+    return HistoryPage(room=room_slug, messages=messages, has_more=has_more, ref=ref)
 
 
-def error(*, code, message, ref=None, **extra):
-    frame = {"type": "error", "code": code, "message": message, **extra}
-    return _with_ref(frame, ref)
+def typing(*, room_slug: str, username: str) -> TypingFrame:
+    return TypingFrame(room=room_slug, user=username)
 
 
-def error_from(exc: ChatError, ref=None):
+def presence(*, room_slug: str, username: str, status: str) -> Presence:
+    return Presence(room=room_slug, user=username, status=status)
+
+
+def message_edited(*, room_slug: str, message: Any) -> MessageEdited:
+    return MessageEdited(
+        room=room_slug,
+        id=message.pk,
+        seq=message.seq,
+        body=message.body,
+        edited_at=timestamp(message.edited_at),
+    )
+
+
+def message_deleted(*, room_slug: str, message: Any) -> MessageDeleted:
+    return MessageDeleted(room=room_slug, id=message.pk, seq=message.seq)
+
+
+def removed(*, room_slug: str, reason: str) -> Removed:
+    return Removed(room=room_slug, reason=reason)
+
+
+def push(*, event: str, data: Any) -> Push:
+    return Push(event=event, data=data)
+
+
+def pong(*, ref: str | None) -> Pong:
+    return Pong(ref=ref)
+
+
+def error(*, code: str, message: str, ref: str | None = None, **extra: Any) -> Error:
+    return Error(code=code, message=message, ref=ref, **extra)
+
+
+def error_from(exc: ChatError, ref: str | None = None) -> Error:
     extra = dict(exc.extra)
     ref = extra.pop("ref", None) or ref
     return error(code=exc.code, message=exc.message, ref=ref, **extra)
 
 
+# --- encoding ---------------------------------------------------------------------
+
+_encoder = msgspec.json.Encoder()
+_SERVER_DECODERS = {
+    name: msgspec.json.Decoder(cls) for name, cls in SERVER_FRAMES.items()
+}
+
+
+def frame_type(frame: ServerFrame) -> str:
+    """The ``type`` of a server frame."""
+    return frame.__struct_config__.tag  # type: ignore[return-value]
+
+
 class Encoded:
-    """One outbound frame serialized once, ready for any number of sockets."""
+    """One outbound frame serialized once, ready for any number of sockets.
 
-    __slots__ = ("type", "text", "_binary", "prepared")
+    ``text`` is the JSON text frame; ``binary`` the ``chat.v1.bin`` frame, built
+    on first use from the frame's fields (decoded from ``text`` by its schema
+    when the frame came over the channel layer as text only).
+    """
 
-    def __init__(self, frame_type, text):
+    __slots__ = ("type", "text", "frame", "_binary", "prepared")
+
+    def __init__(
+        self, frame_type: str, text: str, frame: ServerFrame | None = None
+    ) -> None:
         self.type = frame_type
         self.text = text
-        self._binary = None
-        self.prepared = {}  # per framing, the server's ready-to-write form
+        self.frame = frame
+        self._binary: bytes | None = None
+        self.prepared: dict[bool, Any] = {}  # per framing, the server's ready form
 
     @property
-    def binary(self):
+    def binary(self) -> bytes:
         if self._binary is None:
-            # The text starts with the type (frames are built with it first),
-            # so the binary payload is the same JSON with that member cut out.
-            head = '{"type":' + _dumps(self.type)
-            rest = self.text[len(head) :]
-            payload = "{" + rest[1:] if rest.startswith(",") else "{}"
-            code = struct.pack(">I", FRAME_CODES[self.type])
-            self._binary = code + payload.encode()
+            frame = self.frame
+            if frame is None:
+                frame = self.frame = _SERVER_DECODERS[self.type].decode(self.text)
+            self._binary = struct.pack(">I", FRAME_CODES[self.type]) + _encoder.encode(
+                _fields_of(frame)
+            )
         return self._binary
 
 
-def _dumps(obj):
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+def _fields_of(frame: ServerFrame) -> dict[str, Any]:
+    """The frame's fields without its tag, leaving out unset optional ones."""
+    optional = _optional_fields(type(frame))
+    return {
+        name: value
+        for name, value in msgspec.structs.asdict(frame).items()
+        if value is not None or name not in optional
+    }
 
 
-def encode(frame):
+_optional: dict[type, frozenset[str]] = {}
+
+
+def _optional_fields(cls: type[ServerFrame]) -> frozenset[str]:
+    names = _optional.get(cls)
+    if names is None:
+        fields = cls.__struct_fields__
+        defaults = cls.__struct_defaults__
+        names = _optional[cls] = frozenset(fields[len(fields) - len(defaults) :])
+    return names
+
+
+def encode(frame: ServerFrame) -> Encoded:
     """Serialize an outbound frame once."""
-    return Encoded(frame["type"], _dumps(frame))
+    return Encoded(frame_type(frame), _encoder.encode(frame).decode(), frame)
+
+
+# --- the push API's body ------------------------------------------------------------
+
+PUSH_TARGETS: Final = ("user", "room", "connection_id", "all")
+
+
+class PushRequest(Struct):
+    """``POST /api/push``: an event, its data, and exactly one target."""
+
+    event: str
+    data: Any
+    user: Annotated[str, Meta(min_length=1)] | None = None
+    room: Annotated[str, Meta(min_length=1)] | None = None
+    connection_id: Annotated[str, Meta(min_length=1)] | None = None
+    all: bool | None = None
+
+    def target(self) -> tuple[str, Any]:
+        """The one target named, as (name, value); ``ChatError`` otherwise."""
+        named = [name for name in PUSH_TARGETS if getattr(self, name) is not None]
+        if len(named) != 1:
+            raise ChatError(
+                BAD_REQUEST, f"name exactly one target: {', '.join(PUSH_TARGETS)}"
+            )
+        name = named[0]
+        if name == "all" and self.all is not True:
+            raise ChatError(BAD_REQUEST, "'all' must be true")
+        return name, getattr(self, name)
+
+
+_push_decoder = msgspec.json.Decoder(PushRequest)
+_PUSH_FIELD_ERRORS = {
+    "event": "the body needs an 'event' string",
+    "data": "the body needs 'data' (any JSON)",
+    "all": "'all' must be true",
+}
+_ERROR_FIELD_RE = re.compile(r"at `\$\.(\w+)`|missing required field `(\w+)`")
+
+
+def parse_push_request(body: bytes) -> PushRequest:
+    """Validate and decode a push API body; ``ChatError`` says what is wrong."""
+    try:
+        return _push_decoder.decode(body)
+    except msgspec.ValidationError as exc:  # a DecodeError too: first
+        raise ChatError(BAD_REQUEST, _push_error_text(exc)) from None
+    except (msgspec.DecodeError, RecursionError):
+        raise ChatError(BAD_REQUEST, "the body is not valid JSON") from None
+
+
+def _push_error_text(exc: msgspec.ValidationError) -> str:
+    match = _ERROR_FIELD_RE.search(str(exc))
+    field = (match.group(1) or match.group(2)) if match else None
+    if field is None:
+        return "the body must be a JSON object with 'event' and 'data'"
+    if field in _PUSH_FIELD_ERRORS:
+        return _PUSH_FIELD_ERRORS[field]
+    return f"'{field}' must be a non-empty string"

@@ -1,7 +1,5 @@
 """Web pages: sign up, the room list, a room."""
 
-import json
-
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
@@ -13,9 +11,9 @@ from django.shortcuts import redirect, render
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from chat import push, selectors, services
+from chat import protocol, push, selectors, services
 from chat.forms import DirectStartForm, RoomCreateForm
-from chat.protocol import BAD_REQUEST, FORBIDDEN, NOT_FOUND, ChatError
+from chat.protocol import FORBIDDEN, NOT_FOUND, ChatError
 
 
 def signup(request):
@@ -114,8 +112,6 @@ def room_detail(request, slug):
 
 # --- HTTP API -------------------------------------------------------------------
 
-PUSH_TARGETS = ("user", "room", "connection_id", "all")
-
 
 def _api_error(status, message):
     return JsonResponse({"error": message}, status=status)
@@ -139,18 +135,9 @@ def api_push(request):
             403, "this token's user lacks the chat.push_message permission"
         )
     try:
-        body = json.loads(request.body)
-    except ValueError:
-        return _api_error(400, "the body is not valid JSON")
-    if not isinstance(body, dict) or not isinstance(body.get("event"), str):
-        return _api_error(400, "the body needs an 'event' string")
-    if "data" not in body:
-        return _api_error(400, "the body needs 'data' (any JSON)")
-    targets = [name for name in PUSH_TARGETS if name in body]
-    if len(targets) != 1:
-        return _api_error(400, f"name exactly one target: {', '.join(PUSH_TARGETS)}")
-    try:
-        count = _push_to(targets[0], body[targets[0]], body["event"], body["data"])
+        body = protocol.parse_push_request(request.body)
+        target, value = body.target()
+        count = _push_to(target, value, body.event, body.data)
     except ChatError as exc:
         return _api_error(400, exc.message)
     return JsonResponse({"connections": count}, status=202)
@@ -158,11 +145,7 @@ def api_push(request):
 
 def _push_to(target, value, event, data):
     if target == "all":
-        if value is not True:
-            raise ChatError(BAD_REQUEST, "'all' must be true")
         return push.to_everyone(event, data)
-    if not isinstance(value, str) or not value:
-        raise ChatError(BAD_REQUEST, f"'{target}' must be a non-empty string")
     if target == "user":
         return push.to_user(selectors.user_get_active(username=value), event, data)
     if target == "room":
