@@ -16,7 +16,7 @@ The push API's body (``POST /api/push``) is declared here as well.
 
 import re
 import struct
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Final
 
 import msgspec
@@ -407,7 +407,10 @@ def timestamp(value: datetime | None) -> str | None:
     """ISO 8601 in UTC with milliseconds and a Z, or None."""
     if value is None:
         return None
-    return value.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    if value.utcoffset():
+        value = value.astimezone(UTC)
+    # "2026-12-02T12:00:00.123" and any offset cut off (isoformat is the fastest).
+    return value.isoformat(timespec="milliseconds")[:23] + "Z"
 
 
 def user_payload(user: Any) -> User:
