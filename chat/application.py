@@ -18,7 +18,8 @@ from django.http import HttpRequest
 from django.http.cookie import parse_cookie
 from django.utils.module_loading import import_string
 
-from chat import selectors
+from chat import selectors, services
+from chat.models import ApiToken
 
 WEBSOCKET_PATH = "/ws/"
 
@@ -33,10 +34,7 @@ def token_from_scope(scope):
     None when neither is there; "" for a malformed ``Authorization`` header.
     """
     for value in header_values(scope, b"authorization"):
-        scheme, _, key = value.decode("latin-1").partition(" ")
-        if scheme.lower() == "bearer" and key.strip():
-            return key.strip()
-        return ""
+        return ApiToken.key_from_authorization(value.decode("latin-1"))
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     values = query.get("token")
     return values[0] if values else None
@@ -71,9 +69,12 @@ def identify(*, token_key, session_key):
     An inactive or site-banned user is nobody too.
     """
     if token_key is not None:
-        if not token_key:
+        found = selectors.token_user_get(key=token_key) if token_key else None
+        if found is None:
             return None, None
-        return selectors.token_user_get(key=token_key)
+        if found.use_stale:
+            services.api_token_use_note(token_id=found.token_id)
+        return found.user, found.token_id
     if session_key is None:
         return None, None
     session_store = import_string(f"{settings.SESSION_ENGINE}.SessionStore")

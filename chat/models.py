@@ -2,10 +2,11 @@
 
 import hashlib
 import secrets
+from datetime import timedelta
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import models
+from django.db import connection, models
 from django.utils import timezone
 
 
@@ -115,6 +116,8 @@ class ApiToken(models.Model):
     """A bearer token for non-browser clients; only its SHA-256 is stored."""
 
     PREFIX = "cs_"
+    # last_used_at is kept to the minute: one write a minute, not one per use.
+    USE_RESOLUTION = timedelta(minutes=1)
 
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="chat_tokens"
@@ -150,13 +153,17 @@ class ApiToken(models.Model):
     def is_revoked(self):
         return self.revoked_at is not None
 
+    @staticmethod
+    def key_from_authorization(value):
+        """The key of an ``Authorization: Bearer <key>`` value; "" for any other."""
+        scheme, _, key = value.partition(" ")
+        return key.strip() if scheme.lower() == "bearer" else ""
+
 
 class SanctionQuerySet(models.QuerySet):
     def active(self, now=None):
-        now = now or timezone.now()
-        return self.filter(
-            models.Q(expires_at__isnull=True) | models.Q(expires_at__gt=now)
-        )
+        """The sanctions in force ``now``."""
+        return self.filter(Sanction.in_force_q(now or timezone.now()))
 
 
 class Sanction(models.Model):
@@ -186,9 +193,23 @@ class Sanction(models.Model):
         abstract = True
         ordering = ["-created_at"]
 
+    # The one rule of a sanction in force, said three ways: it has no end, or it
+    # ends after now. A query filter, a check of a loaded row, and plain SQL for
+    # the connect path's raw reads (see chat.selectors).
+
+    @staticmethod
+    def in_force_q(now):
+        return models.Q(expires_at__isnull=True) | models.Q(expires_at__gt=now)
+
     @property
     def is_active(self):
         return self.expires_at is None or self.expires_at > timezone.now()
+
+    @classmethod
+    def in_force_sql(cls, alias):
+        """SQL: row ``alias`` is in force at the query parameter that follows."""
+        expires = connection.ops.quote_name(cls._meta.get_field("expires_at").column)
+        return f"{alias}.{expires} IS NULL OR {alias}.{expires} > %s"
 
 
 class Ban(Sanction):

@@ -1,6 +1,6 @@
 """Reads: rooms a user may see, history, recovery, token lookup."""
 
-from datetime import timedelta
+from typing import Any, NamedTuple
 
 from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
@@ -72,7 +72,7 @@ def room_access_get(*, slug, user):
         f" m.{_column(Membership, 'id')} AS chat_membership_id,"
         f" (SELECT b.{_column(Ban, 'reason')} FROM {_table(Ban)} b"
         f"  WHERE b.{ban_room} = r.{room_id} AND b.{ban_user} = %s"
-        f"  AND ({_ban_in_force('b')}) LIMIT 1) AS chat_ban_reason"
+        f"  AND ({Ban.in_force_sql('b')}) LIMIT 1) AS chat_ban_reason"
         f" FROM {_table(Room)} r LEFT JOIN {_table(Membership)} m"
         f" ON m.{_column(Membership, 'room')} = r.{room_id} AND m.{member_user} = %s"
         f" WHERE r.{_column(Room, 'slug')} = %s",
@@ -92,21 +92,12 @@ def room_access_get(*, slug, user):
     return room, read_seq if is_member else None
 
 
-def _ban_in_force(alias):
-    """SQL: the ban ``alias`` has no end, or ends after the parameter (now).
-
-    The rule of ``SanctionQuerySet.active``, for the plain-SQL reads.
-    """
-    expires = _column(Ban, "expires_at")
-    return f"{alias}.{expires} IS NULL OR {alias}.{expires} > %s"
-
-
 def _site_ban_exists(user_id_sql):
     """SQL: a site-wide ban of user ``user_id_sql`` is in force (parameter: now)."""
     return (
         f"EXISTS (SELECT 1 FROM {_table(Ban)} b"
         f" WHERE b.{_column(Ban, 'user')} = {user_id_sql}"
-        f" AND b.{_column(Ban, 'room')} IS NULL AND ({_ban_in_force('b')}))"
+        f" AND b.{_column(Ban, 'room')} IS NULL AND ({Ban.in_force_sql('b')}))"
     )
 
 
@@ -181,65 +172,51 @@ def messages_since(*, room, since):
     return _payloads(room, messages), complete
 
 
-TOKEN_USE_RESOLUTION = timedelta(minutes=1)
+class TokenUser(NamedTuple):
+    """The user of an active API token, the token's id, and if its use is stale."""
+
+    user: Any
+    token_id: int
+    use_stale: bool
 
 
-def token_user_get(*, key):
-    """``(user, token id)`` of an active API token, else ``(None, None)``.
+def token_user_get(*, key: str) -> TokenUser | None:
+    """The active user of an active API token, in one query; None if there is none.
 
-    The handshake's read: the user (active, not banned from the site) comes in
-    the same query. Notes the token's use, at most once a minute.
+    A user who is inactive or banned from the site has no usable token.
+    ``use_stale``: the token's ``last_used_at`` is older than its resolution, so
+    the caller should record this use (``services.api_token_use_note``).
     """
     User = get_user_model()
     now = timezone.now()
     user_id = _column(User, "id")
+    last_used = _column(ApiToken, "last_used_at")
     rows = User.objects.raw(
         f"SELECT u.*, t.{_column(ApiToken, 'id')} AS chat_token_id,"
-        f" (t.{_column(ApiToken, 'last_used_at')} IS NULL"
-        f"  OR t.{_column(ApiToken, 'last_used_at')} < %s) AS chat_token_stale,"
+        f" (t.{last_used} IS NULL OR t.{last_used} < %s) AS chat_token_stale,"
         f" {_site_ban_exists(f'u.{user_id}')} AS chat_site_banned"
         f" FROM {_table(ApiToken)} t JOIN {_table(User)} u"
         f" ON u.{user_id} = t.{_column(ApiToken, 'user')}"
         f" WHERE t.{_column(ApiToken, 'key_hash')} = %s"
         f" AND t.{_column(ApiToken, 'revoked_at')} IS NULL"
         f" AND u.{_column(User, 'is_active')} = %s",
-        [now - TOKEN_USE_RESOLUTION, now, ApiToken.hash_key(key), True],
+        [now - ApiToken.USE_RESOLUTION, now, ApiToken.hash_key(key), True],
     )
     user = next(iter(rows), None)
     if user is None:
-        return None, None
+        return None
     state = vars(user)
     token_id = state.pop("chat_token_id")
-    if state.pop("chat_token_stale"):
-        ApiToken.objects.filter(pk=token_id).update(last_used_at=now)
+    use_stale = bool(state.pop("chat_token_stale"))
     if state.pop("chat_site_banned"):
-        return None, None
-    return user, token_id
+        return None
+    return TokenUser(user, token_id, use_stale)
 
 
-def token_get_active(*, key):
-    """The active API token with raw ``key`` (its user loaded), or None."""
-    token = (
-        ApiToken.objects.active()
-        .select_related("user")
-        .filter(key_hash=ApiToken.hash_key(key))
-        .first()
-    )
-    if token is not None:
-        now = timezone.now()
-        # At most one write a minute per token, not one per handshake.
-        if (
-            token.last_used_at is None
-            or now - token.last_used_at > TOKEN_USE_RESOLUTION
-        ):
-            ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
-    return token
-
-
-def user_get_by_token(*, key):
+def user_get_by_token(*, key: str) -> Any:
     """The active user a raw API token belongs to, or None."""
-    token = token_get_active(key=key)
-    return token.user if token is not None else None
+    found = token_user_get(key=key)
+    return found.user if found is not None else None
 
 
 def user_get_active(*, username):

@@ -390,6 +390,11 @@ def api_token_create(*, user, name=""):
     return token, key
 
 
+def api_token_use_note(*, token_id):
+    """Record that a token was used now (callers do so once a resolution)."""
+    ApiToken.objects.filter(pk=token_id).update(last_used_at=timezone.now())
+
+
 def api_token_revoke(*, token, actor=None):
     """Revoke a token and close the sockets opened with it."""
     if token.revoked_at is not None:

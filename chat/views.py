@@ -13,6 +13,7 @@ from django.views.decorators.http import require_POST
 
 from chat import protocol, push, selectors, services
 from chat.forms import DirectStartForm, RoomCreateForm
+from chat.models import ApiToken
 from chat.protocol import FORBIDDEN, NOT_FOUND, ChatError
 
 
@@ -117,20 +118,17 @@ def _api_error(status, message):
     return JsonResponse({"error": message}, status=status)
 
 
-def _bearer_key(request):
-    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-    return key.strip() if scheme.lower() == "bearer" else ""
-
-
 @csrf_exempt
 @require_POST
 def api_push(request):
     """POST /api/push: a ``push`` frame to a user, a room, a connection or all."""
-    key = _bearer_key(request)
-    token = selectors.token_get_active(key=key) if key else None
-    if token is None:
+    key = ApiToken.key_from_authorization(request.headers.get("Authorization", ""))
+    found = selectors.token_user_get(key=key) if key else None
+    if found is None:
         return _api_error(401, "send Authorization: Bearer <API token>")
-    if not token.user.has_perm("chat.push_message"):
+    if found.use_stale:
+        services.api_token_use_note(token_id=found.token_id)
+    if not found.user.has_perm("chat.push_message"):
         return _api_error(
             403, "this token's user lacks the chat.push_message permission"
         )

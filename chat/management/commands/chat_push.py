@@ -1,9 +1,8 @@
 import json
 
-from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from chat import push
+from chat import push, selectors
 from chat.protocol import ChatError
 
 
@@ -35,8 +34,7 @@ class Command(BaseCommand):
         self.stdout.write(f"Reached {count} connection(s).")
 
     def _user(self, username):
-        User = get_user_model()
         try:
-            return User.objects.get(**{User.USERNAME_FIELD: username})
-        except User.DoesNotExist:
+            return selectors.user_get_active(username=username)
+        except ChatError:
             raise CommandError(f"No user named {username!r}.") from None
