@@ -104,7 +104,7 @@ class RoomAdmin(admin.ModelAdmin):
             self.message_user(request, f"Disconnected {connection_id}.")
             return redirect("admin:chat_live_connections")
         connections = async_to_sync(presence.live_connections)()
-        per_room = {}
+        per_room: dict[str, int] = {}
         for connection in connections:
             for slug in connection["rooms"]:
                 per_room[slug] = per_room.get(slug, 0) + 1
@@ -190,6 +190,10 @@ class SanctionAdmin(admin.ModelAdmin):
     autocomplete_fields = ["user", "room"]
     list_select_related = ["user", "room", "created_by"]
     readonly_fields = ["created_by", "created_at"]
+
+    def create(self, request, data):
+        """Create the sanction through its service; each admin says which."""
+        raise NotImplementedError
 
     def get_readonly_fields(self, request, obj=None):
         if obj is not None:

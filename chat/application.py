@@ -8,6 +8,8 @@ Here one coroutine checks everything in one trip to the database thread (one
 query for a token), then hands the consumer a scope holding only what it reads.
 """
 
+from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from channels.db import database_sync_to_async
@@ -23,12 +25,17 @@ from chat.models import ApiToken
 
 WEBSOCKET_PATH = "/ws/"
 
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[Any]]
 
-def header_values(scope, name):
+
+def header_values(scope: Scope, name: bytes) -> list[bytes]:
     return [value for key, value in scope.get("headers", []) if key == name]
 
 
-def token_from_scope(scope):
+def token_from_scope(scope: Scope) -> str | None:
     """The token of ``Authorization: Bearer <token>``, else of ``?token=``.
 
     None when neither is there; "" for a malformed ``Authorization`` header.
@@ -40,12 +47,12 @@ def token_from_scope(scope):
     return values[0] if values else None
 
 
-def session_key_from_scope(scope):
+def session_key_from_scope(scope: Scope) -> str | None:
     cookies = b"; ".join(header_values(scope, b"cookie")).decode("latin-1")
     return parse_cookie(cookies).get(settings.SESSION_COOKIE_NAME) or None
 
 
-def origin_allowed(scope):
+def origin_allowed(scope: Scope) -> bool:
     """A browser's ``Origin`` must be ours; a client without one is let in.
 
     Browsers always send ``Origin``; other clients (which authenticate with a
@@ -62,7 +69,9 @@ def origin_allowed(scope):
     return OriginValidator(None, allowed).validate_origin(parsed)
 
 
-def identify(*, token_key, session_key):
+def identify(
+    *, token_key: str | None, session_key: str | None
+) -> tuple[Any, int | None]:
     """``(user, token_id)`` of a handshake's credentials; ``(None, None)`` if none.
 
     A token, when given, decides (a bad one means nobody, whatever the cookie).
@@ -88,7 +97,7 @@ def identify(*, token_key, session_key):
     return user, None
 
 
-async def handshake(scope):
+async def handshake(scope: Scope) -> Scope | None:
     """The consumer's scope for a socket we accept, or None to refuse it."""
     if scope.get("path") != WEBSOCKET_PATH or not origin_allowed(scope):
         return None
@@ -107,7 +116,7 @@ async def handshake(scope):
     }
 
 
-async def refuse(receive, send):
+async def refuse(receive: Receive, send: Send) -> None:
     """Close before accepting: the client's handshake gets HTTP 403."""
     message = await receive()
     if message["type"] == "websocket.connect":
@@ -121,22 +130,23 @@ class ChatApplication:
     scope the handshake made, never the server's.
     """
 
-    def __init__(self, *, http, websocket):
+    def __init__(self, *, http: ASGIApp, websocket: ASGIApp) -> None:
         self.http = http
         self.websocket = websocket
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "websocket":
-            scope = await handshake(scope)
-            if scope is None:
+            accepted = await handshake(scope)
+            del scope  # this frame lives as long as the socket: not the server's
+            if accepted is None:
                 return await refuse(receive, send)
-            return await self.websocket(scope, receive, send)
+            return await self.websocket(accepted, receive, send)
         if kind == "lifespan":
             return await self.lifespan(receive, send)
         return await self.http(scope, receive, send)
 
-    async def lifespan(self, receive, send):
+    async def lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":

@@ -1,5 +1,7 @@
 """Forms of the web pages: create a room, start a direct conversation."""
 
+from typing import Any
+
 from django import forms
 from django.core.exceptions import ValidationError
 
@@ -20,7 +22,7 @@ class RoomCreateForm(forms.Form):
         required=False, label="Private", help_text="Only members may read and join."
     )
 
-    def clean_slug(self):
+    def clean_slug(self) -> str:
         slug = self.cleaned_data["slug"]
         if slug.lower().startswith(Room.DIRECT_SLUG_PREFIX):
             raise ValidationError(Room.DIRECT_SLUG_MESSAGE)
@@ -30,8 +32,8 @@ class RoomCreateForm(forms.Form):
             return slug
         raise ValidationError(self.SLUG_TAKEN)
 
-    def clean(self):
-        cleaned = super().clean()
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
         if not cleaned.get("title") and cleaned.get("slug"):
             cleaned["title"] = cleaned["slug"]
         return cleaned
@@ -40,7 +42,7 @@ class RoomCreateForm(forms.Form):
 class DirectStartForm(forms.Form):
     username = forms.CharField(max_length=150, label="Username")
 
-    def clean_username(self):
+    def clean_username(self) -> str:
         username = self.cleaned_data["username"].strip()
         try:
             self.cleaned_data["other"] = selectors.user_get_active(username=username)

@@ -10,6 +10,13 @@ from django.db import connection, models
 from django.utils import timezone
 
 
+def model_column(model: type[models.Model], name: str) -> str:
+    """The database column of field ``name`` of ``model``."""
+    field = model._meta.get_field(name)
+    assert isinstance(field, models.Field) and field.column
+    return field.column
+
+
 class Room(models.Model):
     # Direct conversations own the slugs ``dm-<low user id>-<high user id>``.
     DIRECT_SLUG_PREFIX = "dm-"
@@ -208,7 +215,7 @@ class Sanction(models.Model):
     @classmethod
     def in_force_sql(cls, alias):
         """SQL: row ``alias`` is in force at the query parameter that follows."""
-        expires = connection.ops.quote_name(cls._meta.get_field("expires_at").column)
+        expires = connection.ops.quote_name(model_column(cls, "expires_at"))
         return f"{alias}.{expires} IS NULL OR {alias}.{expires} > %s"
 
 

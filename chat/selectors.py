@@ -1,16 +1,21 @@
 """Reads: rooms a user may see, history, recovery, token lookup."""
 
-from typing import Any, NamedTuple
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
 
 from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
-from django.db import connection
-from django.db.models import Q
+from django.db import connection, models
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from chat import protocol
-from chat.models import ApiToken, Ban, Membership, Message, Mute, Room
+from chat.models import ApiToken, Ban, Membership, Message, Mute, Room, model_column
 from chat.protocol import FORBIDDEN, NOT_FOUND, ChatError
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
 
 # The connect path (handshake, join) reads in plain SQL through Model.objects.raw:
 # through the ORM these reads cost 0.2-0.9 ms of Python each, building and
@@ -18,15 +23,15 @@ from chat.protocol import FORBIDDEN, NOT_FOUND, ChatError
 # names come from the models.
 
 
-def _table(model):
+def _table(model: type[models.Model]) -> str:
     return connection.ops.quote_name(model._meta.db_table)
 
 
-def _column(model, name):
-    return connection.ops.quote_name(model._meta.get_field(name).column)
+def _column(model: type[models.Model], name: str) -> str:
+    return connection.ops.quote_name(model_column(model, name))
 
 
-def room_get(*, slug):
+def room_get(*, slug: str) -> Room:
     rooms = Room.objects.raw(
         f"SELECT * FROM {_table(Room)} WHERE {_column(Room, 'slug')} = %s", [slug]
     )
@@ -38,23 +43,23 @@ def room_get(*, slug):
 room_get_async = database_sync_to_async(room_get)
 
 
-def room_get_by_id(room_id):
+def room_get_by_id(room_id: int) -> Room | None:
     return Room.objects.filter(pk=room_id).first()
 
 
 room_get_by_id_async = database_sync_to_async(room_get_by_id)
 
 
-def membership_get(*, room, user):
+def membership_get(*, room: Room, user: User) -> Membership | None:
     return Membership.objects.filter(room=room, user=user).first()
 
 
-def room_get_readable(*, slug, user):
+def room_get_readable(*, slug: str, user: User) -> Room:
     """The room, if ``user`` may read it: public or a member, and not banned."""
     return room_access_get(slug=slug, user=user)[0]
 
 
-def room_access_get(*, slug, user):
+def room_access_get(*, slug: str, user: User) -> tuple[Room, int | None]:
     """``(room, read_seq)`` if ``user`` may read the room, in one query.
 
     ``read_seq`` is None when they are not a member. ``ChatError`` when there is
@@ -92,7 +97,7 @@ def room_access_get(*, slug, user):
     return room, read_seq if is_member else None
 
 
-def _site_ban_exists(user_id_sql):
+def _site_ban_exists(user_id_sql: str) -> str:
     """SQL: a site-wide ban of user ``user_id_sql`` is in force (parameter: now)."""
     return (
         f"EXISTS (SELECT 1 FROM {_table(Ban)} b"
@@ -101,18 +106,18 @@ def _site_ban_exists(user_id_sql):
     )
 
 
-def user_is_site_banned(*, user_id):
+def user_is_site_banned(*, user_id: int) -> bool:
     """Whether a site-wide ban of the user is in force."""
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT {_site_ban_exists('%s')}", [user_id, timezone.now()])
         return bool(cursor.fetchone()[0])
 
 
-def mute_get_active(*, room, user):
+def mute_get_active(*, room: Room, user: User) -> Mute | None:
     return Mute.objects.active().filter(room=room, user=user).first()
 
 
-def mutes_active_for(*, pairs):
+def mutes_active_for(*, pairs: set[tuple[int, int]]) -> dict[tuple[int, int], Mute]:
     """Active mutes among (room_id, user_id) pairs, keyed by the pair."""
     if not pairs:
         return {}
@@ -123,7 +128,7 @@ def mutes_active_for(*, pairs):
     return {(m.room_id, m.user_id): m for m in mutes if (m.room_id, m.user_id) in pairs}
 
 
-def room_list_for_user(*, user):
+def room_list_for_user(*, user: User) -> QuerySet[Room]:
     """Public rooms, and the private rooms and direct conversations of ``user``."""
     return (
         Room.objects.filter(Q(is_private=False) | Q(memberships__user=user))
@@ -132,7 +137,7 @@ def room_list_for_user(*, user):
     )
 
 
-def user_can_moderate(*, room, user):
+def user_can_moderate(*, room: Room, user: User) -> bool:
     if user.is_superuser:
         return True
     return Membership.objects.filter(
@@ -140,14 +145,19 @@ def user_can_moderate(*, room, user):
     ).exists()
 
 
-def _payloads(room, messages):
+def _payloads(room: Room, messages: list[Message]) -> list[protocol.MessageData]:
     return [
         protocol.message_payload(message, room.slug, message.author)
         for message in messages
     ]
 
 
-def message_history(*, room, before=None, limit=protocol.HISTORY_DEFAULT_LIMIT):
+def message_history(
+    *,
+    room: Room,
+    before: int | None = None,
+    limit: int = protocol.HISTORY_DEFAULT_LIMIT,
+) -> tuple[list[protocol.MessageData], bool]:
     """Up to ``limit`` messages before seq ``before``, ascending, and if more exist."""
     query = Message.objects.filter(room=room).select_related("author")
     if before is not None:
@@ -158,7 +168,9 @@ def message_history(*, room, before=None, limit=protocol.HISTORY_DEFAULT_LIMIT):
     return _payloads(room, messages), has_more
 
 
-def messages_since(*, room, since):
+def messages_since(
+    *, room: Room, since: int
+) -> tuple[list[protocol.MessageData], bool]:
     """The messages after seq ``since``, ascending, and whether that is all of them.
 
     More than ``RECOVERY_MAX_MESSAGES`` missed: the newest ones come back, and
@@ -175,7 +187,7 @@ def messages_since(*, room, since):
 class TokenUser(NamedTuple):
     """The user of an active API token, the token's id, and if its use is stale."""
 
-    user: Any
+    user: User
     token_id: int
     use_stale: bool
 
@@ -213,13 +225,13 @@ def token_user_get(*, key: str) -> TokenUser | None:
     return TokenUser(user, token_id, use_stale)
 
 
-def user_get_by_token(*, key: str) -> Any:
+def user_get_by_token(*, key: str) -> User | None:
     """The active user a raw API token belongs to, or None."""
     found = token_user_get(key=key)
     return found.user if found is not None else None
 
 
-def user_get_active(*, username):
+def user_get_active(*, username: str) -> User:
     User = get_user_model()
     try:
         return User.objects.get(**{User.USERNAME_FIELD: username, "is_active": True})

@@ -19,7 +19,7 @@ from chat.protocol import FORBIDDEN, NOT_FOUND, ChatError
 
 def signup(request):
     """Create an account, sign it in and go to the room list."""
-    form = UserCreationForm(request.POST or None)
+    form: UserCreationForm = UserCreationForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         user = form.save()
         login(request, user)
