@@ -1,11 +1,13 @@
 # make run  — create the virtualenv, install, migrate, serve on http://127.0.0.1:8000
 # make test — create the virtualenv, install, run the whole suite
 # make bench — the benchmark (bench/README.md); BENCH_ARGS="--compare", "--quick", …
+# make lock — compile requirements*.in to the locks requirements*.txt, which pin
+#             every package; LOCK_ARGS=--upgrade moves what the .in files allow
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench
+.PHONY: run test lint bench lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,3 +38,15 @@ $(VENV)/.bench: requirements.txt requirements-dev.txt requirements-bench.txt | $
 
 bench: $(VENV)/.bench
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# No index, find-links or trusted-host lines: a lock names packages, not where a
+# machine fetched them. Each lock is compiled against the one below it (-c), so
+# the dev lock carries the runtime pins and the bench lock the dev pins unchanged.
+LOCK_FLAGS := --quiet --allow-unsafe --strip-extras --no-emit-index-url \
+	--no-emit-find-links --no-emit-trusted-host
+PIP_COMPILE := CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile $(LOCK_FLAGS)
+
+lock: $(VENV)/.dev
+	$(PIP_COMPILE) $(LOCK_ARGS) -o requirements.txt requirements.in
+	$(PIP_COMPILE) $(LOCK_ARGS) -o requirements-dev.txt requirements-dev.in
+	$(PIP_COMPILE) $(LOCK_ARGS) -o requirements-bench.txt requirements-bench.in
