@@ -121,13 +121,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         ]
 
     async def _replace_older_device_connections(self):
-        control = {
-            "action": "close",
-            "code": protocol.CLOSE_REPLACED,
-            "reason": "replaced by a newer connection with the same device key",
-        }
-        match = {"device": self.device, "not_connection_id": self.connection_id}
-        await fanout.command([fanout.user_group(self.user_id)], control, match=match)
+        await services.device_connections_replace(
+            user_id=self.user_id, device=self.device, connection_id=self.connection_id
+        )
 
     def info(self):
         """What the live-connection registry knows of this socket."""
@@ -257,7 +253,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             if not room.is_direct:
                 await self.hub.add(fanout.room_group(room.pk), self)
             self.rooms[slug] = room
-            await presence.room_enter(
+            await services.room_presence_enter(
                 room=room, connection_id=self.connection_id, user=self.user
             )
             await presence.connection_rooms_changed(self)
@@ -288,7 +284,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.rooms.pop(room.slug, None)
         if not room.is_direct:
             await self.hub.discard(fanout.room_group(room.pk), self)
-        await presence.room_exit(
+        await services.room_presence_exit(
             room=room, connection_id=self.connection_id, user=self.user
         )
         if not self.closing:
@@ -352,11 +348,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def on_typing(self, frame):
         room = self._joined_room(frame)
-        await fanout.publish(
-            fanout.room_groups(room),
-            protocol.typing(room_slug=room.slug, username=self.username),
-            exclude_user=self.user_id,
-        )
+        await services.typing_send(room=room, user=self.user)
 
     async def on_edit(self, frame):
         room = self._joined_room(frame)

@@ -6,13 +6,18 @@ of the process's sockets belongs there. A broadcast is one ``group_send`` of a
 frame serialized once; every process that holds members gets it once and writes
 the same bytes to each of its sockets. Channels consumers stay the interface
 for connect, receive and disconnect; the channel layer stays the bus.
+
+This module is the transport only: ``chat.services`` declares what to send as
+``Delivery`` and ``Batch`` values and is the one caller of ``publish``,
+``command`` and ``publish_many``.
 """
 
 import asyncio
 import logging
 import secrets
+from dataclasses import dataclass
+from typing import Any
 
-from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 
@@ -61,6 +66,31 @@ def direct_room_user_ids(room):
     """The two user ids encoded in a direct room's slug (``dm-<id>-<id>``)."""
     _, low, high = room.slug.split("-")
     return sorted({int(low), int(high)})
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One event for the layer: a ``frame`` or an ``order``, to ``groups``.
+
+    ``exclude_user`` skips a user's sockets and ``match`` narrows the groups to
+    the sockets whose attributes match (see ``Hub.deliver``).
+    """
+
+    groups: tuple[str, ...]
+    frame: Any = None
+    order: dict | None = None
+    exclude_user: int | None = None
+    match: dict | None = None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Frames for many groups as a single layer message (see ``publish_many``).
+
+    ``broadcasts`` holds (groups, frames) pairs, both tuples.
+    """
+
+    broadcasts: tuple[tuple[tuple[str, ...], tuple[Any, ...]], ...]
 
 
 class Hub:
@@ -253,17 +283,3 @@ async def publish_many(broadcasts):
     event = {"type": "hub.frame", "multi": parts}
     async with _layer_slot():
         await get_channel_layer().group_send(EVERYONE_GROUP, {**event, "group": None})
-
-
-def publish_many_sync(broadcasts):
-    async_to_sync(publish_many)(broadcasts)
-
-
-def publish_sync(groups, frame, *, exclude_user=None, match=None):
-    """``publish`` for sync code: services, views, commands."""
-    async_to_sync(publish)(groups, frame, exclude_user=exclude_user, match=match)
-
-
-def command_sync(groups, control, *, match=None):
-    """``command`` for sync code."""
-    async_to_sync(command)(groups, control, match=match)

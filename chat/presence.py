@@ -9,12 +9,12 @@ comes back empty (a restart, a flush), each process puts its entries and its
 hub's groups back at its next refresh. Without Redis the entries live in this
 process's memory.
 
-``presence`` frames go out when a user's first socket enters a room and when
-their last one leaves. Leaving takes two steps: the entry is first marked as
-leaving (scored with minus the time it left, which no live range includes), the
-``offline`` frame goes out, then the entry is removed. A process killed between
-the steps leaves a leaving entry behind, which the other processes' sweep
-reports once it is a heartbeat old, so that frame is never lost.
+``presence`` frames go out (from ``chat.services``) when a user's first socket
+enters a room and when their last one leaves. Leaving takes two steps: the entry
+is first marked as leaving (scored with minus the time it left, which no live
+range includes), the ``offline`` frame goes out, then the entry is removed. A
+process killed between the steps leaves a leaving entry behind, which the other
+processes' sweep reports once it is a heartbeat old, so that frame is never lost.
 """
 
 import asyncio
@@ -24,7 +24,6 @@ import time
 
 from django.conf import settings
 
-from chat import fanout, protocol
 from chat.loops import BackgroundTask, PerLoop
 
 logger = logging.getLogger(__name__)
@@ -398,30 +397,21 @@ async def reset_store():
 
 
 async def room_enter(*, room, connection_id, user):
-    """Record a socket in ``room``; tell the others if the user just came online."""
-    store = get_store()
+    """Record a socket in ``room``; True when the user just came online there."""
     username = user.get_username()
-    first = await store.enter(room.pk, connection_id, user.pk, username)
-    if first:
-        frame = protocol.presence(
-            room_slug=room.slug, username=username, status="online"
-        )
-        await fanout.publish(fanout.room_groups(room), frame, exclude_user=user.pk)
+    return await get_store().enter(room.pk, connection_id, user.pk, username)
 
 
-async def room_exit(*, room, connection_id, user):
-    """Forget a socket in ``room``; tell the others if it was the user's last."""
-    store = get_store()
+async def room_exit_begin(*, room, connection_id, user):
+    """Mark a socket as leaving ``room``; True when it was the user's last there."""
     username = user.get_username()
-    last = await store.exit_begin(room.pk, connection_id, user.pk, username)
-    if last:
-        frame = protocol.presence(
-            room_slug=room.slug, username=username, status="offline"
-        )
-        await fanout.publish(fanout.room_groups(room), frame, exclude_user=user.pk)
-    # Not reached when publishing fails or the process dies first: the entry
-    # stays leaving, and a sweep reports the user gone a heartbeat later.
-    await store.exit_end(room.pk, connection_id, user.pk, username)
+    return await get_store().exit_begin(room.pk, connection_id, user.pk, username)
+
+
+async def room_exit_end(*, room, connection_id, user):
+    """Forget a leaving socket, once its ``offline`` frame (if any) went out."""
+    username = user.get_username()
+    await get_store().exit_end(room.pk, connection_id, user.pk, username)
 
 
 async def room_online(room):
@@ -479,18 +469,11 @@ stop_keeper = keeper.stop
 
 async def keep_once(hub):
     """Vouch for this process's sockets and report the users of dead processes."""
-    from chat import selectors
+    from chat import services
 
     store = get_store()
     if await store.refresh(list(hub.connections)):
         await hub.refresh_subscriptions()
         store.restored()
         logger.warning("Redis had lost its data; presence and fan-out groups restored")
-    for room_id, username in await store.sweep():
-        room = await selectors.room_get_by_id_async(room_id)
-        if room is None:
-            continue
-        frame = protocol.presence(
-            room_slug=room.slug, username=username, status="offline"
-        )
-        await fanout.publish(fanout.room_groups(room), frame)
+    await services.room_presence_sweep_report(gone=await store.sweep())

@@ -1,16 +1,19 @@
-"""Writes: rooms, memberships, messages, tokens, moderation.
+"""Writes: rooms, memberships, messages, tokens, moderation; and every event.
 
-Every effect on live sockets (a broadcast, a socket closed or taken out of a
-room) is sent after the transaction commits.
+Events (a frame for sockets, an order to close a socket or take it out of a
+room) leave from here only, declared as ``fanout.Delivery``/``fanout.Batch``
+values: ``_emit`` sends them after the transaction commits, ``_emit_now`` at once
+for the async services that store nothing (typing, presence, push).
 """
 
+import logging
 from dataclasses import dataclass
-from functools import partial
 
+from asgiref.sync import async_to_sync
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from chat import fanout, protocol, selectors
+from chat import fanout, presence, protocol, selectors
 from chat.models import (
     ApiToken,
     Ban,
@@ -23,6 +26,7 @@ from chat.models import (
 from chat.protocol import (
     BAD_REQUEST,
     CLOSE_BANNED,
+    CLOSE_REPLACED,
     FORBIDDEN,
     MUTED,
     NOT_FOUND,
@@ -30,23 +34,65 @@ from chat.protocol import (
     ChatError,
 )
 
+logger = logging.getLogger(__name__)
+
 Kind = ModerationAction.Kind
 
 
-def _broadcast_on_commit(room, frame, *, exclude_user=None):
-    groups = fanout.room_groups(room)
-    transaction.on_commit(
-        partial(fanout.publish_sync, groups, frame, exclude_user=exclude_user)
-    )
+# --- events: the one way out -------------------------------------------------
 
 
-def _command_on_commit(groups, control, *, match=None):
-    transaction.on_commit(partial(fanout.command_sync, groups, control, match=match))
+@dataclass(frozen=True)
+class Emission:
+    """The ``on_commit`` callback that sends ``events`` (tests read them here)."""
+
+    events: tuple
+
+    def __call__(self):
+        async_to_sync(_emit_now)(*self.events)
 
 
-def _close_sockets_on_commit(user, reason, *, match=None):
-    control = {"action": "close", "code": CLOSE_BANNED, "reason": reason}
-    _command_on_commit([fanout.user_group(user.pk)], control, match=match)
+def _emit(*events):
+    """Send ``events`` once the transaction commits; never after a rollback.
+
+    Outside a transaction Django runs the callback at once.
+    """
+    if events:
+        transaction.on_commit(Emission(events))
+
+
+async def _emit_now(*events):
+    """Send ``events`` now: for async callers with nothing to commit."""
+    for event in events:
+        if isinstance(event, fanout.Batch):
+            await fanout.publish_many(event.broadcasts)
+        elif event.order is not None:
+            await fanout.command(event.groups, event.order, match=event.match)
+        else:
+            await fanout.publish(
+                event.groups,
+                event.frame,
+                exclude_user=event.exclude_user,
+                match=event.match,
+            )
+
+
+def _to_room(room, frame, *, exclude_user=None):
+    groups = tuple(fanout.room_groups(room))
+    return fanout.Delivery(groups, frame=frame, exclude_user=exclude_user)
+
+
+def _order(groups, order, *, match=None):
+    return fanout.Delivery(tuple(groups), order=order, match=match)
+
+
+def _close_order(reason, *, code=CLOSE_BANNED):
+    return {"action": "close", "code": code, "reason": reason}
+
+
+def _close_sockets(user_id, reason, *, match=None):
+    """Close ``user_id``'s sockets (those that fit ``match``) with 4403."""
+    return _order([fanout.user_group(user_id)], _close_order(reason), match=match)
 
 
 def _record(kind, *, actor, reason="", **targets):
@@ -146,12 +192,13 @@ def message_create_many(*, requests):
         with transaction.atomic():
             fresh = _resolve_retries_and_refusals(requests, results)
             created = _store_fresh(requests, fresh, results)
-            broadcasts = [
-                (fanout.room_groups(room), frames)
+            broadcasts = tuple(
+                (tuple(fanout.room_groups(room)), tuple(frames))
                 for room, frames in _frames_by_room(created)
-            ]
+            )
             if broadcasts:
-                transaction.on_commit(partial(fanout.publish_many_sync, broadcasts))
+                # All rooms' frames in one layer message.
+                _emit(fanout.Batch(broadcasts))
     except IntegrityError:
         if len(requests) == 1:
             # A concurrent retry of the same client_msg_id won the race.
@@ -322,7 +369,7 @@ def message_edit(*, room, message_id, user, body):
         message.edited_at = timezone.now()
         message.save(update_fields=["body", "edited_at"])
         frame = protocol.message_edited(room_slug=room.slug, message=message)
-        _broadcast_on_commit(room, frame)
+        _emit(_to_room(room, frame))
     return message
 
 
@@ -346,7 +393,7 @@ def _message_soft_delete(message, room):
     message.deleted_at = timezone.now()
     message.save(update_fields=["deleted_at"])
     frame = protocol.message_deleted(room_slug=room.slug, message=message)
-    _broadcast_on_commit(room, frame)
+    _emit(_to_room(room, frame))
 
 
 def message_hide(*, message, actor=None, reason=""):
@@ -408,8 +455,8 @@ def api_token_revoke(*, token, actor=None):
             target_user=token.user,
             detail=f"token {token.hint}",
         )
-        _close_sockets_on_commit(
-            token.user, "token revoked", match={"token_id": token.pk}
+        _emit(
+            _close_sockets(token.user_id, "token revoked", match={"token_id": token.pk})
         )
     return token
 
@@ -430,7 +477,7 @@ def user_ban(*, user, reason, expires_at=None, actor=None):
             reason=reason,
             detail=_until(expires_at),
         )
-        _enforce_on_commit(ban)
+        _emit(*_enforcement(ban))
     return ban
 
 
@@ -448,7 +495,7 @@ def room_ban(*, user, room, reason, expires_at=None, actor=None):
             reason=reason,
             detail=_until(expires_at),
         )
-        _enforce_on_commit(ban)
+        _emit(*_enforcement(ban))
     return ban
 
 
@@ -465,23 +512,22 @@ def ban_update(*, ban, actor=None):
             reason=ban.reason,
             detail=f"changed: {_until(ban.expires_at)}",
         )
-        _enforce_on_commit(ban)
+        _emit(*_enforcement(ban))
     return ban
 
 
-def _enforce_on_commit(ban):
+def _enforcement(ban):
     """Close the banned user's sockets (site ban) or take them out of the room."""
     if not ban.is_active:
-        return
+        return ()
     if ban.room_id is None:
-        _close_sockets_on_commit(ban.user, f"banned: {ban.reason}")
-        return
-    control = {
+        return (_close_sockets(ban.user_id, f"banned: {ban.reason}"),)
+    order = {
         "action": "remove",
         "room": ban.room.slug,
         "reason": f"banned from the room: {ban.reason}",
     }
-    _command_on_commit([fanout.user_group(ban.user_id)], control)
+    return (_order([fanout.user_group(ban.user_id)], order),)
 
 
 def ban_lift(*, ban, actor=None):
@@ -522,8 +568,8 @@ def room_close(*, room, actor=None, reason=""):
         room.is_closed = True
         _record(Kind.ROOM_CLOSE, actor=actor, room=room, reason=reason)
         text = f"room closed: {reason}" if reason else "room closed"
-        control = {"action": "remove", "room": room.slug, "reason": text}
-        _command_on_commit(fanout.room_groups(room), control, match={"room": room.slug})
+        order = {"action": "remove", "room": room.slug, "reason": text}
+        _emit(_order(fanout.room_groups(room), order, match={"room": room.slug}))
     return room
 
 
@@ -552,7 +598,7 @@ def user_sign_out_everywhere(*, user, actor=None):
             target_user=user,
             detail=f"{len(doomed)} session(s)",
         )
-        _close_sockets_on_commit(user, "signed out", match={"auth": "session"})
+        _emit(_close_sockets(user.pk, "signed out", match={"auth": "session"}))
     return len(doomed)
 
 
@@ -566,13 +612,103 @@ def connection_disconnect(*, connection_id, actor=None, reason=""):
             detail=f"connection {connection_id}",
         )
         text = f"kicked by a moderator: {reason}" if reason else "kicked by a moderator"
-        control = {"action": "close", "code": CLOSE_BANNED, "reason": text}
-        _command_on_commit(
-            [fanout.connection_group(connection_id)],
-            control,
-            match={"connection_id": connection_id},
-        )
+        group = fanout.connection_group(connection_id)
+        match = {"connection_id": connection_id}
+        _emit(_order([group], _close_order(text), match=match))
 
 
 def _until(expires_at):
     return f"until {protocol.timestamp(expires_at)}" if expires_at else "no end"
+
+
+# --- live only: nothing stored, so nothing to wait for --------------------------
+
+
+async def typing_send(*, room, user):
+    """Tell the room's other sockets that ``user`` is typing."""
+    frame = protocol.typing(room_slug=room.slug, username=user.get_username())
+    await _emit_now(_to_room(room, frame, exclude_user=user.pk))
+
+
+async def device_connections_replace(*, user_id, device, connection_id):
+    """Close the user's older sockets with the same device key (4409)."""
+    order = _close_order(
+        "replaced by a newer connection with the same device key",
+        code=CLOSE_REPLACED,
+    )
+    match = {"device": device, "not_connection_id": connection_id}
+    await _emit_now(_order([fanout.user_group(user_id)], order, match=match))
+
+
+def _presence_frame(room, username, status):
+    return protocol.presence(room_slug=room.slug, username=username, status=status)
+
+
+async def room_presence_enter(*, room, connection_id, user):
+    """Record a socket in ``room``; tell the others if the user just came online."""
+    first = await presence.room_enter(room=room, connection_id=connection_id, user=user)
+    if first:
+        frame = _presence_frame(room, user.get_username(), "online")
+        await _emit_now(_to_room(room, frame, exclude_user=user.pk))
+
+
+async def room_presence_exit(*, room, connection_id, user):
+    """Forget a socket in ``room``; tell the others if it was the user's last."""
+    entry = {"room": room, "connection_id": connection_id, "user": user}
+    if await presence.room_exit_begin(**entry):
+        frame = _presence_frame(room, user.get_username(), "offline")
+        await _emit_now(_to_room(room, frame, exclude_user=user.pk))
+    # Not reached when emitting fails or the process dies first: the entry
+    # stays leaving, and a sweep reports the user gone a heartbeat later.
+    await presence.room_exit_end(**entry)
+
+
+async def room_presence_sweep_report(*, gone):
+    """Report offline the users a presence sweep found gone: (room_id, username)."""
+    for room_id, username in gone:
+        room = await selectors.room_get_by_id_async(room_id)
+        if room is not None:
+            await _emit_now(_to_room(room, _presence_frame(room, username, "offline")))
+
+
+async def _push(delivery, event, count):
+    await _emit_now(delivery)
+    logger.info("push %r reached %d connection(s)", event, count)
+    return count
+
+
+def _push_delivery(groups, event, data, *, match=None):
+    frame = protocol.push(event=event, data=data)
+    return fanout.Delivery(tuple(groups), frame=frame, match=match)
+
+
+async def push_to_user(*, user_id, event, data):
+    """A ``push`` frame to every live socket of ``user_id``; return how many."""
+    count = await presence.live_count(user_id=user_id)
+    delivery = _push_delivery([fanout.user_group(user_id)], event, data)
+    return await _push(delivery, event, count)
+
+
+async def push_to_room(*, slug, event, data):
+    """A ``push`` frame to every live socket that joined the room ``slug``."""
+    room = await selectors.room_get_async(slug=slug)
+    count = await presence.live_count(room_id=room.pk)
+    groups = fanout.room_groups(room)
+    delivery = _push_delivery(groups, event, data, match={"room": room.slug})
+    return await _push(delivery, event, count)
+
+
+async def push_to_connection(*, connection_id, event, data):
+    """A ``push`` frame to the one live socket ``connection_id``."""
+    count = await presence.live_count(connection_id=connection_id)
+    group = fanout.connection_group(connection_id)
+    match = {"connection_id": connection_id}
+    delivery = _push_delivery([group], event, data, match=match)
+    return await _push(delivery, event, count)
+
+
+async def push_to_everyone(*, event, data):
+    """A ``push`` frame to every live socket."""
+    count = await presence.live_count()
+    delivery = _push_delivery([fanout.EVERYONE_GROUP], event, data)
+    return await _push(delivery, event, count)

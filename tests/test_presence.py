@@ -5,9 +5,14 @@ simply stops calling its store.
 """
 
 import asyncio
+import json
+import time
+from types import SimpleNamespace
 
 import pytest
+from channels.layers import get_channel_layer
 
+from chat import presence
 from chat.presence import RedisPresence
 from tests.servers import RedisServer
 
@@ -81,3 +86,48 @@ async def test_leaving_one_of_two_sockets_is_not_the_last(stores):
     assert await y.exit_begin(ROOM, "c2", 1, "alice") is False
     await y.exit_end(ROOM, "c2", 1, "alice")
     assert await x.online(ROOM) == []
+
+
+async def _no_groups_to_restore():
+    return None
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_keeper_reports_the_user_of_a_dead_process_through_the_layer(
+    stores, monkeypatch, lobby
+):
+    x, y = stores
+    layer = get_channel_layer()
+    channel = await layer.new_channel("test.")
+    group = f"room.{lobby.pk}"
+    await layer.group_add(group, channel)
+    await x.enter(lobby.pk, "c1", 1, "alice")  # then X dies, never leaving
+    # Y's keeper, with no sockets of its own.
+    monkeypatch.setattr(presence, "get_store", lambda: y)
+    hub = SimpleNamespace(
+        connections=set(), refresh_subscriptions=_no_groups_to_restore
+    )
+
+    deadline = time.monotonic() + 10 * HEARTBEAT
+    event = None
+    while event is None:
+        assert time.monotonic() < deadline, "alice never reported offline"
+        await presence.keep_once(hub)
+        try:
+            event = await asyncio.wait_for(layer.receive(channel), HEARTBEAT / 5)
+        except TimeoutError:
+            pass
+
+    frame = {"type": "presence", "room": "lobby", "user": "alice", "status": "offline"}
+    assert {**event, "text": json.loads(event["text"])} == {
+        "type": "hub.frame",
+        "frame_type": "presence",
+        "text": frame,
+        "exclude_user": None,
+        "match": None,
+        "group": group,
+    }
+    await presence.keep_once(hub)
+    await layer.send(channel, {"type": "test.marker"})
+    # Reported once: the next sweep finds nothing more.
+    assert await layer.receive(channel) == {"type": "test.marker"}

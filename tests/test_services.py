@@ -1,11 +1,19 @@
-"""Writes: seq allocation, idempotency, direct rooms, read markers."""
+"""Writes: seq allocation, idempotency, direct rooms, read markers; and the exact
+events every writing service sends after its commit (none after a rollback).
 
+The events are read from the captured ``on_commit`` callbacks, unexecuted:
+``tests/test_services_live.py`` has the services that write nothing.
+"""
+
+import json
 import threading
+from datetime import UTC, timedelta
 
 import pytest
 from django.db import connection, transaction
+from django.utils import timezone
 
-from chat import services
+from chat import fanout, protocol, services
 from chat.models import Membership, Message, Room
 from chat.protocol import ChatError
 
@@ -13,6 +21,11 @@ from chat.protocol import ChatError
 @pytest.fixture
 def alice(make_user):
     return make_user("alice")
+
+
+@pytest.fixture
+def bob(make_user):
+    return make_user("bob")
 
 
 @pytest.fixture
@@ -168,3 +181,419 @@ def test_message_create_many_answers_each_request_in_order(alice, make_user, lob
     last_seqs = dict(Room.objects.values_list("slug", "last_seq"))
     assert last_seqs == {"lobby": 2, "other": 2, "closed": 0}
     assert Message.objects.count() == 4
+
+
+# --- events ----------------------------------------------------------------------
+
+
+def iso(value):
+    """A timestamp as the wire has it: UTC, milliseconds, a Z."""
+    value = value.astimezone(UTC)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def decoded(frame):
+    return json.loads(protocol.encode(frame).text)
+
+
+def emitted(callbacks):
+    """Per captured ``on_commit`` callback, the events it would send, decoded."""
+    return [[_event_dict(event) for event in callback.events] for callback in callbacks]
+
+
+def _event_dict(event):
+    if isinstance(event, fanout.Batch):
+        return {
+            "batch": [
+                {"groups": list(groups), "frames": [decoded(f) for f in frames]}
+                for groups, frames in event.broadcasts
+            ]
+        }
+    return {
+        "groups": list(event.groups),
+        "frame": None if event.frame is None else decoded(event.frame),
+        "order": event.order,
+        "exclude_user": event.exclude_user,
+        "match": event.match,
+    }
+
+
+def delivery(groups, *, frame=None, order=None, exclude_user=None, match=None):
+    return {
+        "groups": groups,
+        "frame": frame,
+        "order": order,
+        "exclude_user": exclude_user,
+        "match": match,
+    }
+
+
+def message_frame(message, *, room, author, body):
+    return {
+        "type": "message",
+        "room": room,
+        "id": message.pk,
+        "seq": message.seq,
+        "user": {"id": author.pk, "username": author.username},
+        "body": body,
+        "created_at": iso(message.created_at),
+        "client_msg_id": message.client_msg_id,
+        "edited_at": None,
+        "deleted": False,
+    }
+
+
+def close_order(reason):
+    return {"action": "close", "code": 4403, "reason": reason}
+
+
+@pytest.mark.django_db
+def test_message_create_sends_the_message_to_the_room_after_commit(
+    alice, lobby, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks() as callbacks:
+        message, _ = services.message_create(
+            room=lobby, author=alice, body="hi", client_msg_id="c1"
+        )
+    assert message.seq == 1
+    frame = message_frame(message, room="lobby", author=alice, body="hi")
+    assert emitted(callbacks) == [
+        [{"batch": [{"groups": [f"room.{lobby.pk}"], "frames": [frame]}]}]
+    ]
+
+
+@pytest.mark.django_db
+def test_a_retried_send_sends_nothing_again(
+    alice, lobby, django_capture_on_commit_callbacks
+):
+    services.message_create(room=lobby, author=alice, body="hi", client_msg_id="c1")
+    with django_capture_on_commit_callbacks() as callbacks:
+        services.message_create(room=lobby, author=alice, body="hi", client_msg_id="c1")
+    assert callbacks == []
+
+
+@pytest.mark.django_db
+def test_message_create_many_sends_every_rooms_frames_as_one_batch(
+    alice, bob, lobby, django_capture_on_commit_callbacks
+):
+    other = services.room_create(slug="other", title="Other")
+    services.user_mute(user=bob, room=other, reason="hush")
+    requests = [
+        services.SendRequest(lobby, alice, "one", "a1"),
+        services.SendRequest(other, alice, "two", "a2"),
+        services.SendRequest(lobby, bob, "three", "b1"),
+        services.SendRequest(other, bob, "muted", "b2"),
+    ]
+    with django_capture_on_commit_callbacks() as callbacks:
+        results = services.message_create_many(requests=requests)
+    one, two, three = (result[0] for result in results[:3])
+    assert results[3].code == "muted"
+    assert [(m.room.slug, m.seq) for m in (one, two, three)] == [
+        ("lobby", 1),
+        ("other", 1),
+        ("lobby", 2),
+    ]
+    assert emitted(callbacks) == [
+        [
+            {
+                "batch": [
+                    {
+                        "groups": [f"room.{lobby.pk}"],
+                        "frames": [
+                            message_frame(one, room="lobby", author=alice, body="one"),
+                            message_frame(
+                                three, room="lobby", author=bob, body="three"
+                            ),
+                        ],
+                    },
+                    {
+                        "groups": [f"room.{other.pk}"],
+                        "frames": [
+                            message_frame(two, room="other", author=alice, body="two")
+                        ],
+                    },
+                ]
+            }
+        ]
+    ]
+
+
+@pytest.mark.django_db
+def test_direct_message_create_sends_to_both_users_everywhere(
+    alice, bob, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks() as callbacks:
+        message, _ = services.direct_message_create(
+            author=bob, to_username="alice", body="psst", client_msg_id="d1"
+        )
+    slug = f"dm-{alice.pk}-{bob.pk}"
+    frame = message_frame(message, room=slug, author=bob, body="psst")
+    groups = [f"user.{alice.pk}", f"user.{bob.pk}"]
+    assert emitted(callbacks) == [[{"batch": [{"groups": groups, "frames": [frame]}]}]]
+
+
+@pytest.mark.django_db
+def test_message_edit_sends_message_edited(
+    alice, lobby, django_capture_on_commit_callbacks
+):
+    message, _ = services.message_create(
+        room=lobby, author=alice, body="helo", client_msg_id="c1"
+    )
+    with django_capture_on_commit_callbacks() as callbacks:
+        edited = services.message_edit(
+            room=lobby, message_id=message.pk, user=alice, body="hello"
+        )
+    frame = {
+        "type": "message_edited",
+        "room": "lobby",
+        "id": message.pk,
+        "seq": 1,
+        "body": "hello",
+        "edited_at": iso(edited.edited_at),
+    }
+    assert emitted(callbacks) == [[delivery([f"room.{lobby.pk}"], frame=frame)]]
+
+
+@pytest.mark.django_db
+def test_message_delete_sends_message_deleted(
+    alice, lobby, django_capture_on_commit_callbacks
+):
+    message, _ = services.message_create(
+        room=lobby, author=alice, body="oops", client_msg_id="c1"
+    )
+    with django_capture_on_commit_callbacks() as callbacks:
+        services.message_delete(room=lobby, message_id=message.pk, user=alice)
+    frame = {"type": "message_deleted", "room": "lobby", "id": message.pk, "seq": 1}
+    assert emitted(callbacks) == [[delivery([f"room.{lobby.pk}"], frame=frame)]]
+
+
+@pytest.mark.django_db
+def test_message_hide_sends_message_deleted_once(
+    alice, lobby, django_capture_on_commit_callbacks
+):
+    message, _ = services.message_create(
+        room=lobby, author=alice, body="spam", client_msg_id="c1"
+    )
+    with django_capture_on_commit_callbacks() as callbacks:
+        services.message_hide(message=message, reason="spam")
+    frame = {"type": "message_deleted", "room": "lobby", "id": message.pk, "seq": 1}
+    assert emitted(callbacks) == [[delivery([f"room.{lobby.pk}"], frame=frame)]]
+    with django_capture_on_commit_callbacks() as callbacks:
+        services.message_hide(message=message, reason="spam")
+    assert callbacks == []
+
+
+@pytest.mark.django_db
+def test_api_token_revoke_closes_the_sockets_opened_with_it(
+    alice, django_capture_on_commit_callbacks
+):
+    token, _ = services.api_token_create(user=alice)
+    with django_capture_on_commit_callbacks() as callbacks:
+        services.api_token_revoke(token=token)
+    order = close_order("token revoked")
+    match = {"token_id": token.pk}
+    assert emitted(callbacks) == [
+        [delivery([f"user.{alice.pk}"], order=order, match=match)]
+    ]
+    with django_capture_on_commit_callbacks() as callbacks:
+        services.api_token_revoke(token=token)
+    assert callbacks == []
+
+
+@pytest.mark.django_db
+def test_user_ban_closes_every_socket_of_the_user(
+    alice, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks() as callbacks:
+        services.user_ban(user=alice, reason="spam")
+    order = close_order("banned: spam")
+    assert emitted(callbacks) == [[delivery([f"user.{alice.pk}"], order=order)]]
+
+
+@pytest.mark.django_db
+def test_room_ban_takes_the_users_sockets_out_of_the_room(
+    alice, lobby, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks() as callbacks:
+        services.room_ban(user=alice, room=lobby, reason="spam")
+    order = {
+        "action": "remove",
+        "room": "lobby",
+        "reason": "banned from the room: spam",
+    }
+    assert emitted(callbacks) == [[delivery([f"user.{alice.pk}"], order=order)]]
+
+
+@pytest.mark.django_db
+def test_ban_update_enforces_a_ban_in_force_only(
+    alice, django_capture_on_commit_callbacks
+):
+    ban = services.user_ban(
+        user=alice, reason="spam", expires_at=timezone.now() - timedelta(hours=1)
+    )
+    with django_capture_on_commit_callbacks() as callbacks:
+        services.ban_update(ban=ban)
+    assert callbacks == []
+    ban.expires_at = None
+    ban.reason = "more spam"
+    with django_capture_on_commit_callbacks() as callbacks:
+        services.ban_update(ban=ban)
+    order = close_order("banned: more spam")
+    assert emitted(callbacks) == [[delivery([f"user.{alice.pk}"], order=order)]]
+
+
+@pytest.mark.django_db
+def test_room_close_takes_every_socket_out_of_the_room(
+    lobby, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks() as callbacks:
+        services.room_close(room=lobby, reason="done")
+    order = {"action": "remove", "room": "lobby", "reason": "room closed: done"}
+    match = {"room": "lobby"}
+    assert emitted(callbacks) == [
+        [delivery([f"room.{lobby.pk}"], order=order, match=match)]
+    ]
+
+
+@pytest.mark.django_db
+def test_user_sign_out_everywhere_closes_the_session_sockets(
+    alice, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks() as callbacks:
+        services.user_sign_out_everywhere(user=alice)
+    order = close_order("signed out")
+    match = {"auth": "session"}
+    assert emitted(callbacks) == [
+        [delivery([f"user.{alice.pk}"], order=order, match=match)]
+    ]
+
+
+@pytest.mark.django_db
+def test_connection_disconnect_closes_that_socket_on_its_process(
+    django_capture_on_commit_callbacks,
+):
+    with django_capture_on_commit_callbacks() as callbacks:
+        services.connection_disconnect(connection_id="0a1b2c3d-7", reason="flood")
+    order = close_order("kicked by a moderator: flood")
+    match = {"connection_id": "0a1b2c3d-7"}
+    assert emitted(callbacks) == [
+        [delivery(["process.0a1b2c3d"], order=order, match=match)]
+    ]
+
+
+def _send(world):
+    services.message_create(
+        room=world["lobby"], author=world["alice"], body="x", client_msg_id="new"
+    )
+
+
+def _send_many(world):
+    requests = [
+        services.SendRequest(world["lobby"], world["alice"], "x", "new1"),
+        services.SendRequest(world["other"], world["alice"], "y", "new2"),
+    ]
+    services.message_create_many(requests=requests)
+
+
+def _direct_message(world):
+    services.direct_message_create(
+        author=world["alice"], to_username="bob", body="x", client_msg_id="dm"
+    )
+
+
+def _edit(world):
+    services.message_edit(
+        room=world["lobby"],
+        message_id=world["message"].pk,
+        user=world["alice"],
+        body="new",
+    )
+
+
+def _delete(world):
+    services.message_delete(
+        room=world["lobby"], message_id=world["message"].pk, user=world["alice"]
+    )
+
+
+def _hide(world):
+    services.message_hide(message=world["message"])
+
+
+def _token_revoke(world):
+    services.api_token_revoke(token=world["token"])
+
+
+def _user_ban(world):
+    services.user_ban(user=world["bob"], reason="spam")
+
+
+def _room_ban(world):
+    services.room_ban(user=world["bob"], room=world["lobby"], reason="spam")
+
+
+def _ban_update(world):
+    ban = world["ban"]
+    ban.reason = "changed"
+    services.ban_update(ban=ban)
+
+
+def _room_close(world):
+    services.room_close(room=world["lobby"])
+
+
+def _sign_out(world):
+    services.user_sign_out_everywhere(user=world["bob"])
+
+
+def _disconnect(world):
+    services.connection_disconnect(connection_id="0a1b2c3d-7")
+
+
+@pytest.fixture
+def world(alice, bob, lobby):
+    message, _ = services.message_create(
+        room=lobby, author=alice, body="x", client_msg_id="old"
+    )
+    return {
+        "alice": alice,
+        "bob": bob,
+        "lobby": lobby,
+        "other": services.room_create(slug="other", title="Other"),
+        "message": message,
+        "token": services.api_token_create(user=bob)[0],
+        "ban": services.room_ban(user=bob, room=lobby, reason="spam"),
+    }
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "action",
+    [
+        _send,
+        _send_many,
+        _direct_message,
+        _edit,
+        _delete,
+        _hide,
+        _token_revoke,
+        _user_ban,
+        _room_ban,
+        _ban_update,
+        _room_close,
+        _sign_out,
+        _disconnect,
+    ],
+    ids=lambda action: action.__name__.strip("_"),
+)
+def test_a_rolled_back_action_sends_nothing(
+    world, action, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks() as callbacks:
+        with pytest.raises(RuntimeError), transaction.atomic():
+            pending = len(connection.run_on_commit)
+            action(world)
+            # The action registered its one emission; the rollback drops it.
+            assert len(connection.run_on_commit) == pending + 1
+            raise RuntimeError("the caller's transaction fails")
+    assert callbacks == []
