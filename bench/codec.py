@@ -81,9 +81,11 @@ def measure(protocol):
         lambda: protocol.encode(build_message()).binary, 20_000
     )
     figures["build+encode ack"] = _best(
-        lambda: protocol.encode(
-            protocol.ack(ref="r1", room_slug="lobby", message=message)
-        ).text,
+        lambda: (
+            protocol.encode(
+                protocol.ack(ref="r1", room_slug="lobby", message=message)
+            ).text
+        ),
         20_000,
     )
     figures["build+encode history of 50"] = _best(
