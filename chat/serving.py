@@ -1,14 +1,136 @@
 """Everything that reaches into daphne, autobahn and Twisted internals.
 
+- The fast path: a frame is framed once for all the sockets it goes to and
+  written straight to each socket (``daphne_wire``, ``prepared``,
+  ``write_prepared``); an open socket lets go of its handshake
+  (``release_handshake``).
 - Daphne 4.2 drops the reason of ``websocket.close`` and refuses close codes
   other than 1000 and 3000-4999 (1001 included); ``patch_daphne_close`` makes
   it send any code with its reason.
+
+Both are written for the versions in ``WRITTEN_FOR``, the ones the lock pins.
+``configure`` (chatsite.asgi calls it) checks them once: on other versions the
+fast path is off and daphne's close is left alone, with a warning. The setting
+``CHAT_FAST_PATH`` (off: ``CHAT_FAST_PATH=0``) turns the fast path off too.
 """
 
 import functools
 import logging
+from dataclasses import dataclass
+from importlib import metadata
 
 logger = logging.getLogger(__name__)
+
+# The versions these internals were read in; requirements.in pins the same.
+WRITTEN_FOR = {
+    "daphne": "4.2.3",
+    "autobahn": "26.11.1",
+    "twisted": "26.10.0",
+    "txaio": "26.6.1",
+}
+# The close patch touches only these; the fast path touches all four.
+CLOSE_PATCH_PACKAGES = ("daphne", "autobahn")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the serving layer does with the versions installed, and why."""
+
+    fast_path: bool
+    close_patch: bool
+    summary: str  # the INFO line: which path is in use and why
+    warning: str | None = None
+
+
+# Set once by configure(); until then (tests on WebsocketCommunicator, an entry
+# point other than chatsite.asgi) the fast path is off.
+_decision = None
+
+
+def installed_versions(names=tuple(WRITTEN_FOR)):
+    """The installed version of each package of ``names``, None when missing."""
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def version_differences(installed, names=tuple(WRITTEN_FOR)):
+    """How the ``installed`` versions of ``names`` differ from ``WRITTEN_FOR``."""
+    differences = []
+    for name in names:
+        wanted, found = WRITTEN_FOR[name], installed.get(name)
+        if found is None:
+            differences.append(f"{name} not installed, written for {wanted}")
+        elif found != wanted:
+            differences.append(f"{name} {found} installed, written for {wanted}")
+    return differences
+
+
+def decide(*, enabled, installed):
+    """The ``Decision`` for a ``CHAT_FAST_PATH`` of ``enabled`` and these versions."""
+    differences = version_differences(installed)
+    close_differences = version_differences(installed, CLOSE_PATCH_PACKAGES)
+    if not enabled:
+        summary = "fast path off: CHAT_FAST_PATH=0"
+    elif differences:
+        summary = "fast path off: " + "; ".join(differences)
+    else:
+        versions = ", ".join(f"{name} {installed[name]}" for name in WRITTEN_FOR)
+        summary = f"fast path on ({versions})"
+    return Decision(
+        fast_path=enabled and not differences,
+        close_patch=not close_differences,
+        summary=summary,
+        warning=_warning(differences if enabled else [], close_differences),
+    )
+
+
+def _warning(fast_path_differences, close_differences):
+    """What a version mismatch costs and its fix; None when it costs nothing."""
+    lost, fix = [], "install the lock: pip install -r requirements.txt"
+    if fast_path_differences:
+        lost.append("the fast path is off (every frame goes through plain ASGI)")
+        fix += ", or set CHAT_FAST_PATH=0 to accept the plain path"
+    if close_differences:
+        lost.append(
+            "daphne's close is not patched (close codes other than 1000 and "
+            "3000-4999, and close reasons, may be lost)"
+        )
+    if not lost:
+        return None
+    # With CHAT_FAST_PATH=0 a version only the fast path depends on is no concern.
+    named = fast_path_differences or close_differences
+    return (
+        f"Not the versions chat.serving was written for ({'; '.join(named)}): "
+        f"{' and '.join(lost)}. To fix, {fix}."
+    )
+
+
+def configure():
+    """Check the installed versions once: log the path in use, patch daphne's close."""
+    global _decision
+    if _decision is None:
+        from django.conf import settings
+
+        decision = decide(
+            enabled=settings.CHAT_FAST_PATH, installed=installed_versions()
+        )
+        if decision.warning:
+            logger.warning(decision.warning)
+        logger.info(decision.summary)
+        if decision.close_patch:
+            patch_daphne_close()
+        _decision = decision
+    return _decision
+
+
+def fast_path_on():
+    """Whether ``configure`` found the fast path wanted and its versions installed."""
+    return _decision is not None and _decision.fast_path
 
 
 def patch_daphne_close():
@@ -39,8 +161,11 @@ def daphne_wire(send):
     """The autobahn protocol behind an ASGI ``send`` under daphne, else None.
 
     Writing a frame prepared once straight to it skips, per socket, daphne's
-    message checks, the UTF-8 encoding and the frame header building.
+    message checks, the UTF-8 encoding and the frame header building. None
+    too when the fast path is off: the consumer then sends through ASGI.
     """
+    if not fast_path_on():
+        return None
     if isinstance(send, functools.partial) and send.args:
         owner = getattr(send.func, "__self__", None)
         if type(owner).__module__ == "daphne.server":

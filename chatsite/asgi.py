@@ -12,12 +12,12 @@ django_asgi_app = get_asgi_application()
 
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
+from chat import serving  # noqa: E402
 from chat.application import ChatApplication  # noqa: E402
 from chat.consumers import ChatConsumer  # noqa: E402
 from chat.policies import tune_gc  # noqa: E402
-from chat.serving import patch_daphne_close  # noqa: E402
 
-patch_daphne_close()
+serving.configure()
 tune_gc()
 
 application = ChatApplication(

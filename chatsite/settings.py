@@ -176,6 +176,9 @@ CHAT_ALLOWED_ORIGINS = env_list("CHAT_ALLOWED_ORIGINS", [])
 CHAT_REDIS_PREFIX = os.environ.get("CHAT_REDIS_PREFIX", "chat")
 # Close open sockets with 1001 on SIGTERM before the server process exits.
 CHAT_CLOSE_ON_SIGTERM = env_bool("CHAT_CLOSE_ON_SIGTERM", True)
+# Off (0/false/no/off): every frame goes through plain ASGI, not chat.serving's
+# direct socket writes; those are off anyway on versions they were not written for.
+CHAT_FAST_PATH = env_bool("CHAT_FAST_PATH", True)
 
 LOGGING = {
     "version": 1,

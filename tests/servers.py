@@ -199,3 +199,18 @@ def this_process_uses_redis(redis_url, *, heartbeat=None):
             yield
     finally:
         channel_layers.backends.clear()
+
+
+def shadow_distribution(directory, name, version):
+    """A directory whose metadata says ``version`` of ``name`` is installed.
+
+    Put first on a server process's ``PYTHONPATH``, it is what
+    ``importlib.metadata`` finds for ``name``, while the code imported stays
+    the installed one: how a server meets a version it was not written for.
+    """
+    info = Path(directory) / f"{name}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    )
+    return Path(directory)

@@ -1,17 +1,126 @@
-"""The pieces that sit beside the ASGI server."""
+"""chat.serving: the version guard, and the fast path through real daphne sockets.
 
+The socket tests start daphne processes of their own (one with the fast path on,
+one with ``CHAT_FAST_PATH=0``) on the test database and talk to them through
+real WebSocket clients. Every test commits its data (``transaction=True``) so
+the server processes see it.
+"""
+
+import asyncio
 import functools
+import json
+import re
+import signal
+import struct
+import time
 
+import pytest
+from channels.db import database_sync_to_async
 from daphne.server import Server
+from django.contrib.auth import get_user_model
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
-from chat import protocol, serving
+from chat import protocol, services, serving
+from chat.models import Message
+from tests.servers import ROOT, DaphneServer, shadow_distribution
+
+TIMEOUT = 5  # seconds to wait for what should come
+WRITTEN_FOR = dict(serving.WRITTEN_FOR)
+FAST_PATH_ON = (
+    "fast path on (daphne 4.2.3, autobahn 26.11.1, twisted 26.10.0, txaio 26.6.1)"
+)
+FAST_PATH_OFF = "fast path off: CHAT_FAST_PATH=0"
+REPLACED = (4409, "replaced by a newer connection with the same device key")
 
 
-def test_daphne_wire_is_the_protocol_behind_daphnes_send():
+# --- the version guard ---------------------------------------------------------
+
+
+def test_the_lock_pins_the_versions_the_fast_path_was_written_for():
+    lock = (ROOT / "requirements.txt").read_text()
+    pins = dict(re.findall(r"^([a-z0-9-]+)==(\S+)", lock, flags=re.MULTILINE))
+    assert {name: pins.get(name) for name in WRITTEN_FOR} == WRITTEN_FOR
+
+
+def test_the_written_for_versions_turn_the_fast_path_and_the_close_patch_on():
+    decision = serving.decide(enabled=True, installed=WRITTEN_FOR)
+    assert decision == serving.Decision(
+        fast_path=True, close_patch=True, summary=FAST_PATH_ON, warning=None
+    )
+
+
+def test_chat_fast_path_0_turns_the_fast_path_off_and_keeps_the_close_patch():
+    decision = serving.decide(enabled=False, installed=WRITTEN_FOR)
+    assert decision == serving.Decision(
+        fast_path=False, close_patch=True, summary=FAST_PATH_OFF, warning=None
+    )
+
+
+def test_another_twisted_turns_the_fast_path_off_with_a_warning_naming_the_fix():
+    installed = {**WRITTEN_FOR, "twisted": "25.5.0"}
+    decision = serving.decide(enabled=True, installed=installed)
+    assert decision == serving.Decision(
+        fast_path=False,
+        close_patch=True,
+        summary="fast path off: twisted 25.5.0 installed, written for 26.10.0",
+        warning=(
+            "Not the versions chat.serving was written for (twisted 25.5.0 "
+            "installed, written for 26.10.0): the fast path is off (every frame "
+            "goes through plain ASGI). To fix, install the lock: pip install -r "
+            "requirements.txt, or set CHAT_FAST_PATH=0 to accept the plain path."
+        ),
+    )
+
+
+def test_with_chat_fast_path_0_another_twisted_is_no_concern():
+    installed = {**WRITTEN_FOR, "twisted": "25.5.0", "txaio": None}
+    decision = serving.decide(enabled=False, installed=installed)
+    assert (decision.fast_path, decision.close_patch) == (False, True)
+    assert (decision.summary, decision.warning) == (FAST_PATH_OFF, None)
+
+
+def test_another_daphne_leaves_its_close_alone_and_says_what_is_lost():
+    installed = {**WRITTEN_FOR, "daphne": "4.3.0", "txaio": None}
+    decision = serving.decide(enabled=True, installed=installed)
+    differences = (
+        "daphne 4.3.0 installed, written for 4.2.3; "
+        "txaio not installed, written for 26.6.1"
+    )
+    assert decision == serving.Decision(
+        fast_path=False,
+        close_patch=False,
+        summary=f"fast path off: {differences}",
+        warning=(
+            f"Not the versions chat.serving was written for ({differences}): the "
+            "fast path is off (every frame goes through plain ASGI) and daphne's "
+            "close is not patched (close codes other than 1000 and 3000-4999, and "
+            "close reasons, may be lost). To fix, install the lock: pip install -r "
+            "requirements.txt, or set CHAT_FAST_PATH=0 to accept the plain path."
+        ),
+    )
+
+
+def test_with_chat_fast_path_0_another_autobahn_still_warns_of_the_close():
+    installed = {**WRITTEN_FOR, "autobahn": "27.1.0", "twisted": "25.5.0"}
+    decision = serving.decide(enabled=False, installed=installed)
+    assert (decision.fast_path, decision.close_patch) == (False, False)
+    assert decision.summary == FAST_PATH_OFF
+    # Only what matters with the fast path off is named: autobahn, not twisted.
+    assert decision.warning == (
+        "Not the versions chat.serving was written for (autobahn 27.1.0 installed, "
+        "written for 26.11.1): daphne's close is not patched (close codes other "
+        "than 1000 and 3000-4999, and close reasons, may be lost). To fix, install "
+        "the lock: pip install -r requirements.txt."
+    )
+
+
+def test_daphne_wire_is_the_protocol_behind_daphnes_send_with_the_fast_path_on():
     server = Server.__new__(Server)
     wire = object()
     send = functools.partial(server.handle_reply, wire)
-    assert serving.daphne_wire(send) is wire
+    decision = serving.configure()  # chatsite.asgi, which conftest imports, did
+    assert serving.daphne_wire(send) is (wire if decision.fast_path else None)
 
 
 def test_no_daphne_wire_under_another_server():
@@ -32,123 +141,361 @@ def test_prepared_message_is_built_once_per_framing():
     assert binary.payloadHybi == b'\x82\x0f\x00\x00\x00\x0c{"ref":"r"}'
 
 
-class FakeTcpTransport:
-    """The attributes of a Twisted TCP connection that ``write_prepared`` reads."""
-
-    def __init__(self, sock):
-        self.socket = sock
-        self.connected = True
-        self.disconnecting = False
-        self.dataBuffer = b""
-        self.offset = 0
-        self._tempDataBuffer = []
-        self.written = []
-
-    def write(self, data):
-        self.written.append(bytes(data))
+# --- servers -------------------------------------------------------------------
 
 
-class FakeWire:
-    def __init__(self, transport):
-        self.transport = transport
+def daphne_start(django_db_blocker, **env):
+    # database_url() reads the test database's connection settings.
+    with django_db_blocker.unblock():
+        server = DaphneServer(extra_env=env, verbosity=0)
+    return server.start()
 
 
-def test_prepared_frame_goes_straight_to_an_idle_socket():
-    import socket
-
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    transport = FakeTcpTransport(ours)
-    message = serving.prepared(protocol.encode(protocol.pong(ref="r")), False)
-    serving.write_prepared(FakeWire(transport), message)
-    assert theirs.recv(100) == message.payloadHybi
-    assert transport.written == []
-    ours.close()
-    theirs.close()
-
-
-def test_prepared_frame_queues_behind_pending_data():
-    import socket
-
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    transport = FakeTcpTransport(ours)
-    transport._tempDataBuffer = [b"earlier"]
-    message = serving.prepared(protocol.encode(protocol.pong(ref="r")), False)
-    serving.write_prepared(FakeWire(transport), message)
-    assert transport.written == [message.payloadHybi]
-    theirs.setblocking(False)
+@pytest.fixture(scope="module")
+def daphnes(django_db_setup, django_db_blocker):
+    """``{"on": …, "off": …}``: daphne with the fast path on, and with it off."""
+    servers = {}
     try:
-        assert theirs.recv(100) == b""
-    except BlockingIOError:
-        pass  # nothing was sent around Twisted's queue
-    ours.close()
-    theirs.close()
+        servers["on"] = daphne_start(django_db_blocker)
+        servers["off"] = daphne_start(django_db_blocker, CHAT_FAST_PATH="0")
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()
 
 
-class FakeHttpChannel:
-    """Twisted's HTTP channel that did the upgrade: a producer with a timeout."""
-
-    timeout = 43200
-
-    def setTimeout(self, period):
-        self.timeout = period
-
-
-class FakeRequest:
-    path = "/ws/"
-    headers = {"cookie": "sessionid=secret"}
+@pytest.fixture(params=["on", "off"])
+def daphne(request, daphnes):
+    """Each daphne of ``daphnes`` in turn; fails the test if it died during it."""
+    server = daphnes[request.param]
+    start = len(server.output())
+    yield server
+    print(f"--- daphne log during the test ---\n{server.output()[start:]}")
+    assert server.alive(), f"daphne died:\n{server.output()}"
 
 
-class FakeProducerTransport:
-    def __init__(self, producer):
-        self.producer = producer
-
-    def unregisterProducer(self):
-        self.producer = None
-
-
-class FakeOpenSocket:
-    """An open daphne socket's protocol, as far as ``release_handshake`` goes."""
-
-    STATE_OPEN = 3
-    state = 3
-
-    def __init__(self, channel):
-        self.transport = FakeProducerTransport(channel)
-        self.request = FakeRequest()
-        self.clean_headers = [(b"cookie", b"sessionid=secret")]
-        self.http_request_data = b"GET /ws/ HTTP/1.1\r\n..."
-        self.http_headers = {"cookie": "sessionid=secret"}
-        self.state = 3
-        self.autoPingInterval = 0
-        self.closedByMe = False
-        self.utf8validator = object()
+async def log_lines(server, timeout=TIMEOUT):
+    """The server's log lines once it logged its serving summary."""
+    deadline = time.monotonic() + timeout
+    while "fast path " not in server.output():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"no serving summary logged:\n{server.output()}")
+        await asyncio.sleep(0.05)
+    return server.output().splitlines()
 
 
-def test_release_handshake_drops_the_upgrade_request_and_the_http_channel():
-    channel = FakeHttpChannel()
-    wire = FakeOpenSocket(channel)
-    serving.release_handshake(wire)
-    state = vars(wire)
-    for name in ("clean_headers", "http_request_data", "http_headers"):
-        assert name not in state
-    assert wire.request.path == "/ws/"
-    assert not hasattr(wire.request, "headers")
-    assert channel.timeout is None
-    assert wire.transport.producer is None
+# --- data and clients ------------------------------------------------------------
 
 
-def test_scalars_alike_for_every_socket_move_to_the_class():
-    first, second = FakeOpenSocket(FakeHttpChannel()), FakeOpenSocket(FakeHttpChannel())
-    second.closedByMe = True
-    serving.release_handshake(first)
-    serving.release_handshake(second)
-    # Equal to the class's value (state) or made the class's by the first
-    # socket (autoPingInterval, closedByMe): left to the class.
-    assert set(vars(first)) == {"transport", "request", "utf8validator"}
-    assert (first.state, first.autoPingInterval, first.closedByMe) == (3, 0, False)
-    # A value of its own stays the socket's; assigning one later works as before.
-    assert vars(second)["closedByMe"] is True
-    first.state = 5
-    assert (first.state, second.state, FakeOpenSocket.state) == (5, 3, 3)
+@database_sync_to_async
+def user_with_key(username):
+    """A new user and the key of an API token of theirs."""
+    user = get_user_model().objects.create_user(username=username)
+    return user, services.api_token_create(user=user)[1]
+
+
+@database_sync_to_async
+def room_create(slug):
+    return services.room_create(slug=slug, title=f"Room {slug}")
+
+
+@database_sync_to_async
+def stored_message(slug, seq):
+    """The stored message as its ``message`` frame carries it."""
+    message = Message.objects.select_related("author").get(room__slug=slug, seq=seq)
+    return {
+        "type": "message",
+        "room": slug,
+        "id": message.pk,
+        "seq": seq,
+        "user": {"id": message.author.pk, "username": message.author.username},
+        "body": message.body,
+        "created_at": protocol.timestamp(message.created_at),
+        "client_msg_id": message.client_msg_id,
+        "edited_at": None,
+        "deleted": False,
+    }
+
+
+class Socket:
+    """One real WebSocket connection to a daphne process."""
+
+    def __init__(self, server, websocket):
+        self.server = server
+        self.websocket = websocket
+
+    @classmethod
+    async def open(cls, server, key, *, device=None, subprotocol=None):
+        url = f"{server.ws_url}?token={key}"
+        if device is not None:
+            url += f"&device={device}"
+        subprotocols = [subprotocol] if subprotocol else None
+        websocket = await asyncio.wait_for(
+            connect(url, subprotocols=subprotocols, max_queue=None, close_timeout=2),
+            TIMEOUT,
+        )
+        return cls(server, websocket)
+
+    async def send(self, **frame):
+        await self.websocket.send(json.dumps(frame))
+
+    async def raw(self):
+        """The next frame as it came: text, or bytes for the binary framing."""
+        try:
+            return await asyncio.wait_for(self.websocket.recv(), TIMEOUT)
+        except TimeoutError:
+            raise AssertionError(
+                f"no frame within {TIMEOUT}s\n{self.server.output()[-4000:]}"
+            ) from None
+
+    async def recv(self):
+        return json.loads(await self.raw())
+
+    async def closed(self):
+        """The (code, reason) of the close frame the server sends next."""
+        try:
+            frame = await self.raw()
+        except ConnectionClosed as closed:
+            assert closed.rcvd is not None, f"no close frame: {closed!r}"
+            return closed.rcvd.code, closed.rcvd.reason
+        raise AssertionError(f"expected a close, got {frame!r}")
+
+    async def close(self):
+        await self.websocket.close()
+
+
+@pytest.fixture
+async def open_socket():
+    """``await open_socket(server, key, …)`` → a connected ``Socket``."""
+    sockets = []
+
+    async def open_(server, key, **options):
+        socket = await Socket.open(server, key, **options)
+        sockets.append(socket)
+        return socket
+
+    yield open_
+    for socket in sockets:
+        await socket.close()
+
+
+def hello(frame, user):
+    """The ``hello`` ``user`` should get, with the connection id it got."""
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9]+", frame.get("connection_id", ""))
+    return {
+        "type": "hello",
+        "protocol": 1,
+        "connection_id": frame["connection_id"],
+        "user": {"id": user.pk, "username": user.username},
+        "heartbeat": 30,
+    }
+
+
+def joined(slug, online, ref):
+    return {
+        "type": "joined",
+        "ref": ref,
+        "room": slug,
+        "title": f"Room {slug}",
+        "last_seq": 0,
+        "online": online,
+        "read_seq": 0,
+        "private": False,
+        "direct": False,
+        "closed": False,
+    }
+
+
+# --- through real daphne sockets ---------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_start_up_logs_which_path_is_in_use(daphnes):
+    assert FAST_PATH_ON in await log_lines(daphnes["on"])
+    assert FAST_PATH_OFF in await log_lines(daphnes["off"])
+    for server in daphnes.values():
+        assert "Not the versions" not in server.output()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_frames_arrive_exactly_with_the_fast_path_on_and_off(daphne, open_socket):
+    alice, alice_key = await user_with_key("alice")
+    bob, bob_key = await user_with_key("bob")
+    await room_create("plaza")
+    on_alice = await open_socket(daphne, alice_key)
+    first = await on_alice.recv()
+    assert first == hello(first, alice)
+    on_bob = await open_socket(daphne, bob_key)
+    first = await on_bob.recv()
+    assert first == hello(first, bob)
+
+    await on_alice.send(type="join", room="plaza", ref="j1")
+    assert await on_alice.recv() == joined("plaza", ["alice"], "j1")
+    await on_bob.send(type="join", room="plaza", ref="j2")
+    assert await on_bob.recv() == joined("plaza", ["alice", "bob"], "j2")
+    presence = {"type": "presence", "room": "plaza", "user": "bob"}
+    assert await on_alice.recv() == {**presence, "status": "online"}
+
+    await on_alice.send(
+        type="send", room="plaza", body="hi both", client_msg_id="c-1", ref="s1"
+    )
+    received = await on_bob.recv()
+    message = await stored_message("plaza", 1)
+    assert message["user"] == {"id": alice.pk, "username": "alice"}
+    assert message["body"] == "hi both"
+    assert received == message
+    # The sender gets the ack and its own message, in either order.
+    own = sorted([await on_alice.recv(), await on_alice.recv()], key=str)
+    ack = {
+        "type": "ack",
+        "ref": "s1",
+        "room": "plaza",
+        "client_msg_id": "c-1",
+        "id": message["id"],
+        "seq": 1,
+    }
+    assert own == sorted([ack, message], key=str)
+
+    await on_bob.send(type="ping", ref="p1")
+    assert await on_bob.raw() == '{"type":"pong","ref":"p1"}'
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_binary_frames_arrive_exactly_with_the_fast_path_on_and_off(
+    daphne, open_socket
+):
+    carol, key = await user_with_key("carol")
+    socket = await open_socket(daphne, key, subprotocol=protocol.SUBPROTOCOL_BINARY)
+    assert socket.websocket.subprotocol == protocol.SUBPROTOCOL_BINARY
+    # A 4-byte action code, then the frame's JSON without its type.
+    first = await socket.raw()
+    assert first[:4] == struct.pack(">I", protocol.FRAME_CODES["hello"])
+    frame = {"type": "hello", **json.loads(first[4:])}
+    assert frame == hello(frame, carol)
+    ping = struct.pack(">I", protocol.FRAME_CODES["ping"]) + b'{"ref":"p1"}'
+    await socket.websocket.send(ping)
+    pong = struct.pack(">I", protocol.FRAME_CODES["pong"]) + b'{"ref":"p1"}'
+    assert await socket.raw() == pong
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_an_idle_socket_still_works_after_its_handshake_is_released(
+    daphnes, open_socket
+):
+    # release_handshake() runs at accept, and every later socket's compaction
+    # moves more attributes to the protocol's class: the first socket lives on.
+    server = daphnes["on"]
+    _, idle_key = await user_with_key("idle")
+    await room_create("quiet")
+    idle = await open_socket(server, idle_key)
+    assert (await idle.recv())["type"] == "hello"
+    await idle.send(type="join", room="quiet", ref="j1")
+    assert (await idle.recv())["online"] == ["idle"]
+    talkers = []
+    for k in range(5):
+        _, key = await user_with_key(f"talker{k}")
+        talker = await open_socket(server, key)
+        assert (await talker.recv())["type"] == "hello"
+        talkers.append(talker)
+    await talkers[-1].send(type="join", room="quiet", ref="j2")
+    assert (await talkers[-1].recv())["type"] == "joined"
+    assert await idle.recv() == {
+        "type": "presence",
+        "room": "quiet",
+        "user": "talker4",
+        "status": "online",
+    }
+
+    await talkers[-1].send(
+        type="send", room="quiet", body="still there?", client_msg_id="t-1"
+    )
+    received = await idle.recv()
+    assert received == await stored_message("quiet", 1)
+    await idle.send(type="ping", ref="p1")
+    assert await idle.recv() == {"type": "pong", "ref": "p1"}
+    await idle.send(type="send", room="quiet", body="yes", client_msg_id="i-1")
+    frames = [await idle.recv(), await idle.recv()]
+    assert sorted(frame["type"] for frame in frames) == ["ack", "message"]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_replaced_socket_closes_with_its_code_and_reason(daphne, open_socket):
+    _, key = await user_with_key("dana")
+    older = await open_socket(daphne, key, device="phone")
+    assert (await older.recv())["type"] == "hello"
+    newer = await open_socket(daphne, key, device="phone")
+    assert (await newer.recv())["type"] == "hello"
+    assert await older.closed() == REPLACED
+
+
+@pytest.mark.parametrize("fast_path", ["1", "0"])
+@pytest.mark.django_db(transaction=True)
+async def test_sigterm_closes_every_socket_with_1001_and_its_reason(
+    fast_path, django_db_blocker, open_socket
+):
+    # Daphne 4.2 alone refuses 1001 and drops every reason: the close patch's job.
+    server = daphne_start(django_db_blocker, CHAT_FAST_PATH=fast_path)
+    try:
+        _, key = await user_with_key("erin")
+        sockets = [await open_socket(server, key) for _ in range(2)]
+        for socket in sockets:
+            assert (await socket.recv())["type"] == "hello"
+        server.process.send_signal(signal.SIGTERM)
+        for socket in sockets:
+            assert await socket.closed() == (1001, "server shutting down")
+    finally:
+        server.stop()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_another_twisted_installed_serves_through_plain_asgi(
+    tmp_path, django_db_blocker, open_socket
+):
+    # A distribution's metadata found first on the path is what is installed,
+    # as far as importlib.metadata, and so the guard, can tell.
+    path = shadow_distribution(tmp_path, "Twisted", "25.5.0")
+    server = daphne_start(django_db_blocker, PYTHONPATH=str(path))
+    try:
+        lines = await log_lines(server)
+        summary = "fast path off: twisted 25.5.0 installed, written for 26.10.0"
+        assert summary in lines
+        warnings = [line for line in lines if "Not the versions" in line]
+        assert len(warnings) == 1, lines
+        assert (
+            "To fix, install the lock: pip install -r requirements.txt" in (warnings[0])
+        )
+        user, key = await user_with_key("fred")
+        socket = await open_socket(server, key, device="tablet")
+        first = await socket.recv()
+        assert first == hello(first, user)
+        await socket.send(type="ping", ref="p1")
+        assert await socket.raw() == '{"type":"pong","ref":"p1"}'
+        # Twisted is none of the close patch's business: still applied.
+        newer = await open_socket(server, key, device="tablet")
+        assert (await newer.recv())["type"] == "hello"
+        assert await socket.closed() == REPLACED
+    finally:
+        server.stop()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_another_daphne_installed_is_not_patched_and_loses_close_reasons(
+    tmp_path, django_db_blocker, open_socket
+):
+    # What the close patch is for, shown by daphne 4.2.3 without it.
+    path = shadow_distribution(tmp_path, "daphne", "4.3.0")
+    server = daphne_start(django_db_blocker, PYTHONPATH=str(path))
+    try:
+        lines = await log_lines(server)
+        assert "fast path off: daphne 4.3.0 installed, written for 4.2.3" in lines
+        warnings = [line for line in lines if "Not the versions" in line]
+        assert len(warnings) == 1, lines
+        assert "daphne's close is not patched" in warnings[0]
+        _, key = await user_with_key("gina")
+        older = await open_socket(server, key, device="phone")
+        assert (await older.recv())["type"] == "hello"
+        newer = await open_socket(server, key, device="phone")
+        assert (await newer.recv())["type"] == "hello"
+        assert await older.closed() == (4409, "")
+    finally:
+        server.stop()
