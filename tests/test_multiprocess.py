@@ -7,6 +7,7 @@ data (``transaction=True``) so the server processes see it.
 
 import asyncio
 import json
+import re
 import time
 
 import pytest
@@ -16,13 +17,17 @@ from websockets.asyncio.client import connect
 
 from chat import protocol, services
 from chat.models import Message, Room
-from tests.servers import DaphneServer, RedisServer
+from chat.presence import live_connections
+from tests.servers import DaphneServer, RedisServer, this_process_uses_redis
+from tests.waiting import until
 
 pytestmark = [pytest.mark.redis, pytest.mark.django_db(transaction=True)]
 
 HEARTBEAT = 2  # seconds; dead processes' users go offline within twice this
 TIMEOUT = 5  # seconds to wait for a frame that should come
 QUIET = 0.4  # seconds of silence that show a frame does not come
+# A server process's random id (8 hex digits), a dash, then its counter from 1.
+CONNECTION_ID = re.compile(r"[0-9a-f]{8}-[1-9][0-9]*")
 
 
 # --- servers -------------------------------------------------------------------
@@ -112,35 +117,46 @@ def room_create(slug):
 
 @database_sync_to_async
 def room_state(slug):
-    """The room's last_seq and (seq, author id, client_msg_id) of its messages."""
+    """The room's last_seq and (seq, id, author id, client_msg_id) of its messages."""
     room = Room.objects.get(slug=slug)
     rows = Message.objects.filter(room=room).order_by("seq")
-    return room.last_seq, list(rows.values_list("seq", "author_id", "client_msg_id"))
+    fields = ("seq", "pk", "author_id", "client_msg_id")
+    return room.last_seq, list(rows.values_list(*fields))
 
 
 @database_sync_to_async
 def stored_message(slug, seq):
-    """The stored message as a ``message`` frame carries it."""
+    """The ``message`` frame of the stored message ``seq`` of the room ``slug``."""
     message = Message.objects.select_related("author").get(room__slug=slug, seq=seq)
+    deleted = message.deleted_at is not None
     return {
         "type": "message",
         "room": slug,
         "id": message.pk,
         "seq": seq,
         "user": {"id": message.author.pk, "username": message.author.username},
-        "body": message.body,
+        "body": "" if deleted else message.body,
         "created_at": protocol.timestamp(message.created_at),
         "client_msg_id": message.client_msg_id,
+        "edited_at": protocol.timestamp(message.edited_at),
+        "deleted": deleted,
     }
 
 
-def spec_fields(frame, expected):
-    """``frame`` cut down to the fields of ``expected`` (added fields are allowed)."""
-    return {name: frame.get(name, "<missing>") for name in expected}
-
-
-def assert_frame(frame, expected):
-    assert spec_fields(frame, expected) == expected, frame
+def joined_frame(slug, *, online, last_seq=0, read_seq=0, **extra):
+    """The ``joined`` frame of a public, open room made by ``room_create``."""
+    return {
+        "type": "joined",
+        "room": slug,
+        "title": f"Room {slug}",
+        "last_seq": last_seq,
+        "online": online,
+        "read_seq": read_seq,
+        "private": False,
+        "direct": False,
+        "closed": False,
+        **extra,
+    }
 
 
 # --- clients -------------------------------------------------------------------
@@ -174,6 +190,7 @@ class WsClient:
         client = cls(server, websocket, name)
         client.hello = await client.recv()
         assert client.hello["type"] == "hello", client.hello
+        assert CONNECTION_ID.fullmatch(client.hello["connection_id"]), client.hello
         # Idle sockets are closed after twice the heartbeat; tests wait longer.
         client._keepalive = asyncio.create_task(client._ping_forever())
         return client
@@ -287,7 +304,7 @@ async def test_message_sent_on_one_process_reaches_a_member_on_the_other(
         "body": "hello from A",
         "client_msg_id": "c-1",
     }
-    assert_frame(received, expected)
+    assert received == expected
     # The sender gets the ack and its own message, in either order.
     own = sorted([await on_a.recv(), await on_a.recv()], key=lambda f: f["type"])
     assert own[0] == {
@@ -298,7 +315,7 @@ async def test_message_sent_on_one_process_reaches_a_member_on_the_other(
         "id": expected["id"],
         "seq": 1,
     }
-    assert_frame(own[1], expected)
+    assert own[1] == expected
     await on_b.nothing()
 
 
@@ -311,15 +328,7 @@ async def test_presence_crosses_processes_on_join_leave_and_disconnect(
     bob = await open_client(server_b, keys["bob"], "bob@B")
 
     joined = await alice.join("hall", ref="j1")
-    expected = {
-        "type": "joined",
-        "room": "hall",
-        "title": "Room hall",
-        "last_seq": 0,
-        "online": ["alice"],
-        "ref": "j1",
-    }
-    assert_frame(joined, expected)
+    assert joined == joined_frame("hall", online=["alice"], ref="j1")
     # B lists a user who joined on A.
     assert (await bob.join("hall"))["online"] == ["alice", "bob"]
     assert await alice.recv() == presence("hall", "bob", "online")
@@ -432,18 +441,13 @@ async def test_join_since_on_the_other_process_recovers_exactly_the_missed_messa
 
     bob = await open_client(server_a, keys["bob"], "bob@A")
     joined = await bob.join("recover", since=last_seen, ref="rejoin")
-    expected = {
-        "type": "joined",
-        "room": "recover",
-        "last_seq": 7,
-        "online": ["alice", "bob"],
-        "ref": "rejoin",
-    }
-    assert_frame(joined, expected)
+    assert joined == joined_frame(
+        "recover", online=["alice", "bob"], last_seq=7, ref="rejoin"
+    )
     for seq in range(3, 8):
         expected = await stored_message("recover", seq)
         assert expected["body"] == f"missed {seq}"
-        assert_frame(await bob.recv(), expected)
+        assert await bob.recv() == expected
     assert await bob.recv() == {
         "type": "recovered",
         "room": "recover",
@@ -452,10 +456,8 @@ async def test_join_since_on_the_other_process_recovers_exactly_the_missed_messa
     await bob.nothing()
 
 
-async def sender_run(client, room, msg_ids, start):
-    """Join, wait for ``start``, fire every send at once, then collect the acks."""
-    await client.join(room, skip=("presence",))
-    await start.wait()
+async def sender_run(client, room, msg_ids):
+    """Fire every send at once, then collect the acks."""
     for msg_id in msg_ids:
         await client.send(
             type="send",
@@ -500,39 +502,45 @@ async def test_concurrent_sends_through_two_processes_get_seqs_one_to_a_hundred(
         senders.append(await open_client(server, key, f"{name}@{'AB'[index // 5]}"))
         sent[name] = (user, [f"{name}-{n}" for n in range(10)])
 
-    start = asyncio.Event()
+    # Every sender's join is answered before any send goes out, so the sends
+    # all go out at once.
+    await asyncio.gather(*(c.join(room, skip=("presence",)) for c in senders))
     runs = [
-        asyncio.create_task(sender_run(client, room, sent[f"sender{i}"][1], start))
+        asyncio.create_task(sender_run(client, room, sent[f"sender{i}"][1]))
         for i, client in enumerate(senders)
     ]
     receiving = [asyncio.create_task(receiver_run(w, 100)) for w in watchers]
     try:
-        # Let the joins land first, so the sends all go out at once.
-        await asyncio.sleep(0.5)
-        start.set()
         acks_per_sender = await asyncio.gather(*runs)
         seen = await asyncio.gather(*receiving)
     finally:
         for task in runs + receiving:
             task.cancel()
 
-    acks = [ack for acks in acks_per_sender for ack in acks]
-    assert len(acks) == 100
-    for (name, (_, msg_ids)), sender_acks in zip(
+    # (seq, id, author id, client_msg_id) of every ack.
+    acked = []
+    for (name, (user, msg_ids)), sender_acks in zip(
         sent.items(), acks_per_sender, strict=True
     ):
         assert sorted(a["client_msg_id"] for a in sender_acks) == sorted(msg_ids), name
-        assert all(
-            a["ref"] == a["client_msg_id"] and a["room"] == room for a in sender_acks
-        )
-    assert sorted(a["seq"] for a in acks) == list(range(1, 101))
-    assert len({a["id"] for a in acks}) == 100
+        for ack in sender_acks:
+            assert ack == {
+                "type": "ack",
+                "ref": ack["client_msg_id"],
+                "room": room,
+                "client_msg_id": ack["client_msg_id"],
+                "id": ack["id"],
+                "seq": ack["seq"],
+            }
+            acked.append((ack["seq"], ack["id"], user.pk, ack["client_msg_id"]))
+    assert len(acked) == 100
+    assert sorted(seq for seq, *_ in acked) == list(range(1, 101))
+    assert len({message_id for _, message_id, *_ in acked}) == 100
     for watcher_seqs in seen:
         assert sorted(watcher_seqs) == list(range(1, 101))
     last_seq, rows = await room_state(room)
     assert last_seq == 100
-    by_seq = {a["seq"]: a["client_msg_id"] for a in acks}
-    assert [(seq, msg_id) for seq, _, msg_id in rows] == sorted(by_seq.items())
+    assert rows == sorted(acked)
 
     # sender0 (on A) retries its first message through B: the same ack, nothing new.
     sender0, msg_ids = sent["sender0"]
@@ -584,9 +592,15 @@ async def test_delivery_and_presence_work_again_after_redis_restarts(
     await bob.send(type="send", room="phoenix", body="back", client_msg_id="p1")
     ack, own = sorted([await bob.recv(), await bob.recv()], key=lambda f: f["type"])
     expected = await stored_message("phoenix", 1)
-    assert_frame(ack, {"type": "ack", "seq": 1, "id": expected["id"]})
-    assert_frame(own, expected)
-    assert_frame(await alice.expect("message", skip=("typing",)), expected)
+    assert ack == {
+        "type": "ack",
+        "room": "phoenix",
+        "client_msg_id": "p1",
+        "id": expected["id"],
+        "seq": 1,
+    }
+    assert own == expected
+    assert await alice.expect("message", skip=("typing",)) == expected
     carol = await open_client(server_a, keys["carol"], "carol@A")
     assert (await carol.join("phoenix"))["online"] == ["alice", "bob", "carol"]
 
@@ -594,13 +608,19 @@ async def test_delivery_and_presence_work_again_after_redis_restarts(
 async def test_a_socket_that_fails_while_redis_is_down_leaves_no_ghost(
     server_a, server_b, redis_server, open_client
 ):
-    keys = {name: (await user_with_key(name))[1] for name in ["alice", "bob", "carol"]}
+    names = ["alice", "bob", "carol", "dave"]
+    keys = {name: (await user_with_key(name))[1] for name in names}
     await room_create("outage")
     alice = await open_client(server_a, keys["alice"], "alice@A")
     bob = await open_client(server_b, keys["bob"], "bob@B")
+    # dave stays on alice's process: its keeper vouches for him, not for her.
+    dave = await open_client(server_a, keys["dave"], "dave@A")
     await alice.join("outage")
     await bob.join("outage")
     assert await alice.recv() == presence("outage", "bob", "online")
+    await dave.join("outage")
+    assert await alice.recv() == presence("outage", "dave", "online")
+    assert await bob.recv() == presence("outage", "dave", "online")
 
     redis_server.stop()
     try:
@@ -612,7 +632,17 @@ async def test_a_socket_that_fails_while_redis_is_down_leaves_no_ghost(
     finally:
         redis_server.start()  # empty: no groups, no presence entries
 
-    # Give the keepers a round to restore what they vouch for: not alice.
-    await asyncio.sleep(HEARTBEAT)
+    # Each process puts back what it vouches for at its next keeper round, in
+    # one pipeline: once bob (B) and dave (A) are back, alice would be too.
+    ids = {client.name: client.hello["connection_id"] for client in (alice, bob, dave)}
+    vouched = {ids["bob@B"], ids["dave@A"]}
+    with this_process_uses_redis(redis_server.url, heartbeat=HEARTBEAT):
+        live = await until(
+            live_connections,
+            lambda rows: vouched <= {row["id"] for row in rows},
+            timeout=2 * HEARTBEAT + 1,
+            what="connections in the registry",
+        )
+    assert {row["id"] for row in live} & set(ids.values()) == vouched
     carol = await open_client(server_b, keys["carol"], "carol@B")
-    assert (await carol.join("outage"))["online"] == ["bob", "carol"]
+    assert (await carol.join("outage"))["online"] == ["bob", "carol", "dave"]
