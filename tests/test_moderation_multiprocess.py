@@ -1,4 +1,4 @@
-"""Moderation, server push and connection policies across server processes.
+"""Moderation, server push and device keys across server processes.
 
 The module starts its own redis-server and two daphne processes (A and B) on
 the test database, and points this process's channel layer and presence at the
@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import re
-import signal
 import sys
 import time
 import urllib.error
@@ -44,7 +43,6 @@ from chat.models import ApiToken, Ban, Membership, Message, ModerationAction, Mu
 from tests.servers import (
     ROOT,
     SECRET_KEY,
-    DaphneServer,
     RedisServer,
     database_url,
     this_process_uses_redis,
@@ -116,32 +114,6 @@ def server_b(cluster):
     return cluster.b
 
 
-@pytest.fixture
-def third_server(cluster, django_db_blocker):
-    """``third_server(heartbeat=…, prefix=…)``: a daphne of this test's own.
-
-    Its own Redis prefix keeps its sockets out of A's and B's presence and
-    fan-out, so it may have another heartbeat and may be stopped.
-    """
-    started = []
-
-    def start(*, heartbeat=HEARTBEAT, prefix):
-        with django_db_blocker.unblock():
-            server = DaphneServer(
-                redis_url=cluster.redis.url,
-                heartbeat=heartbeat,
-                extra_env={"CHAT_REDIS_PREFIX": prefix},
-                verbosity=0,
-            )
-        started.append(server)
-        return server.start()
-
-    yield start
-    for server in started:
-        print(f"--- daphne {server.port} log ---\n{server.output()}")
-        server.stop()
-
-
 # --- clients -----------------------------------------------------------------------
 
 
@@ -162,7 +134,8 @@ class Socket(WsClient):
     ):
         try:
             # ping_interval=None: no protocol-level pings from the library (they
-            # never reach the application; the idle test must see true silence).
+            # never reach the application; the idle test in test_policies.py
+            # must see true silence).
             websocket = await asyncio.wait_for(
                 connect(
                     ws_url(server, key=key, **query),
@@ -1490,7 +1463,7 @@ async def test_api_push_reaches_both_processes_with_the_permission_only(
         await socket.nothing()
 
 
-# --- connection policies -----------------------------------------------------------
+# --- device keys -------------------------------------------------------------------
 
 
 async def test_a_new_connection_with_the_same_device_key_replaces_the_old_anywhere(
@@ -1529,48 +1502,3 @@ async def test_a_new_connection_with_the_same_device_key_replaces_the_old_anywhe
     await closes_within([phone_b], started, replaced)
     await again.alive()
     await laptop_a.alive()
-
-
-async def test_a_silent_connection_is_closed_after_twice_the_heartbeat(
-    third_server, open_socket
-):
-    server = third_server(heartbeat=1, prefix="idle")
-    _, key = await user_with_key("bob")
-    silent = await open_socket(server, "silent", key=key, keepalive=None)
-    opened = time.monotonic()
-    chatty = await open_socket(server, "chatty", key=key, keepalive=0.5)
-    assert silent.hello["heartbeat"] == chatty.hello["heartbeat"] == 1
-
-    code_reason = await silent.expect_close(timeout=4)
-    elapsed = time.monotonic() - opened
-    assert code_reason == (4408, "nothing received for 2 seconds")
-    assert 1.8 <= elapsed <= 2.6, f"closed after {elapsed:.2f}s"
-
-    # What is tested here is an absence: the socket that pings outlives the
-    # idle limit by more than an idle check. Only time shows it.
-    await chatty.nothing(timeout=opened + 3.2 - time.monotonic())
-    await chatty.alive()
-
-
-async def test_sigterm_closes_every_socket_with_1001_before_the_process_exits(
-    third_server, open_socket
-):
-    server = third_server(prefix="shutdown")
-    _, key = await user_with_key("bob")
-    await room_create("hall")
-    sockets = [await open_socket(server, f"bob#{n}", key=key) for n in (1, 2)]
-    await sockets[0].join("hall")
-    process = server.process
-
-    signalled = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-
-    results = await asyncio.gather(*(s.expect_close(timeout=5) for s in sockets))
-    assert results == [(1001, "server shutting down")] * 2
-    exit_code = await until(
-        process.poll,
-        lambda code: code is not None,
-        timeout=signalled + 5 - time.monotonic(),
-        what="daphne's exit code 5s after SIGTERM",
-    )
-    assert exit_code == 0
