@@ -1,4 +1,4 @@
-"""A server process's policies (``chat.policies``): idle close, shutdown.
+"""A server process's policies (``chat.policies``): idle close, shutdown, GC.
 
 The first test drives the ASGI application in this process; the others run a
 real daphne process of the test's own, on a redis-server of the module's own,
@@ -7,11 +7,13 @@ and hold real WebSocket connections to it.
 
 import asyncio
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
-from tests.servers import DaphneServer, RedisServer
+from tests.servers import ROOT, SECRET_KEY, DaphneServer, RedisServer
 from tests.test_moderation_multiprocess import Socket
 from tests.test_multiprocess import room_create, user_with_key
 from tests.waiting import until
@@ -131,3 +133,33 @@ async def test_sigterm_closes_every_socket_with_1001_before_the_process_exits(
         what="daphne's exit code 5s after SIGTERM",
     )
     assert exit_code == 0
+
+
+# --- garbage collection ------------------------------------------------------------
+
+GC_PROBE = """
+import gc
+import chatsite.asgi
+from chat.consumers import ChatConsumer
+fresh = type("Fresh", (), {})
+tracked = {id(o) for o in gc.get_objects()}
+print(gc.get_threshold(), id(ChatConsumer) in tracked, id(fresh) in tracked)
+"""
+
+
+def test_loading_the_application_freezes_it_out_of_gc_and_raises_the_thresholds():
+    completed = subprocess.run(
+        [sys.executable, "-c", GC_PROBE],
+        cwd=ROOT,
+        env={
+            "DJANGO_SETTINGS_MODULE": "chatsite.settings",
+            "DJANGO_SECRET_KEY": SECRET_KEY,
+            "DJANGO_DEBUG": "0",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert completed.returncode == 0, completed.stderr
+    # Classes loaded at start-up are frozen (no longer listed); new objects are.
+    assert completed.stdout == "(50000, 20, 100) False True\n"
