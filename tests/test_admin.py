@@ -1,13 +1,18 @@
 """The admin screens and the chat_token command."""
 
+import re
 from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
 from django.urls import reverse
+from django.utils import timezone
 
 from chat import selectors, services
 from chat.models import ApiToken
+
+# ApiToken.new_key: the prefix, then 32 random bytes in URL-safe base64.
+TOKEN_KEY = re.compile(r"cs_[A-Za-z0-9_-]{43}")
 
 
 @pytest.fixture
@@ -18,25 +23,33 @@ def staff_client(client, django_user_model):
 
 
 @pytest.mark.parametrize(
-    ("model", "query"),
+    ("model", "query", "found"),
     [
-        ("room", "lob"),
-        ("membership", "alice"),
-        ("message", "there"),
-        ("apitoken", "laptop"),
+        ("room", "lob", {"slug": "lobby"}),
+        ("membership", "alice", {"user__username": "alice"}),
+        ("message", "there", {"body": "hi there"}),
+        ("apitoken", "laptop", {"name": "laptop"}),
     ],
 )
-def test_changelists_find_by_search(staff_client, make_user, model, query):
+def test_changelists_find_by_search(staff_client, make_user, model, query, found):
     alice = make_user("alice")
+    bob = make_user("bob")
     room = services.room_create(slug="lobby", title="Lobby", creator=alice)
     services.message_create(
         room=room, author=alice, body="hi there", client_msg_id="c1"
     )
     services.api_token_create(user=alice, name="laptop")
+    # One of each that the search must leave out.
+    other = services.room_create(slug="garden", title="Garden", creator=bob)
+    services.message_create(room=other, author=bob, body="bye", client_msg_id="c2")
+    services.api_token_create(user=bob, name="desktop")
     url = reverse(f"admin:chat_{model}_changelist")
     response = staff_client.get(url, {"q": query})
     assert response.status_code == 200
-    assert response.context["cl"].result_count == 1
+    changelist = response.context["cl"]
+    assert changelist.result_count == 1
+    [shown] = changelist.result_list
+    assert shown == changelist.model.objects.get(**found)
 
 
 def test_message_changelist_filters_deleted(staff_client, make_user):
@@ -60,7 +73,11 @@ def test_token_added_in_admin_is_shown_once_and_stored_hashed(staff_client, make
     [token] = ApiToken.objects.all()
     [notice] = [str(m) for m in response.context["messages"] if "New token" in str(m)]
     key = notice.split(": ", 1)[1].split(" — ")[0]
-    assert key.startswith("cs_")
+    assert TOKEN_KEY.fullmatch(key), key
+    assert notice == (
+        f"New token for alice: {key} — copy it now, it is not shown again."
+    )
+    assert (token.user, token.name, token.hint) == (alice, "ci", key[:10])
     assert token.key_hash == ApiToken.hash_key(key)
     assert key not in token.key_hash
     assert selectors.user_get_by_token(key=key) == alice
@@ -70,11 +87,14 @@ def test_revoke_action_makes_the_token_useless(staff_client, make_user):
     alice = make_user("alice")
     token, key = services.api_token_create(user=alice)
     url = reverse("admin:chat_apitoken_changelist")
-    staff_client.post(
+    before = timezone.now()
+    response = staff_client.post(
         url, {"action": "revoke_tokens", "_selected_action": [token.pk]}, follow=True
     )
+    after = timezone.now()
+    assert [str(m) for m in response.context["messages"]] == ["Revoked 1 token(s)."]
     token.refresh_from_db()
-    assert token.revoked_at is not None
+    assert before <= token.revoked_at <= after
     assert selectors.user_get_by_token(key=key) is None
 
 
@@ -85,9 +105,12 @@ def test_message_admin_has_no_add_form(staff_client):
 
 def test_chat_token_command_prints_a_working_token_last(make_user):
     alice = make_user("alice")
-    out = StringIO()
-    call_command("chat_token", "alice", stdout=out, stderr=StringIO())
+    out, err = StringIO(), StringIO()
+    call_command("chat_token", "alice", stdout=out, stderr=err)
     key = out.getvalue().strip().splitlines()[-1]
+    assert TOKEN_KEY.fullmatch(key), key
+    assert out.getvalue() == f"{key}\n"
+    assert err.getvalue() == f"Token {key[:10]}… created for alice; keep it secret.\n"
     assert selectors.user_get_by_token(key=key) == alice
     assert ApiToken.objects.get().hint == key[:10]
 

@@ -63,7 +63,7 @@ def test_signup_creates_the_user_signs_in_and_goes_to_the_room_list(client):
 
     assertRedirects(response, "/")
     dora = get_user_model().objects.get(username="dora")
-    assert dora.check_password("a-long-pass-9876")
+    assert dora.check_password("a-long-pass-9876") is True
     assert client.session["_auth_user_id"] == str(dora.pk)
 
 
@@ -81,7 +81,7 @@ def test_signup_with_different_passwords_shows_the_error_and_creates_nobody(clie
     assert response.context["form"].errors == {
         "password2": ["The two password fields didn’t match."]
     }
-    assert not get_user_model().objects.filter(username="dora").exists()
+    assert get_user_model().objects.filter(username="dora").exists() is False
 
 
 def test_signup_page_shows_the_form(client):
@@ -164,7 +164,11 @@ def test_room_list_shows_the_other_user_of_a_direct_room(client, bob, rooms):
 
     assert [room.slug for room in response.context["public_rooms"]] == ["lobby"]
     assert response.context["private_rooms"] == []
-    assert [name for _, name in response.context["direct_rooms"]] == ["alice"]
+    direct = rooms["direct"]
+    assert [(room.slug, name) for room, name in response.context["direct_rooms"]] == [
+        (direct.slug, "alice")
+    ]
+    assertContains(response, f'<a href="/r/{direct.slug}/">alice</a>', html=True)
 
 
 def test_room_list_hides_private_and_direct_rooms_from_non_members(
@@ -323,9 +327,11 @@ def test_direct_start_with_an_inactive_user_shows_a_form_error(
 
     response = client.post("/direct/", {"username": "gone"})
 
+    assert response.status_code == 200
     assert response.context["direct_form"].errors == {
         "username": ["There is no user named “gone”."]
     }
+    assert Room.objects.count() == 0
 
 
 # --- the room page ------------------------------------------------------------
