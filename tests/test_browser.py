@@ -201,6 +201,7 @@ def test_edit_and_delete_of_own_messages_reach_the_other_page(server, new_page):
     on_bob = bob.locator('#messages .message[data-seq="1"]')
     expect(on_bob.locator(".body")).to_have_text("second draft")
     expect(on_bob.locator(".edited")).to_be_visible()
+    expect(on_bob.locator(".edited")).to_have_text("(edited)")
     # Only one's own messages have the buttons.
     expect(alice.locator('#messages .message[data-seq="2"] button')).to_have_count(0)
     expect(on_bob.locator("button")).to_have_count(0)
