@@ -2,6 +2,7 @@
 
     python -m bench [--servers N] [--clients K] [--baseline | --compare]
                     [--scenario fanout100,fanout1000,rooms,idle,persist] [--quick]
+                    [--fast-path on|off]
 
 Starts its own redis-server and N daphne processes (pinned to the first core),
 a database of its own (SQLite, or ``chatsite_bench`` when DATABASE_URL is a
@@ -61,6 +62,12 @@ def parse_args(argv):
     )
     parser.add_argument("--quick", action="store_true", help="short smoke run (~2 min)")
     parser.add_argument(
+        "--fast-path",
+        choices=("on", "off"),
+        default="on",
+        help="chat.serving's fast path in chatsite's servers (off: CHAT_FAST_PATH=0)",
+    )
+    parser.add_argument(
         "--output", type=Path, default=RESULTS, help="JSON results file"
     )
     parser.add_argument(
@@ -98,7 +105,7 @@ def seed_spec(durations):
 
 def versions():
     names = ["Django", "channels", "channels-redis", "daphne", "redis", "picows"]
-    names += ["uvicorn", "uvloop"]
+    names += ["autobahn", "twisted", "txaio", "msgspec", "uvicorn", "uvloop"]
     found = {}
     for name in names:
         try:
@@ -126,7 +133,7 @@ def run_target(name, options, layout, database):
         target = scenarios.Target(
             name="chatsite",
             asgi_app="chatsite.asgi:application",
-            env=chatsite_env(database.url),
+            env=chatsite_env(database.url, fast_path=options.fast_path == "on"),
             keys=database.keys,
             postgres=database.vendor == "postgresql",
         )
@@ -161,6 +168,7 @@ def main(argv=None):
             "quick": options.quick,
             "servers": options.servers,
             "server": options.server,
+            "fast_path": options.fast_path,
             "client_processes": options.clients,
             "database": database.vendor,
             "server_cpus": server_cpus,

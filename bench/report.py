@@ -235,7 +235,17 @@ def table(results, scenarios):
         )
     for target in targets:
         lines.append(f"{target}: {client_note(results['targets'][target])}.")
+    if "chatsite" in targets:
+        lines.append(f"chatsite: {serving_note(results['targets']['chatsite'])}.")
     return "\n".join(lines)
+
+
+def serving_note(target_results):
+    """What chatsite's servers said of chat.serving's fast path."""
+    said = set()
+    for result in target_results.values():
+        said.update(((result or {}).get("server_health") or {}).get("serving", []))
+    return "; ".join(sorted(said)) or "the servers logged no fast path line"
 
 
 def steps_of(target_results):

@@ -635,4 +635,9 @@ def run_scenario(name, target, options, layout):
     health = session.health
     if health["dead"] or health["errors"] or health.get("teardown_errors"):
         log(f"  server trouble: {health}")
+    wanted = f"fast path {options.fast_path}"
+    if target.name == "chatsite" and not all(
+        line.startswith(wanted) for line in health["serving"]
+    ):
+        log(f"  asked for {wanted}, but the servers logged: {health['serving']}")
     return result

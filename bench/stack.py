@@ -231,6 +231,11 @@ def logged_errors(text):
                 yield line.partition(" ERROR ")[2].strip()[:160]
 
 
+def serving_summaries(text):
+    """What chat.serving logged at start-up: the path in use and why."""
+    return [line for line in text.splitlines() if line.startswith("fast path ")]
+
+
 def redis_server(cpus):
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
     port = free_port()
@@ -327,10 +332,14 @@ class Stack:
         errors = Counter()
         for server in self.servers:
             errors.update(logged_errors(server.log()))
+        serving = set()
+        for server in self.servers:
+            serving.update(serving_summaries(server.log()))
         return {
             "dead": dead,
             "errors": sum(errors.values()),
             "kinds": [f"{n}× {line}" for line, n in errors.most_common(5)],
+            "serving": sorted(serving),
         }
 
     def settle(self, *, idle_share=0.05, window=0.5, timeout=60.0):
@@ -344,9 +353,11 @@ class Stack:
         return False
 
 
-def chatsite_env(database_url, heartbeat=3600):
+def chatsite_env(database_url, heartbeat=3600, fast_path=True):
     return {
         **os.environ,
+        # Set either way: a CHAT_FAST_PATH exported in the shell must not decide.
+        "CHAT_FAST_PATH": "1" if fast_path else "0",
         "DJANGO_SETTINGS_MODULE": "chatsite.settings",
         "DJANGO_SECRET_KEY": SECRET_KEY,
         "DJANGO_DEBUG": "0",
