@@ -1,5 +1,6 @@
 # make run  — create the virtualenv, install, migrate, serve on http://127.0.0.1:8000
 # make test — create the virtualenv, install, run the whole suite
+# make lint — ruff (lint and format) and mypy (with django-stubs) on chat/
 # make bench — the benchmark (bench/README.md); BENCH_ARGS="--compare", "--quick", …
 # make lock — compile requirements*.in to the locks requirements*.txt, which pin
 #             every package; LOCK_ARGS=--upgrade moves what the .in files allow
@@ -11,7 +12,7 @@ BIN := $(VENV)/bin
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$$(grep '^pip==' requirements-dev.txt)"
 
 $(VENV)/.runtime: requirements.txt | $(BIN)/python
 	$(BIN)/pip install --quiet -r requirements.txt
@@ -31,6 +32,7 @@ test: $(VENV)/.dev
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 $(VENV)/.bench: requirements.txt requirements-dev.txt requirements-bench.txt | $(BIN)/python
 	$(BIN)/pip install --quiet -r requirements-bench.txt

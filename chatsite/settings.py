@@ -12,6 +12,10 @@ DJANGO_CONN_MAX_AGE  seconds a database connection is kept (default 300)
 CHAT_HEARTBEAT    seconds a client may stay silent before it must ping (default 30)
 CHAT_ALLOWED_ORIGINS  comma-separated origins a browser socket may come from
                   (default: any origin whose host is in ALLOWED_HOSTS)
+CHAT_REDIS_PREFIX prefix of Redis keys and channel names (default chat)
+CHAT_CLOSE_ON_SIGTERM  close sockets with 1001 on SIGTERM (default on)
+CHAT_FAST_PATH    0 to serve every frame through plain ASGI instead of writing
+                  prepared frames straight to daphne's sockets (default on)
 """
 
 import os
