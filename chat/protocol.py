@@ -101,13 +101,23 @@ class ChatError(Exception):
 
 # --- field types ----------------------------------------------------------------
 
+# Text a client sends to be stored: no NUL, which PostgreSQL cannot store (JSON
+# cannot carry a lone surrogate to us at all: the decoder refuses the frame).
+STORABLE_TEXT = r"^[^\x00]*$"
+
 RoomSlug = Annotated[str, Meta(pattern=ROOM_SLUG_PATTERN)]
 Seq = Annotated[int, Meta(ge=0, le=MAX_SAFE_INTEGER)]
 MessageId = Annotated[int, Meta(ge=1, le=MAX_SAFE_INTEGER)]
 Limit = Annotated[int, Meta(ge=1, le=HISTORY_MAX_LIMIT)]
-Body = Annotated[str, Meta(min_length=1, max_length=MAX_BODY_CHARS)]
-ClientMsgId = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS)]
-Username = Annotated[str, Meta(min_length=1, max_length=MAX_USERNAME_CHARS)]
+Body = Annotated[
+    str, Meta(min_length=1, max_length=MAX_BODY_CHARS, pattern=STORABLE_TEXT)
+]
+ClientMsgId = Annotated[
+    str, Meta(min_length=1, max_length=MAX_ID_CHARS, pattern=STORABLE_TEXT)
+]
+Username = Annotated[
+    str, Meta(min_length=1, max_length=MAX_USERNAME_CHARS, pattern=STORABLE_TEXT)
+]
 Ref = Annotated[str, Meta(max_length=MAX_REF_CHARS)]
 
 
@@ -257,7 +267,10 @@ def _refusal(
     if isinstance(body, str) and len(body) > MAX_BODY_CHARS:
         message = f"body is longer than {MAX_BODY_CHARS} characters"
         return ChatError(TOO_LARGE, message, ref=ref)
-    return ChatError(BAD_REQUEST, f"{frame_type}: {exc}", ref=ref)
+    text = str(exc)
+    if repr(STORABLE_TEXT) in text:
+        text = f"{_error_field(exc)} must not contain NUL characters"
+    return ChatError(BAD_REQUEST, f"{frame_type}: {text}", ref=ref)
 
 
 # --- server frames ----------------------------------------------------------------
@@ -607,14 +620,19 @@ def encode(frame: ServerFrame) -> Encoded:
 PUSH_TARGETS: Final = ("user", "room", "connection_id", "all")
 
 
+# A connection id as ``hello`` gives it: the process id, a dash, a counter.
+CONNECTION_ID_PATTERN = r"^[0-9a-f]{8}-[0-9]{1,18}$"
+PushName = Annotated[str, Meta(min_length=1, max_length=150, pattern=STORABLE_TEXT)]
+
+
 class PushRequest(Struct):
     """``POST /api/push``: an event, its data, and exactly one target."""
 
     event: str
     data: Any
-    user: Annotated[str, Meta(min_length=1)] | None = None
-    room: Annotated[str, Meta(min_length=1)] | None = None
-    connection_id: Annotated[str, Meta(min_length=1)] | None = None
+    user: PushName | None = None
+    room: RoomSlug | None = None
+    connection_id: Annotated[str, Meta(pattern=CONNECTION_ID_PATTERN)] | None = None
     all: bool | None = None
 
     def target(self) -> tuple[str, Any]:
@@ -635,6 +653,9 @@ _PUSH_FIELD_ERRORS = {
     "event": "the body needs an 'event' string",
     "data": "the body needs 'data' (any JSON)",
     "all": "'all' must be true",
+    "user": "'user' must be a username",
+    "room": "'room' must be a room slug (letters, digits, - and _)",
+    "connection_id": "'connection_id' must be a connection id as hello gives it",
 }
 _ERROR_FIELD_RE = re.compile(r"at `\$\.(\w+)`|missing required field `(\w+)`")
 
@@ -649,11 +670,14 @@ def parse_push_request(body: bytes) -> PushRequest:
         raise ChatError(BAD_REQUEST, "the body is not valid JSON") from None
 
 
-def _push_error_text(exc: msgspec.ValidationError) -> str:
+def _error_field(exc: msgspec.ValidationError) -> str | None:
+    """The top-level field a validation error is about, if it names one."""
     match = _ERROR_FIELD_RE.search(str(exc))
-    field = (match.group(1) or match.group(2)) if match else None
+    return (match.group(1) or match.group(2)) if match else None
+
+
+def _push_error_text(exc: msgspec.ValidationError) -> str:
+    field = _error_field(exc)
     if field is None:
         return "the body must be a JSON object with 'event' and 'data'"
-    if field in _PUSH_FIELD_ERRORS:
-        return _PUSH_FIELD_ERRORS[field]
-    return f"'{field}' must be a non-empty string"
+    return _PUSH_FIELD_ERRORS.get(field, f"'{field}' is not valid")

@@ -166,9 +166,65 @@ def test_a_lone_surrogate_escape_is_bad_request():
     )
 
 
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (
+            {"type": "send", "room": "l", "body": "x\x00", "client_msg_id": "c"},
+            "send: body must not contain NUL characters",
+        ),
+        (
+            {"type": "send", "room": "l", "body": "x", "client_msg_id": "\x00"},
+            "send: client_msg_id must not contain NUL characters",
+        ),
+        (
+            {"type": "edit", "room": "l", "id": 1, "body": "\x00"},
+            "edit: body must not contain NUL characters",
+        ),
+        (
+            {"type": "dm", "to": "a\x00", "body": "x", "client_msg_id": "c"},
+            "dm: to must not contain NUL characters",
+        ),
+    ],
+)
+def test_text_the_database_cannot_store_is_bad_request(frame, message):
+    assert refusal(json.dumps({**frame, "ref": "n"})) == (
+        "bad_request",
+        message,
+        {"ref": "n"},
+    )
+
+
+@pytest.mark.parametrize("field", ["body", "client_msg_id", "ref"])
+def test_a_lone_surrogate_in_any_field_is_bad_request(field):
+    frame = {"type": "send", "room": "l", "body": "x", "client_msg_id": "c"}
+    text = json.dumps({**frame, field: "x\ud800"})
+    assert "\\ud800" in text
+    assert refusal(text) == ("bad_request", "frame is not valid JSON", {})
+
+
 def test_deeply_nested_json_is_bad_request():
     text = '{"type":"ping","x":' + "[" * 30_000 + "]" * 30_000 + "}"
     assert refusal(text) == ("bad_request", "frame is not valid JSON", {})
+
+
+def test_deeply_nested_json_in_a_binary_frame_is_bad_request():
+    data = struct.pack(">I", 11) + b'{"x":' + b"[" * 30_000 + b"]" * 30_000 + b"}"
+    with pytest.raises(ChatError) as excinfo:
+        protocol.parse_binary(data)
+    assert (excinfo.value.code, excinfo.value.message) == (
+        "bad_request",
+        "binary frame payload is not valid JSON",
+    )
+
+
+def test_invalid_utf8_in_a_binary_frame_is_bad_request():
+    with pytest.raises(ChatError) as excinfo:
+        protocol.parse_binary(struct.pack(">I", 11) + b'{"ref":"\xff"}')
+    assert (excinfo.value.code, excinfo.value.message) == (
+        "bad_request",
+        "binary frame payload is not valid JSON",
+    )
 
 
 def test_a_binary_frame_takes_its_type_from_the_action_code():
@@ -322,8 +378,16 @@ def test_a_push_request_names_one_target():
         (b'{"data":1,"all":true}', "the body needs an 'event' string"),
         (b'{"event":5,"data":1,"all":true}', "the body needs an 'event' string"),
         (b'{"event":"e","all":true}', "the body needs 'data' (any JSON)"),
-        (b'{"event":"e","data":1,"user":""}', "'user' must be a non-empty string"),
-        (b'{"event":"e","data":1,"room":7}', "'room' must be a non-empty string"),
+        (b'{"event":"e","data":1,"user":""}', "'user' must be a username"),
+        (b'{"event":"e","data":1,"user":"a\\u0000"}', "'user' must be a username"),
+        (
+            b'{"event":"e","data":1,"room":7}',
+            "'room' must be a room slug (letters, digits, - and _)",
+        ),
+        (
+            b'{"event":"e","data":1,"connection_id":"abc"}',
+            "'connection_id' must be a connection id as hello gives it",
+        ),
         (b'{"event":"e","data":1,"all":"yes"}', "'all' must be true"),
     ],
 )

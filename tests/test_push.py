@@ -171,6 +171,31 @@ ONE_TARGET = "name exactly one target: user, room, connection_id, all"
         ({"event": "e", "data": 1, "all": False}, None, "'all' must be true"),
         ({"event": "e", "data": 1, "room": "nowhere"}, None, "no room 'nowhere'"),
         ({"event": "e", "data": 1, "user": "ghost"}, None, "no user 'ghost'"),
+        (
+            {"event": "e", "data": 1, "user": "a\x00b"},
+            None,
+            "'user' must be a username",
+        ),
+        (
+            {"event": "e", "data": 1, "room": "lob\ud800by"},
+            None,
+            "the body is not valid JSON",
+        ),
+        (
+            {"event": "e", "data": 1, "room": "no such/slug"},
+            None,
+            "'room' must be a room slug (letters, digits, - and _)",
+        ),
+        (
+            {"event": "e", "data": 1, "connection_id": "../x"},
+            None,
+            "'connection_id' must be a connection id as hello gives it",
+        ),
+        (
+            None,
+            '{"event":"e","all":true,"data":' + "[" * 5000 + "]" * 5000 + "}",
+            "the body is not valid JSON",
+        ),
     ],
 )
 async def test_api_push_answers_400_to_bad_bodies(pusher_key, body, raw, error):
