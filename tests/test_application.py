@@ -9,6 +9,7 @@ from django.test import Client as HttpClient
 from django.utils import timezone
 
 from chat import fanout, presence, services
+from chat.models import ApiToken
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -38,6 +39,135 @@ async def assert_let_in(socket, user):
     }
     live = await presence.live_connections()
     assert [(c["id"], c["user_id"]) for c in live] == [(connection_id, user.pk)]
+
+
+async def assert_refused(socket):
+    """The handshake was refused and left no live connection behind."""
+    assert socket.connected is False
+    assert await presence.live_connections() == []
+
+
+# --- credentials -------------------------------------------------------------------
+
+
+async def test_handshake_without_credentials_is_refused(connect):
+    client = await connect(path="/ws/")
+
+    await assert_refused(client)
+
+
+async def test_handshake_with_unknown_token_is_refused(connect):
+    client = await connect(path="/ws/?token=cs_not-a-real-token")
+
+    await assert_refused(client)
+
+
+async def test_handshake_with_revoked_token_is_refused(connect, alice):
+    token, key = await adb(services.api_token_create)(user=alice)
+    await adb(services.api_token_revoke)(token=token)
+
+    client = await connect(path=f"/ws/?token={key}")
+
+    await assert_refused(client)
+
+
+async def test_token_of_a_deactivated_user_is_refused(connect, make_user):
+    carol = await adb(make_user)("carol")
+    _, key = await adb(services.api_token_create)(user=carol)
+    carol.is_active = False
+    await adb(carol.save)()
+
+    client = await connect(path=f"/ws/?token={key}")
+
+    await assert_refused(client)
+
+
+async def test_bearer_header_authenticates(connect, alice):
+    _, key = await adb(services.api_token_create)(user=alice)
+
+    client = await connect(
+        path="/ws/", headers=[(b"authorization", f"Bearer {key}".encode())]
+    )
+
+    await assert_let_in(client, alice)
+
+
+async def test_session_cookie_authenticates(connect, alice):
+    cookie = await session_cookie(alice)
+
+    client = await connect(
+        path="/ws/",
+        headers=[(b"cookie", cookie), (b"origin", b"http://localhost:8000")],
+    )
+
+    await assert_let_in(client, alice)
+
+
+async def test_session_of_a_deactivated_user_is_refused(connect, make_user):
+    carol = await adb(make_user)("carol")
+    cookie = await session_cookie(carol)
+    carol.is_active = False
+    await adb(carol.save)()
+
+    client = await connect(path="/ws/", headers=[(b"cookie", cookie)])
+
+    await assert_refused(client)
+
+
+async def test_a_bad_token_refuses_even_with_a_good_session(connect, alice):
+    cookie = await session_cookie(alice)
+
+    client = await connect(
+        path="/ws/?token=cs_not-a-real-token", headers=[(b"cookie", cookie)]
+    )
+
+    await assert_refused(client)
+
+
+async def test_a_handshake_notes_the_tokens_use_at_most_once_a_minute(connect, alice):
+    token, key = await adb(services.api_token_create)(user=alice)
+    assert token.last_used_at is None
+
+    before = timezone.now()
+    await connect(path=f"/ws/?token={key}")
+    after = timezone.now()
+    await adb(token.refresh_from_db)()
+    first_use = token.last_used_at
+    assert before <= first_use <= after
+
+    await connect(path=f"/ws/?token={key}")
+    await adb(token.refresh_from_db)()
+    assert token.last_used_at == first_use
+
+    # Older than a minute: the next handshake notes it again.
+    an_hour_ago = first_use - timedelta(hours=1)
+    await adb(ApiToken.objects.filter(pk=token.pk).update)(last_used_at=an_hour_ago)
+    before = timezone.now()
+    await connect(path=f"/ws/?token={key}")
+    after = timezone.now()
+    await adb(token.refresh_from_db)()
+    assert before <= token.last_used_at <= after
+
+
+# --- where from --------------------------------------------------------------------
+
+
+async def test_foreign_origin_is_refused(connect, alice):
+    _, key = await adb(services.api_token_create)(user=alice)
+
+    client = await connect(
+        path=f"/ws/?token={key}", headers=[(b"origin", b"https://evil.example")]
+    )
+
+    await assert_refused(client)
+
+
+async def test_handshake_on_another_path_is_refused(connect, alice):
+    _, key = await adb(services.api_token_create)(user=alice)
+
+    client = await connect(path=f"/ws/other/?token={key}")
+
+    await assert_refused(client)
 
 
 # --- site ban ----------------------------------------------------------------------

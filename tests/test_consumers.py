@@ -1,15 +1,16 @@
-"""The WebSocket API through the real ASGI application, frame by frame."""
+"""The WebSocket API through the real ASGI application, frame by frame.
+
+``tests/test_application.py`` has the handshake that comes before the ``hello``.
+"""
 
 import json
 import struct
-from datetime import timedelta
 
 import pytest
 from asgiref.sync import sync_to_async
-from django.test import Client as HttpClient
 
 from chat import services
-from chat.models import ApiToken, Membership, Message, Room
+from chat.models import Membership, Message, Room
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -23,24 +24,7 @@ async def send_message(client, body, msg_id, room="lobby"):
     return next(f for f in frames if f["type"] == "ack")
 
 
-# --- handshake -------------------------------------------------------------
-
-
-async def test_handshake_without_credentials_is_refused(connect):
-    client = await connect(path="/ws/")
-    assert client.connected is False
-
-
-async def test_handshake_with_unknown_token_is_refused(connect):
-    client = await connect(path="/ws/?token=cs_not-a-real-token")
-    assert client.connected is False
-
-
-async def test_handshake_with_revoked_token_is_refused(connect, alice):
-    token, key = await adb(services.api_token_create)(user=alice)
-    await adb(services.api_token_revoke)(token=token)
-    client = await connect(path=f"/ws/?token={key}")
-    assert client.connected is False
+# --- hello -------------------------------------------------------------
 
 
 async def test_hello_is_the_first_frame_with_user_and_heartbeat(connect, alice):
@@ -52,89 +36,6 @@ async def test_hello_is_the_first_frame_with_user_and_heartbeat(connect, alice):
     assert hello["user"] == {"id": alice.pk, "username": "alice"}
     assert hello["heartbeat"] == 30
     assert isinstance(hello["connection_id"], str) and hello["connection_id"]
-
-
-async def test_bearer_header_authenticates(connect, alice):
-    _, key = await adb(services.api_token_create)(user=alice)
-    client = await connect(
-        path="/ws/", headers=[(b"authorization", f"Bearer {key}".encode())]
-    )
-    assert client.connected is True
-    assert client.hello["user"]["username"] == "alice"
-
-
-async def test_session_cookie_authenticates(connect, alice):
-    http = HttpClient()
-    await adb(http.force_login)(alice)
-    cookie = f"sessionid={http.cookies['sessionid'].value}".encode()
-    client = await connect(
-        path="/ws/",
-        headers=[(b"cookie", cookie), (b"origin", b"http://localhost:8000")],
-    )
-    assert client.connected is True
-    assert client.hello["user"]["username"] == "alice"
-
-
-async def test_foreign_origin_is_refused(connect, alice):
-    _, key = await adb(services.api_token_create)(user=alice)
-    client = await connect(
-        path=f"/ws/?token={key}", headers=[(b"origin", b"https://evil.example")]
-    )
-    assert client.connected is False
-
-
-async def test_handshake_on_another_path_is_refused(connect, alice):
-    _, key = await adb(services.api_token_create)(user=alice)
-    client = await connect(path=f"/ws/other/?token={key}")
-    assert client.connected is False
-
-
-async def test_session_of_a_deactivated_user_is_refused(connect, make_user):
-    carol = await adb(make_user)("carol")
-    http = HttpClient()
-    await adb(http.force_login)(carol)
-    carol.is_active = False
-    await adb(carol.save)()
-    cookie = f"sessionid={http.cookies['sessionid'].value}".encode()
-    client = await connect(path="/ws/", headers=[(b"cookie", cookie)])
-    assert client.connected is False
-
-
-async def test_a_bad_token_refuses_even_with_a_good_session(connect, alice):
-    http = HttpClient()
-    await adb(http.force_login)(alice)
-    cookie = f"sessionid={http.cookies['sessionid'].value}".encode()
-    client = await connect(
-        path="/ws/?token=cs_not-a-real-token", headers=[(b"cookie", cookie)]
-    )
-    assert client.connected is False
-
-
-async def test_token_of_a_deactivated_user_is_refused(connect, make_user):
-    carol = await adb(make_user)("carol")
-    _, key = await adb(services.api_token_create)(user=carol)
-    carol.is_active = False
-    await adb(carol.save)()
-    client = await connect(path=f"/ws/?token={key}")
-    assert client.connected is False
-
-
-async def test_a_handshake_notes_the_tokens_use_at_most_once_a_minute(connect, alice):
-    token, key = await adb(services.api_token_create)(user=alice)
-    assert token.last_used_at is None
-    await connect(path=f"/ws/?token={key}")
-    await adb(token.refresh_from_db)()
-    first_use = token.last_used_at
-    assert first_use is not None
-    await connect(path=f"/ws/?token={key}")
-    await adb(token.refresh_from_db)()
-    assert token.last_used_at == first_use
-    # Older than a minute: the next handshake notes it again.
-    an_hour_ago = first_use - timedelta(hours=1)
-    await adb(ApiToken.objects.filter(pk=token.pk).update)(last_used_at=an_hour_ago)
-    await connect(path=f"/ws/?token={key}")
-    await adb(token.refresh_from_db)()
-    assert token.last_used_at > first_use
 
 
 async def test_connection_ids_differ_per_socket(connect, alice):
