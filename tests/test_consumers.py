@@ -9,19 +9,55 @@ import struct
 import pytest
 from asgiref.sync import sync_to_async
 
-from chat import services
+from chat import fanout, services
 from chat.models import Membership, Message, Room
+from tests.test_application import CONNECTION_ID
+from tests.test_multiprocess import stored_message
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 adb = sync_to_async
 
 
+def presence_frame(user, status, room="lobby"):
+    return {"type": "presence", "room": room, "user": user, "status": status}
+
+
+def error_frame(code, message, **ref):
+    return {"type": "error", "code": code, "message": message, **ref}
+
+
+def ack_of(stored, **ref):
+    """The ack of the stored message ``stored`` (a ``message`` frame)."""
+    return {
+        "type": "ack",
+        "room": stored["room"],
+        "client_msg_id": stored["client_msg_id"],
+        "id": stored["id"],
+        "seq": stored["seq"],
+        **ref,
+    }
+
+
+def payload_of(stored):
+    """A ``message`` frame as ``history`` lists it: without its ``type``."""
+    return {key: value for key, value in stored.items() if key != "type"}
+
+
 async def send_message(client, body, msg_id, room="lobby"):
-    """Send and return the ack, skipping the sender's own ``message`` echo."""
+    """Send; check the sender's ack and its own copy of the message; return the ack."""
     await client.send(type="send", room=room, body=body, client_msg_id=msg_id)
     frames = [await client.recv(), await client.recv()]
-    return next(f for f in frames if f["type"] == "ack")
+    ack, echo = sorted(frames, key=lambda frame: frame["type"])
+    stored = await stored_message(room, ack["seq"])
+    assert (stored["user"], stored["body"], stored["client_msg_id"]) == (
+        client.hello["user"],
+        body,
+        msg_id,
+    )
+    assert echo == stored
+    assert ack == ack_of(stored)
+    return ack
 
 
 # --- hello -------------------------------------------------------------
@@ -29,19 +65,25 @@ async def send_message(client, body, msg_id, room="lobby"):
 
 async def test_hello_is_the_first_frame_with_user_and_heartbeat(connect, alice):
     client = await connect(alice)
-    hello = client.hello
-    assert set(hello) == {"type", "protocol", "connection_id", "user", "heartbeat"}
-    assert hello["type"] == "hello"
-    assert hello["protocol"] == 1
-    assert hello["user"] == {"id": alice.pk, "username": "alice"}
-    assert hello["heartbeat"] == 30
-    assert isinstance(hello["connection_id"], str) and hello["connection_id"]
+
+    connection_id = client.hello["connection_id"]
+    assert CONNECTION_ID.fullmatch(connection_id), connection_id
+    assert client.hello == {
+        "type": "hello",
+        "protocol": 1,
+        "connection_id": connection_id,
+        "user": {"id": alice.pk, "username": "alice"},
+        "heartbeat": 30,
+    }
 
 
-async def test_connection_ids_differ_per_socket(connect, alice):
+async def test_each_socket_gets_the_next_connection_id_of_its_process(connect, alice):
     first = await connect(alice)
     second = await connect(alice)
-    assert first.hello["connection_id"] != second.hello["connection_id"]
+
+    process_id, n = first.hello["connection_id"].rsplit("-", 1)
+    assert process_id == fanout.PROCESS_ID
+    assert second.hello["connection_id"] == f"{fanout.PROCESS_ID}-{int(n) + 1}"
 
 
 # --- join / leave ----------------------------------------------------------
@@ -81,8 +123,7 @@ async def test_join_private_room_as_non_member_is_forbidden(connect, alice, bob)
     )
     client = await connect(alice)
     reply = await client.join("staff")
-    assert reply["type"] == "error"
-    assert reply["code"] == "forbidden"
+    assert reply == error_frame("forbidden", "room 'staff' is private")
 
 
 async def test_join_private_room_as_member_works(connect, alice, bob):
@@ -91,8 +132,17 @@ async def test_join_private_room_as_member_works(connect, alice, bob):
     )
     client = await connect(bob)
     reply = await client.join("staff")
-    assert reply["type"] == "joined"
-    assert reply["private"] is True
+    assert reply == {
+        "type": "joined",
+        "room": "staff",
+        "title": "Staff",
+        "last_seq": 0,
+        "online": ["bob"],
+        "read_seq": 0,
+        "private": True,
+        "direct": False,
+        "closed": False,
+    }
 
 
 async def test_join_public_room_makes_a_membership(connect, alice, lobby):
@@ -111,13 +161,24 @@ async def test_join_since_recovers_missed_messages_in_order(connect, alice, bob,
         await send_message(sender, f"m{n}", f"c{n}")
     client = await connect(bob)
     joined = await client.join("lobby", since=2)
-    assert joined["last_seq"] == 5
+    assert joined == {
+        "type": "joined",
+        "room": "lobby",
+        "title": "The Lobby",
+        "last_seq": 5,
+        "online": ["alice", "bob"],
+        "read_seq": 0,
+        "private": False,
+        "direct": False,
+        "closed": False,
+    }
     recovered = [await client.recv() for _ in range(3)]
-    assert [(f["type"], f["seq"], f["body"]) for f in recovered] == [
-        ("message", 3, "m3"),
-        ("message", 4, "m4"),
-        ("message", 5, "m5"),
+    assert [(f["seq"], f["body"]) for f in recovered] == [
+        (3, "m3"),
+        (4, "m4"),
+        (5, "m5"),
     ]
+    assert recovered == [await stored_message("lobby", seq) for seq in (3, 4, 5)]
     assert await client.recv() == {
         "type": "recovered",
         "room": "lobby",
@@ -141,8 +202,8 @@ async def test_join_since_over_1000_missed_sends_newest_and_incomplete(
     client = await connect(alice)
     await client.join("lobby", since=1)
     frames = [await client.recv() for _ in range(1001)]
-    seqs = [f["seq"] for f in frames[:1000]]
-    assert seqs == list(range(203, 1203))
+    recovered = [(f["type"], f["seq"], f["body"]) for f in frames[:1000]]
+    assert recovered == [("message", n, f"b{n}") for n in range(203, 1203)]
     assert frames[1000] == {"type": "recovered", "room": "lobby", "complete": False}
 
 
@@ -151,26 +212,21 @@ async def test_leave_replies_left_and_stops_delivery(connect, alice, bob, lobby)
     b = await connect(bob)
     await a.join("lobby")
     await b.join("lobby")
-    assert (await a.recv())["type"] == "presence"
+    assert await a.recv() == presence_frame("bob", "online")
     assert await b.request(type="leave", room="lobby", ref="l") == {
         "type": "left",
         "room": "lobby",
         "ref": "l",
     }
-    assert await a.recv() == {
-        "type": "presence",
-        "room": "lobby",
-        "user": "bob",
-        "status": "offline",
-    }
+    assert await a.recv() == presence_frame("bob", "offline")
     await send_message(a, "after", "c1")
     assert await b.nothing() is True
 
 
 async def test_leave_of_a_room_not_joined_is_not_joined(connect, alice, lobby):
     client = await connect(alice)
-    reply = await client.request(type="leave", room="lobby")
-    assert reply["code"] == "not_joined"
+    reply = await client.request(type="leave", room="lobby", ref="l")
+    assert reply == error_frame("not_joined", "join room 'lobby' first", ref="l")
 
 
 # --- presence --------------------------------------------------------------
@@ -183,25 +239,25 @@ async def test_presence_online_once_per_user_and_offline_after_last_socket(
     await a.join("lobby")
     b1 = await connect(bob)
     await b1.join("lobby")
-    assert await a.recv() == {
-        "type": "presence",
-        "room": "lobby",
-        "user": "bob",
-        "status": "online",
-    }
+    assert await a.recv() == presence_frame("bob", "online")
     b2 = await connect(bob)
     joined = await b2.join("lobby")
-    assert joined["online"] == ["alice", "bob"]
+    assert joined == {
+        "type": "joined",
+        "room": "lobby",
+        "title": "The Lobby",
+        "last_seq": 0,
+        "online": ["alice", "bob"],
+        "read_seq": 0,
+        "private": False,
+        "direct": False,
+        "closed": False,
+    }
     assert await a.nothing() is True
     await b1.close()
     assert await a.nothing() is True
     await b2.close()
-    assert await a.recv() == {
-        "type": "presence",
-        "room": "lobby",
-        "user": "bob",
-        "status": "offline",
-    }
+    assert await a.recv() == presence_frame("bob", "offline")
 
 
 # --- send ------------------------------------------------------------------
@@ -214,7 +270,7 @@ async def test_send_acks_the_sender_and_delivers_to_the_room(
     b = await connect(bob)
     await a.join("lobby")
     await b.join("lobby")
-    await a.recv()  # presence of bob
+    assert await a.recv() == presence_frame("bob", "online")
     await a.send(type="send", room="lobby", body="hello", client_msg_id="c-1", ref="s1")
     frames = {f["type"]: f for f in [await a.recv(), await a.recv()]}
     message = await b.recv()
@@ -256,9 +312,9 @@ async def test_retry_with_same_client_msg_id_stores_one_message(
     b = await connect(bob)
     await a.join("lobby")
     await b.join("lobby")
-    await a.recv()
+    assert await a.recv() == presence_frame("bob", "online")
     first = await send_message(a, "once", "dup")
-    assert (await b.recv())["seq"] == 1
+    assert await b.recv() == await stored_message("lobby", 1)
     await a.send(type="send", room="lobby", body="once", client_msg_id="dup")
     second = await a.recv()
     assert second == first
@@ -285,57 +341,98 @@ async def test_body_over_4000_characters_is_too_large(connect, alice, lobby):
     reply = await client.request(
         type="send", room="lobby", body="x" * 4001, client_msg_id="c", ref="big"
     )
-    assert reply["code"] == "too_large"
-    assert reply["ref"] == "big"
+    assert reply == error_frame(
+        "too_large", "body is longer than 4000 characters", ref="big"
+    )
     ack = await send_message(client, "x" * 4000, "c2")
     assert ack["seq"] == 1
 
 
 @pytest.mark.parametrize(
-    "frame",
+    ("frame", "message"),
     [
-        {"type": "send", "room": "lobby", "body": "", "client_msg_id": "c"},
-        {"type": "send", "room": "lobby", "body": "x"},
-        {"type": "send", "room": "lobby", "body": 5, "client_msg_id": "c"},
-        {"type": "send", "room": "lobby", "body": "x", "client_msg_id": "c" * 65},
-        {"type": "send", "room": "bad slug!", "body": "x", "client_msg_id": "c"},
-        {"type": "history", "room": "lobby", "limit": 0},
-        {"type": "history", "room": "lobby", "limit": 101},
-        {"type": "join", "room": "lobby", "since": -1},
-        {"type": "join", "room": "lobby", "since": "3"},
-        {"type": "edit", "room": "lobby", "id": True, "body": "x"},
-        {"type": "read", "room": "lobby"},
-        {"type": "dm", "body": "x", "client_msg_id": "c"},
-        {"type": "fly"},
-        {"room": "lobby"},
+        (
+            {"type": "send", "room": "lobby", "body": "", "client_msg_id": "c"},
+            "send: Expected `str` of length >= 1 - at `$.body`",
+        ),
+        (
+            {"type": "send", "room": "lobby", "body": "x"},
+            "send: Object missing required field `client_msg_id`",
+        ),
+        (
+            {"type": "send", "room": "lobby", "body": 5, "client_msg_id": "c"},
+            "send: Expected `str`, got `int` - at `$.body`",
+        ),
+        (
+            {"type": "send", "room": "lobby", "body": "x", "client_msg_id": "c" * 65},
+            "send: Expected `str` of length <= 64 - at `$.client_msg_id`",
+        ),
+        (
+            {"type": "send", "room": "bad slug!", "body": "x", "client_msg_id": "c"},
+            "send: Expected `str` matching regex '^[-a-zA-Z0-9_]{1,64}$' - at `$.room`",
+        ),
+        (
+            {"type": "history", "room": "lobby", "limit": 0},
+            "history: Expected `int` >= 1 - at `$.limit`",
+        ),
+        (
+            {"type": "history", "room": "lobby", "limit": 101},
+            "history: Expected `int` <= 100 - at `$.limit`",
+        ),
+        (
+            {"type": "join", "room": "lobby", "since": -1},
+            "join: Expected `int` >= 0 - at `$.since`",
+        ),
+        (
+            {"type": "join", "room": "lobby", "since": "3"},
+            "join: Expected `int | null`, got `str` - at `$.since`",
+        ),
+        (
+            {"type": "edit", "room": "lobby", "id": True, "body": "x"},
+            "edit: Expected `int`, got `bool` - at `$.id`",
+        ),
+        (
+            {"type": "read", "room": "lobby"},
+            "read: Object missing required field `seq`",
+        ),
+        (
+            {"type": "dm", "body": "x", "client_msg_id": "c"},
+            "dm: Object missing required field `to`",
+        ),
+        ({"type": "fly"}, "unknown frame type 'fly'"),
+        ({"room": "lobby"}, "unknown frame type None"),
     ],
 )
 async def test_ill_formed_frames_are_bad_request_and_the_socket_stays_usable(
-    connect, alice, lobby, frame
+    connect, alice, lobby, frame, message
 ):
     client = await connect(alice)
     await client.join("lobby")
     reply = await client.request(**frame, ref="bad")
-    assert reply["type"] == "error"
-    assert reply["code"] == "bad_request"
-    assert reply["ref"] == "bad"
+    assert reply == error_frame("bad_request", message, ref="bad")
     assert await client.request(type="ping", ref="p") == {"type": "pong", "ref": "p"}
 
 
-@pytest.mark.parametrize("text", ["not json", "[1, 2]", '"text"', "{"])
-async def test_non_object_frames_are_bad_request(connect, alice, text):
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("not json", "frame is not valid JSON"),
+        ("[1, 2]", "frame must be a JSON object"),
+        ('"text"', "frame must be a JSON object"),
+        ("{", "frame is not valid JSON"),
+    ],
+)
+async def test_non_object_frames_are_bad_request(connect, alice, text, message):
     client = await connect(alice)
     await client.communicator.send_to(text_data=text)
     reply = await client.recv()
-    assert reply["type"] == "error"
-    assert reply["code"] == "bad_request"
-    assert "ref" not in reply
+    assert reply == error_frame("bad_request", message)
 
 
 async def test_ref_longer_than_64_characters_is_bad_request(connect, alice):
     client = await connect(alice)
     reply = await client.request(type="ping", ref="r" * 65)
-    assert reply["code"] == "bad_request"
+    assert reply == error_frame("bad_request", "ref must be a string of at most 64")
 
 
 async def test_frame_over_64_kib_closes_with_1009(connect, alice):
@@ -353,7 +450,7 @@ async def test_send_to_closed_room_is_room_closed(connect, alice, lobby):
     await client.join("lobby")
     await adb(Room.objects.filter(pk=lobby.pk).update)(is_closed=True)
     reply = await client.request(type="send", room="lobby", body="x", client_msg_id="c")
-    assert reply["code"] == "room_closed"
+    assert reply == error_frame("room_closed", "room 'lobby' is closed")
     assert await adb(Message.objects.count)() == 0
 
 
@@ -365,17 +462,31 @@ async def test_history_pages_back_in_ascending_order(connect, alice, lobby):
     await client.join("lobby")
     for n in range(1, 8):
         await send_message(client, f"m{n}", f"c{n}")
+    stored = [payload_of(await stored_message("lobby", seq)) for seq in range(1, 8)]
     page = await client.request(type="history", room="lobby", limit=3, ref="h")
     assert [m["seq"] for m in page["messages"]] == [5, 6, 7]
-    assert page["has_more"] is True
-    assert page["ref"] == "h"
-    assert "type" not in page["messages"][0]
+    assert page == {
+        "type": "history",
+        "room": "lobby",
+        "messages": stored[4:7],
+        "has_more": True,
+        "ref": "h",
+    }
     older = await client.request(type="history", room="lobby", before=5, limit=3)
-    assert [m["seq"] for m in older["messages"]] == [2, 3, 4]
-    assert older["has_more"] is True
+    assert older == {
+        "type": "history",
+        "room": "lobby",
+        "messages": stored[1:4],
+        "has_more": True,
+    }
     oldest = await client.request(type="history", room="lobby", before=2, limit=3)
     assert [m["body"] for m in oldest["messages"]] == ["m1"]
-    assert oldest["has_more"] is False
+    assert oldest == {
+        "type": "history",
+        "room": "lobby",
+        "messages": stored[0:1],
+        "has_more": False,
+    }
 
 
 async def test_history_default_limit_is_50(connect, alice, lobby):
@@ -388,8 +499,10 @@ async def test_history_default_limit_is_50(connect, alice, lobby):
     await adb(store_many)()
     client = await connect(alice)
     page = await client.request(type="history", room="lobby")
-    assert [m["seq"] for m in page["messages"]] == list(range(11, 61))
-    assert page["has_more"] is True
+    assert [(m["seq"], m["body"]) for m in page.pop("messages")] == [
+        (n, "b") for n in range(11, 61)
+    ]
+    assert page == {"type": "history", "room": "lobby", "has_more": True}
 
 
 async def test_history_needs_read_access_not_a_join(connect, alice, bob, lobby):
@@ -405,9 +518,9 @@ async def test_history_needs_read_access_not_a_join(connect, alice, bob, lobby):
         "has_more": False,
     }
     private = await client.request(type="history", room="staff")
-    assert private["code"] == "forbidden"
+    assert private == error_frame("forbidden", "room 'staff' is private")
     missing = await client.request(type="history", room="nowhere")
-    assert missing["code"] == "not_found"
+    assert missing == error_frame("not_found", "no room 'nowhere'")
 
 
 # --- typing ----------------------------------------------------------------
@@ -418,7 +531,7 @@ async def test_typing_reaches_the_others_not_the_typist(connect, alice, bob, lob
     b = await connect(bob)
     await a.join("lobby")
     await b.join("lobby")
-    await a.recv()
+    assert await a.recv() == presence_frame("bob", "online")
     await a.send(type="typing", room="lobby")
     assert await b.recv() == {"type": "typing", "room": "lobby", "user": "alice"}
     assert await a.nothing() is True
@@ -426,7 +539,8 @@ async def test_typing_reaches_the_others_not_the_typist(connect, alice, bob, lob
 
 async def test_typing_in_a_room_not_joined_is_not_joined(connect, alice, lobby):
     client = await connect(alice)
-    assert (await client.request(type="typing", room="lobby"))["code"] == "not_joined"
+    reply = await client.request(type="typing", room="lobby")
+    assert reply == error_frame("not_joined", "join room 'lobby' first")
 
 
 # --- edit / delete ---------------------------------------------------------
@@ -437,9 +551,9 @@ async def test_edit_own_message_acks_and_tells_the_room(connect, alice, bob, lob
     b = await connect(bob)
     await a.join("lobby")
     await b.join("lobby")
-    await a.recv()
+    assert await a.recv() == presence_frame("bob", "online")
     ack = await send_message(a, "tpyo", "c1")
-    await b.recv()
+    assert await b.recv() == await stored_message("lobby", 1)
     await a.send(type="edit", room="lobby", id=ack["id"], body="typo", ref="e")
     frames = {f["type"]: f for f in [await a.recv(), await a.recv()]}
     assert frames["ack"] == {
@@ -468,11 +582,13 @@ async def test_edit_of_someone_elses_message_is_forbidden(connect, alice, bob, l
     b = await connect(bob)
     await a.join("lobby")
     await b.join("lobby")
-    await a.recv()
+    assert await a.recv() == presence_frame("bob", "online")
     ack = await send_message(a, "mine", "c1")
-    await b.recv()
+    assert await b.recv() == await stored_message("lobby", 1)
     reply = await b.request(type="edit", room="lobby", id=ack["id"], body="yours")
-    assert reply["code"] == "forbidden"
+    assert reply == error_frame(
+        "forbidden", "only the author or a moderator may change it"
+    )
     assert (await adb(Message.objects.get)(pk=ack["id"])).body == "mine"
 
 
@@ -482,12 +598,12 @@ async def test_moderator_may_delete_anyones_message(connect, alice, bob, lobby):
     b = await connect(bob)
     await a.join("lobby")
     await b.join("lobby")
-    await a.recv()
+    assert await a.recv() == presence_frame("bob", "online")
     ack = await send_message(a, "spam", "c1")
-    await b.recv()
+    assert await b.recv() == await stored_message("lobby", 1)
     await b.send(type="delete", room="lobby", id=ack["id"], ref="d")
     frames = {f["type"]: f for f in [await b.recv(), await b.recv()]}
-    assert frames["ack"]["id"] == ack["id"]
+    assert frames["ack"] == {**ack, "ref": "d"}
     assert frames["message_deleted"] == {
         "type": "message_deleted",
         "room": "lobby",
@@ -502,20 +618,28 @@ async def test_deleted_message_shows_in_history_without_body(connect, alice, lob
     await client.join("lobby")
     ack = await send_message(client, "secret", "c1")
     await client.send(type="delete", room="lobby", id=ack["id"])
-    await client.recv()
-    await client.recv()
+    frames = sorted([await client.recv(), await client.recv()], key=lambda f: f["type"])
+    deleted = {"type": "message_deleted", "room": "lobby", "id": ack["id"], "seq": 1}
+    assert frames == [ack, deleted]
     page = await client.request(type="history", room="lobby")
-    assert page["messages"][0]["body"] == ""
-    assert page["messages"][0]["deleted"] is True
+    stored = await stored_message("lobby", 1)
+    assert (stored["body"], stored["deleted"]) == ("", True)
+    assert page == {
+        "type": "history",
+        "room": "lobby",
+        "messages": [payload_of(stored)],
+        "has_more": False,
+    }
     again = await client.request(type="delete", room="lobby", id=ack["id"])
-    assert again["code"] == "not_found"
+    gone = f"no message {ack['id']} in room 'lobby'"
+    assert again == error_frame("not_found", gone)
 
 
 async def test_edit_of_unknown_message_is_not_found(connect, alice, lobby):
     client = await connect(alice)
     await client.join("lobby")
     reply = await client.request(type="edit", room="lobby", id=999, body="x")
-    assert reply["code"] == "not_found"
+    assert reply == error_frame("not_found", "no message 999 in room 'lobby'")
 
 
 # --- read ------------------------------------------------------------------
@@ -530,17 +654,27 @@ async def test_read_stores_the_marker_without_reply(connect, alice, lobby):
     assert await client.nothing() is True
     await client.send(type="read", room="lobby", seq=1)  # never moves back
     await client.send(type="read", room="lobby", seq=99)  # never past the end
-    await client.request(type="ping")
+    assert await client.request(type="ping") == {"type": "pong"}
     membership = await adb(Membership.objects.get)(room=lobby, user=alice)
     assert membership.read_seq == 3
     rejoined = await (await connect(alice)).join("lobby")
-    assert rejoined["read_seq"] == 3
+    assert rejoined == {
+        "type": "joined",
+        "room": "lobby",
+        "title": "The Lobby",
+        "last_seq": 3,
+        "online": ["alice"],
+        "read_seq": 3,
+        "private": False,
+        "direct": False,
+        "closed": False,
+    }
 
 
 async def test_read_in_a_room_not_joined_is_not_joined(connect, alice, lobby):
     client = await connect(alice)
     reply = await client.request(type="read", room="lobby", seq=1)
-    assert reply["code"] == "not_joined"
+    assert reply == error_frame("not_joined", "join room 'lobby' first")
 
 
 # --- dm --------------------------------------------------------------------
@@ -552,33 +686,43 @@ async def test_dm_reaches_the_other_user_without_a_join(connect, alice, bob):
     room = f"dm-{min(alice.pk, bob.pk)}-{max(alice.pk, bob.pk)}"
     await a.send(type="dm", to="bob", body="psst", client_msg_id="d1", ref="x")
     frames = {f["type"]: f for f in [await a.recv(), await a.recv()]}
-    assert frames["ack"]["room"] == room
-    assert frames["ack"]["seq"] == 1
-    assert frames["ack"]["ref"] == "x"
-    message = await b.recv()
-    assert message["type"] == "message"
-    assert message["room"] == room
-    assert message["body"] == "psst"
-    assert message["user"] == {"id": alice.pk, "username": "alice"}
-    joined = await b.join(room)
-    assert joined["direct"] is True
-    assert joined["title"] == "alice & bob"
+    stored = await stored_message(room, 1)
+    assert (stored["user"], stored["body"], stored["client_msg_id"]) == (
+        {"id": alice.pk, "username": "alice"},
+        "psst",
+        "d1",
+    )
+    assert frames == {"ack": ack_of(stored, ref="x"), "message": stored}
+    assert await b.recv() == stored
+    assert await b.join(room) == {
+        "type": "joined",
+        "room": room,
+        "title": "alice & bob",
+        "last_seq": 1,
+        "online": ["bob"],
+        "read_seq": 0,
+        "private": True,
+        "direct": True,
+        "closed": False,
+    }
 
 
 async def test_dm_to_unknown_user_is_not_found(connect, alice):
     client = await connect(alice)
     reply = await client.request(type="dm", to="nobody", body="x", client_msg_id="c")
-    assert reply["code"] == "not_found"
+    assert reply == error_frame("not_found", "no user 'nobody'")
 
 
 async def test_dm_room_is_private_to_its_two_users(connect, alice, bob, make_user):
     carol = await adb(make_user)("carol")
+    room = f"dm-{min(alice.pk, bob.pk)}-{max(alice.pk, bob.pk)}"
     a = await connect(alice)
-    ack = await a.request(type="dm", to="bob", body="x", client_msg_id="c")
-    if ack["type"] != "ack":
-        ack = await a.recv()
+    await a.send(type="dm", to="bob", body="x", client_msg_id="c")
+    frames = sorted([await a.recv(), await a.recv()], key=lambda f: f["type"])
+    stored = await stored_message(room, 1)
+    assert frames == [ack_of(stored), stored]
     c = await connect(carol)
-    assert (await c.join(ack["room"]))["code"] == "forbidden"
+    assert await c.join(room) == error_frame("forbidden", f"room {room!r} is private")
 
 
 # --- ping ------------------------------------------------------------------
@@ -600,11 +744,27 @@ async def test_binary_subprotocol_frames_carry_a_4_byte_action_code(
     communicator = client.communicator
     hello = await communicator.receive_from()
     assert struct.unpack(">I", hello[:4]) == (1,)
-    assert json.loads(hello[4:])["user"]["username"] == "alice"
+    hello = json.loads(hello[4:])
+    assert CONNECTION_ID.fullmatch(hello["connection_id"]), hello
+    assert hello == {
+        "protocol": 1,
+        "connection_id": hello["connection_id"],
+        "user": {"id": alice.pk, "username": "alice"},
+        "heartbeat": 30,
+    }
     await communicator.send_to(bytes_data=struct.pack(">I", 2) + b'{"room":"lobby"}')
     joined = await communicator.receive_from()
     assert struct.unpack(">I", joined[:4]) == (3,)
-    assert json.loads(joined[4:])["room"] == "lobby"
+    assert json.loads(joined[4:]) == {
+        "room": "lobby",
+        "title": "The Lobby",
+        "last_seq": 0,
+        "online": ["alice"],
+        "read_seq": 0,
+        "private": False,
+        "direct": False,
+        "closed": False,
+    }
     await communicator.send_to(bytes_data=struct.pack(">I", 11) + b'{"ref":"p"}')
     pong = await communicator.receive_from()
     assert pong == struct.pack(">I", 12) + b'{"ref":"p"}'
