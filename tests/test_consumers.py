@@ -60,6 +60,12 @@ async def send_message(client, body, msg_id, room="lobby"):
     return ack
 
 
+async def closed_with(client, timeout=3):
+    output = await client.communicator.receive_output(timeout=timeout)
+    client.connected = False
+    return output
+
+
 # --- hello -------------------------------------------------------------
 
 
@@ -768,3 +774,24 @@ async def test_binary_subprotocol_frames_carry_a_4_byte_action_code(
     await communicator.send_to(bytes_data=struct.pack(">I", 11) + b'{"ref":"p"}')
     pong = await communicator.receive_from()
     assert pong == struct.pack(">I", 12) + b'{"ref":"p"}'
+
+
+# --- device keys -------------------------------------------------------------------
+# One socket per device key; tests/test_moderation_multiprocess.py replaces across
+# server processes.
+
+
+async def test_same_device_key_replaces_the_older_connection(connect, bob, token_for):
+    key = await adb(token_for)(bob)
+    old = await connect(path=f"/ws/?token={key}&device=phone")
+    laptop = await connect(path=f"/ws/?token={key}&device=laptop")
+
+    new = await connect(path=f"/ws/?token={key}&device=phone")
+
+    assert await closed_with(old) == {
+        "type": "websocket.close",
+        "code": 4409,
+        "reason": "replaced by a newer connection with the same device key",
+    }
+    assert await new.request(type="ping") == {"type": "pong"}
+    assert await laptop.request(type="ping") == {"type": "pong"}
