@@ -101,7 +101,9 @@ def test_closed_room_refuses_new_messages(alice, lobby):
     Room.objects.filter(pk=lobby.pk).update(is_closed=True)
     with pytest.raises(ChatError) as excinfo:
         services.message_create(room=lobby, author=alice, body="x", client_msg_id="1")
-    assert excinfo.value.code == "room_closed"
+    refusal = (excinfo.value.code, excinfo.value.message)
+    assert refusal == ("room_closed", "room 'lobby' is closed")
+    assert Message.objects.count() == 0
     assert Room.objects.get(pk=lobby.pk).last_seq == 0
 
 
@@ -131,16 +133,23 @@ def test_room_join_of_private_room_needs_membership(alice, make_user):
     services.room_create(slug="staff", title="Staff", is_private=True, creator=bob)
     with pytest.raises(ChatError) as excinfo:
         services.room_join(slug="staff", user=alice)
-    assert excinfo.value.code == "forbidden"
-    assert not Membership.objects.filter(user=alice).exists()
+    refusal = (excinfo.value.code, excinfo.value.message)
+    assert refusal == ("forbidden", "room 'staff' is private")
+    memberships = Membership.objects.values_list("room__slug", "user__username", "role")
+    assert list(memberships) == [("staff", "bob", "moderator")]
 
 
 @pytest.mark.django_db
 def test_room_create_refuses_direct_room_slugs(alice):
     with pytest.raises(ChatError) as excinfo:
         services.room_create(slug="dm-1-2", title="Sneaky", creator=alice)
-    assert excinfo.value.code == "bad_request"
-    assert not Room.objects.exists()
+    refusal = (excinfo.value.code, excinfo.value.message)
+    assert refusal == (
+        "bad_request",
+        "Slugs starting with “dm-” are kept for direct conversations.",
+    )
+    assert Room.objects.count() == 0
+    assert Membership.objects.count() == 0
 
 
 @pytest.mark.django_db
@@ -164,7 +173,9 @@ def test_message_create_many_answers_each_request_in_order(alice, make_user, lob
     ]
     results = services.message_create_many(requests=requests)
     summary = [
-        r.code if isinstance(r, ChatError) else (r[0].room.slug, r[0].seq, r[1])
+        (r.code, r.message)
+        if isinstance(r, ChatError)
+        else (r[0].room.slug, r[0].seq, r[1])
         for r in results
     ]
     assert summary == [
@@ -172,8 +183,8 @@ def test_message_create_many_answers_each_request_in_order(alice, make_user, lob
         ("other", 2, True),
         ("lobby", 2, True),
         ("lobby", 1, False),
-        "muted",
-        "room_closed",
+        ("muted", "you are muted in 'lobby': hush"),
+        ("room_closed", "room 'closed' is closed"),
         ("other", 1, False),
     ]
     assert results[3][0].pk == results[0][0].pk
@@ -287,7 +298,10 @@ def test_message_create_many_sends_every_rooms_frames_as_one_batch(
     with django_capture_on_commit_callbacks() as callbacks:
         results = services.message_create_many(requests=requests)
     one, two, three = (result[0] for result in results[:3])
-    assert results[3].code == "muted"
+    assert (results[3].code, results[3].message) == (
+        "muted",
+        "you are muted in 'other': hush",
+    )
     assert [(m.room.slug, m.seq) for m in (one, two, three)] == [
         ("lobby", 1),
         ("other", 1),
