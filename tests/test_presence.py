@@ -15,11 +15,22 @@ from channels.layers import get_channel_layer
 from chat import presence
 from chat.presence import RedisPresence
 from tests.servers import RedisServer
+from tests.waiting import until
 
 pytestmark = pytest.mark.redis
 
 HEARTBEAT = 0.5  # seconds; short, so a test can outwait it
 ROOM = 7
+
+
+async def first_report(store, what):
+    """The first non-empty sweep of ``store``, and the store's clock at the time.
+
+    Staleness is what is under test: the report must come within a few heartbeats,
+    and the caller checks it came no sooner than one.
+    """
+    gone = await until(store.sweep, bool, timeout=10 * HEARTBEAT, what=what)
+    return gone, time.time()
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +54,7 @@ async def stores(redis_url):
 async def test_a_leaving_entry_is_out_of_the_online_list_at_once(stores):
     x, y = stores
     assert await x.enter(ROOM, "c1", 1, "alice") is True
+    bob_entered = time.time()  # the store scores entries by this clock
     assert await y.enter(ROOM, "c2", 2, "bob") is True
     assert await y.online(ROOM) == ["alice", "bob"]
 
@@ -53,8 +65,10 @@ async def test_a_leaving_entry_is_out_of_the_online_list_at_once(stores):
     assert await y.sweep() == []
 
     await x.exit_end(ROOM, "c1", 1, "alice")
-    await asyncio.sleep(HEARTBEAT + 0.1)  # nobody vouched for bob meanwhile
-    assert await y.sweep() == [(ROOM, "bob")]
+    # Nobody vouches for bob: a heartbeat after his entry, the sweep reports him.
+    gone, reported = await first_report(y, "bob never reported offline")
+    assert gone == [(ROOM, "bob")]
+    assert reported - bob_entered > HEARTBEAT
     assert await y.online(ROOM) == []
 
 
@@ -65,11 +79,14 @@ async def test_a_process_killed_while_its_user_leaves_still_reports_them_offline
     await x.enter(ROOM, "c1", 1, "alice")
     # X marks alice's socket as leaving, then dies before publishing "offline"
     # and before removing the entry.
+    began_leaving = time.time()  # the store scores entries by this clock
     assert await x.exit_begin(ROOM, "c1", 1, "alice") is True
     assert await y.sweep() == []
 
-    await asyncio.sleep(HEARTBEAT + 0.1)
-    assert await y.sweep() == [(ROOM, "alice")]
+    # Left leaving for a heartbeat, the entry is the sweep's to report.
+    gone, reported = await first_report(y, "alice never reported offline")
+    assert gone == [(ROOM, "alice")]
+    assert reported - began_leaving > HEARTBEAT
     assert await y.sweep() == []  # reported once
     assert await y.online(ROOM) == []
 
