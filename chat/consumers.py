@@ -1,9 +1,13 @@
 """The WebSocket interface at ``/ws/``: decode a frame, call a service, reply."""
 
+from __future__ import annotations
+
 import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qs
 
 from channels.consumer import get_handler_name
@@ -25,6 +29,13 @@ from chat import (
 )
 from chat.protocol import BAD_REQUEST, NOT_JOINED, ChatError
 
+if TYPE_CHECKING:
+    from autobahn.twisted.websocket import WebSocketServerProtocol
+    from django.contrib.auth.models import User
+
+    from chat.application import Receive, Scope, Send
+    from chat.models import Room
+
 logger = logging.getLogger(__name__)
 
 # Connection ids are unique across processes: the process id and a counter.
@@ -36,7 +47,7 @@ MAX_SENDS_IN_FLIGHT = 64
 db = database_sync_to_async
 
 
-def choose_subprotocol(offered):
+def choose_subprotocol(offered: Iterable[str]) -> str | None:
     """The first subprotocol the client offered that we speak, or None."""
     for name in offered:
         if name in (protocol.SUBPROTOCOL_JSON, protocol.SUBPROTOCOL_BINARY):
@@ -45,11 +56,27 @@ def choose_subprotocol(offered):
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
-    hub = None
-    wire = None
+    # None until connect() and again after disconnect(); set for every frame.
+    hub: fanout.Hub | None = None
+    # The daphne socket frames are written to directly (see chat.serving).
+    wire: WebSocketServerProtocol | None = None
     closing = False
 
-    async def dispatch(self, message):
+    # Set by connect().
+    user: User
+    user_id: int
+    username: str
+    connection_id: str
+    connected_at: str
+    token_id: int | None
+    auth: str  # "token" or "session"
+    device: str | None
+    rooms: dict[str, Room]  # slug -> Room this socket joined
+    sends_in_flight: set[asyncio.Task[None]]
+    last_seen: float  # time.monotonic() of the last frame received
+    binary: bool  # chat.v1.bin framing
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels closes stale database connections before every handler, a
         # thread-pool round trip per frame. Every database call here runs in
         # database_sync_to_async, which does that itself: skip it.
@@ -58,7 +85,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             raise ValueError(f"No handler for message type {message['type']}")
         await handler(message)
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # One socket, one loop. Channels' version also waits on a channel-layer
         # channel of the socket's own, through a task per socket; here the
         # process's fan-out hub receives for every socket (see chat.fanout).
@@ -72,17 +99,18 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except StopConsumer:
             pass
 
-    async def connect(self):
+    async def connect(self) -> None:
         user = self.scope["user"]
         self.user = user
         self.user_id = user.pk
         self.username = user.get_username()
         self.connection_id = f"{fanout.PROCESS_ID}-{next(_counter)}"
-        self.connected_at = protocol.timestamp(timezone.now())
+        # A datetime in, a str out (timestamp only answers None for None).
+        self.connected_at = cast(str, protocol.timestamp(timezone.now()))
         self.token_id = self.scope.get("token_id")
         self.auth = "token" if self.token_id is not None else "session"
         self.device = self._device_from_query()
-        self.rooms = {}  # slug -> Room this socket joined
+        self.rooms = {}
         self.sends_in_flight = set()
         self.last_seen = time.monotonic()
         subprotocol = choose_subprotocol(self.scope.get("subprotocols", []))
@@ -99,7 +127,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         for group in self._own_groups():
             await self.hub.add(group, self)
         if self.device is not None:
-            await self._replace_older_device_connections()
+            await self._replace_older_device_connections(self.device)
         await self.send_frame(
             protocol.hello(
                 connection_id=self.connection_id,
@@ -108,24 +136,24 @@ class ChatConsumer(AsyncWebsocketConsumer):
             )
         )
 
-    def _device_from_query(self):
+    def _device_from_query(self) -> str | None:
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
         device = (query.get("device") or [""])[0][:MAX_DEVICE_CHARS]
         return device or None
 
-    def _own_groups(self):
+    def _own_groups(self) -> list[str]:
         return [
             fanout.user_group(self.user_id),
             fanout.process_group(),
             fanout.EVERYONE_GROUP,
         ]
 
-    async def _replace_older_device_connections(self):
+    async def _replace_older_device_connections(self, device: str) -> None:
         await services.device_connections_replace(
-            user_id=self.user_id, device=self.device, connection_id=self.connection_id
+            user_id=self.user_id, device=device, connection_id=self.connection_id
         )
 
-    def info(self):
+    def info(self) -> presence.ConnectionInfo:
         """What the live-connection registry knows of this socket."""
         return {
             "id": self.connection_id,
@@ -137,7 +165,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             "rooms": list(self.rooms),
         }
 
-    def matches(self, match):
+    def matches(self, match: fanout.Match) -> bool:
         """Whether this socket fits every condition of a hub event's ``match``."""
         for key, value in match.items():
             if key == "room":
@@ -150,7 +178,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 return False
         return True
 
-    async def control(self, order):
+    async def control(self, order: fanout.Order) -> None:
         """Carry out an order from the hub: close, or leave a room."""
         if order["action"] == "close":
             await self.close_with(order["code"], order.get("reason", ""))
@@ -161,12 +189,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 frame = protocol.removed(room_slug=room.slug, reason=order["reason"])
                 await self.send_frame(frame)
 
-    async def close_with(self, code, reason=""):
+    async def close_with(self, code: int, reason: str = "") -> None:
         if not self.closing:
             self.closing = True
             await self.close(code=code, reason=reason)
 
-    async def disconnect(self, code):
+    async def disconnect(self, code: int) -> None:
         if self.hub is None:
             return
         # First, so the presence keeper stops vouching for this socket even if
@@ -186,9 +214,16 @@ class ChatConsumer(AsyncWebsocketConsumer):
             logger.exception("forgetting the socket on disconnect failed")
         self.hub = None
 
-    async def receive(self, text_data=None, bytes_data=None):
+    async def receive(
+        self, text_data: str | None = None, bytes_data: bytes | None = None
+    ) -> None:
         self.last_seen = time.monotonic()
-        size = len(bytes_data) if bytes_data is not None else len(text_data.encode())
+        size = (
+            len(bytes_data)
+            if bytes_data is not None
+            # Channels passes exactly one of the two: text_data is set here.
+            else len(text_data.encode())  # type: ignore[union-attr]
+        )
         if size > protocol.MAX_FRAME_BYTES:
             await self.close(code=protocol.CLOSE_TOO_BIG)
             return
@@ -206,7 +241,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.disconnect(protocol.CLOSE_SERVER_ERROR)
             raise
 
-    def _parse(self, text_data, bytes_data):
+    def _parse(
+        self, text_data: str | None, bytes_data: bytes | None
+    ) -> protocol.ClientFrame:
         if self.binary:
             if bytes_data is None:
                 raise ChatError(BAD_REQUEST, "chat.v1.bin takes binary frames only")
@@ -217,10 +254,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     # --- sending -------------------------------------------------------------
 
-    async def send_frame(self, frame):
+    async def send_frame(self, frame: protocol.ServerFrame) -> None:
         await self.deliver(protocol.encode(frame))
 
-    async def deliver(self, encoded):
+    async def deliver(self, encoded: protocol.Encoded) -> None:
         """Write an already-encoded frame to this socket (the hub calls this)."""
         if self.closing:
             return
@@ -234,23 +271,32 @@ class ChatConsumer(AsyncWebsocketConsumer):
         else:
             await self.send(text_data=encoded.text)
 
-    def joined_room_ids(self):
+    def joined_room_ids(self) -> list[int]:
         return [room.pk for room in self.rooms.values()]
 
     # --- frames ----------------------------------------------------------------
 
-    def _joined_room(self, frame):
+    def _joined_room(
+        self,
+        frame: protocol.Leave
+        | protocol.Send
+        | protocol.Typing
+        | protocol.Edit
+        | protocol.Delete
+        | protocol.Read,
+    ) -> Room:
         room = self.rooms.get(frame.room)
         if room is None:
             raise ChatError(NOT_JOINED, f"join room {frame.room!r} first")
         return room
 
-    async def on_join(self, frame):
+    async def on_join(self, frame: protocol.Join) -> None:
         slug = frame.room
         room, read_seq = await db(services.room_join)(slug=slug, user=self.user)
         if slug not in self.rooms:
             # Listen before reading last_seq, so nothing falls between the two.
             if not room.is_direct:
+                assert self.hub is not None  # connect() set it, before any frame
                 await self.hub.add(fanout.room_group(room.pk), self)
             self.rooms[slug] = room
             await services.room_presence_enter(
@@ -267,7 +313,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if since is not None:
             await self._recover(room, since)
 
-    async def _recover(self, room, since):
+    async def _recover(self, room: Room, since: int) -> None:
         payloads, complete = await db(selectors.messages_since)(room=room, since=since)
         for payload in payloads:
             await self.send_frame(protocol.message(payload))
@@ -275,14 +321,16 @@ class ChatConsumer(AsyncWebsocketConsumer):
             protocol.recovered(room_slug=room.slug, complete=complete)
         )
 
-    async def on_leave(self, frame):
+    async def on_leave(self, frame: protocol.Leave) -> None:
         room = self._joined_room(frame)
         await self._exit_room(room)
         await self.send_frame(protocol.left(room_slug=room.slug, ref=frame.ref))
 
-    async def _exit_room(self, room):
+    async def _exit_room(self, room: Room) -> None:
         self.rooms.pop(room.slug, None)
         if not room.is_direct:
+            # Set from connect() until disconnect() has left every room.
+            assert self.hub is not None
             await self.hub.discard(fanout.room_group(room.pk), self)
         await services.room_presence_exit(
             room=room, connection_id=self.connection_id, user=self.user
@@ -290,7 +338,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if not self.closing:
             await presence.connection_rooms_changed(self)
 
-    async def on_send(self, frame):
+    async def on_send(self, frame: protocol.Send) -> None:
         room = self._joined_room(frame)
         request = services.SendRequest(room, self.user, frame.body, frame.client_msg_id)
         # Queue the send and read the next frame at once: a client that sends
@@ -306,7 +354,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 self.sends_in_flight, return_when=asyncio.FIRST_COMPLETED
             )
 
-    async def _ack_when_stored(self, stored, ref):
+    async def _ack_when_stored(
+        self, stored: asyncio.Future[services.SendResult], ref: str | None
+    ) -> None:
         try:
             result = await stored
             if isinstance(result, ChatError):
@@ -320,7 +370,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             logger.exception("storing a send from %s failed", self.connection_id)
             await self.close_with(protocol.CLOSE_SERVER_ERROR, "server error")
 
-    async def on_dm(self, frame):
+    async def on_dm(self, frame: protocol.DirectMessage) -> None:
         message, _ = await db(services.direct_message_create)(
             author=self.user,
             to_username=frame.to,
@@ -331,7 +381,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             protocol.ack(ref=frame.ref, room_slug=message.room.slug, message=message)
         )
 
-    async def on_history(self, frame):
+    async def on_history(self, frame: protocol.History) -> None:
         room = self.rooms.get(frame.room)
         if room is None:
             room = await db(selectors.room_get_readable)(
@@ -346,11 +396,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
             )
         )
 
-    async def on_typing(self, frame):
+    async def on_typing(self, frame: protocol.Typing) -> None:
         room = self._joined_room(frame)
         await services.typing_send(room=room, user=self.user)
 
-    async def on_edit(self, frame):
+    async def on_edit(self, frame: protocol.Edit) -> None:
         room = self._joined_room(frame)
         message = await db(services.message_edit)(
             room=room, message_id=frame.id, user=self.user, body=frame.body
@@ -359,7 +409,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             protocol.ack(ref=frame.ref, room_slug=room.slug, message=message)
         )
 
-    async def on_delete(self, frame):
+    async def on_delete(self, frame: protocol.Delete) -> None:
         room = self._joined_room(frame)
         message = await db(services.message_delete)(
             room=room, message_id=frame.id, user=self.user
@@ -368,9 +418,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             protocol.ack(ref=frame.ref, room_slug=room.slug, message=message)
         )
 
-    async def on_read(self, frame):
+    async def on_read(self, frame: protocol.Read) -> None:
         room = self._joined_room(frame)
         await db(services.read_marker_set)(room=room, user=self.user, seq=frame.seq)
 
-    async def on_ping(self, frame):
+    async def on_ping(self, frame: protocol.Ping) -> None:
         await self.send_frame(protocol.pong(ref=frame.ref))

@@ -12,17 +12,24 @@ This module is the transport only: ``chat.services`` declares what to send as
 ``command`` and ``publish_many``.
 """
 
+from __future__ import annotations
+
 import asyncio
 import logging
 import secrets
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Literal, Required, TypedDict, final
 
-from channels.layers import get_channel_layer
+from channels.layers import BaseChannelLayer, get_channel_layer
 from django.conf import settings
 
 from chat import protocol
 from chat.loops import PerLoop, cancel_and_wait
+
+if TYPE_CHECKING:
+    from chat.consumers import ChatConsumer
+    from chat.models import Room
 
 logger = logging.getLogger(__name__)
 
@@ -34,24 +41,24 @@ PROCESS_ID = secrets.token_hex(4)
 EVERYONE_GROUP = "everyone"
 
 
-def process_group(process_id=PROCESS_ID):
+def process_group(process_id: str = PROCESS_ID) -> str:
     return f"process.{process_id}"
 
 
-def connection_group(connection_id):
+def connection_group(connection_id: str) -> str:
     """The group of the process that holds ``connection_id``."""
     return process_group(connection_id.rsplit("-", 1)[0])
 
 
-def room_group(room_id):
+def room_group(room_id: int) -> str:
     return f"room.{room_id}"
 
 
-def user_group(user_id):
+def user_group(user_id: int) -> str:
     return f"user.{user_id}"
 
 
-def room_groups(room):
+def room_groups(room: Room) -> list[str]:
     """The groups that reach everyone in ``room``.
 
     A direct conversation reaches both users on every socket, joined or not, so a
@@ -62,10 +69,77 @@ def room_groups(room):
     return [room_group(room.pk)]
 
 
-def direct_room_user_ids(room):
+def direct_room_user_ids(room: Room) -> list[int]:
     """The two user ids encoded in a direct room's slug (``dm-<id>-<id>``)."""
     _, low, high = room.slug.split("-")
     return sorted({int(low), int(high)})
+
+
+class CloseOrder(TypedDict):
+    """Close the socket with ``code`` and ``reason``."""
+
+    action: Literal["close"]
+    code: int
+    reason: str
+
+
+class RemoveOrder(TypedDict):
+    """Take the socket out of the room ``room``; it gets a ``removed`` frame."""
+
+    action: Literal["remove"]
+    room: str
+    reason: str
+
+
+# An order for a socket itself, carried out by ``ChatConsumer.control``.
+Order = CloseOrder | RemoveOrder
+
+
+class Match(TypedDict, total=False):
+    """Conditions a socket must fit to get an event (see ``ChatConsumer.matches``).
+
+    ``room``: it joined the room of that slug; ``not_connection_id``: it is not
+    that connection; any other key: the socket's attribute of that name equals it.
+    """
+
+    room: str
+    connection_id: str
+    not_connection_id: str
+    device: str
+    token_id: int
+    auth: str
+
+
+# Frames for many groups: (groups, frames) pairs; on the layer, (group, [(type,
+# text), ...]) pairs (lists once msgpack has carried them through Redis).
+Broadcasts = tuple[tuple[tuple[str, ...], tuple[protocol.ServerFrame, ...]], ...]
+EncodedBatch = Sequence[tuple[str, str]]
+
+
+@final
+class GroupEvent(TypedDict, total=False):
+    """A frame (``text``) or an order (``control``) for the sockets of ``group``."""
+
+    type: Required[str]
+    group: str  # added per group as it is sent
+    frame_type: str
+    text: str
+    control: Order
+    exclude_user: int | None
+    match: Match | None
+
+
+@final
+class MultiEvent(TypedDict):
+    """Frames for many groups in one message to every process (``publish_many``)."""
+
+    type: str
+    group: None
+    multi: Sequence[tuple[str, EncodedBatch]]
+
+
+# A layer message for the hubs (``type`` ``hub.frame``), see ``Hub.deliver``.
+HubEvent = GroupEvent | MultiEvent
 
 
 @dataclass(frozen=True)
@@ -77,10 +151,10 @@ class Delivery:
     """
 
     groups: tuple[str, ...]
-    frame: Any = None
-    order: dict | None = None
+    frame: protocol.ServerFrame | None = None
+    order: Order | None = None
     exclude_user: int | None = None
-    match: dict | None = None
+    match: Match | None = None
 
 
 @dataclass(frozen=True)
@@ -90,29 +164,35 @@ class Batch:
     ``broadcasts`` holds (groups, frames) pairs, both tuples.
     """
 
-    broadcasts: tuple[tuple[tuple[str, ...], tuple[Any, ...]], ...]
+    broadcasts: Broadcasts
+
+
+# What services emit: sent after commit (``services._emit``) or at once.
+Event = Delivery | Batch
 
 
 class Hub:
     """This process's end of the channel layer: groups → local sockets."""
 
-    def __init__(self, layer):
+    def __init__(self, layer: BaseChannelLayer) -> None:
         self.layer = layer
-        self.channel_name = None
-        self.members: dict[str, set] = {}
-        self.connections: set = set()
+        self.channel_name: str | None = None
+        # group -> this process's sockets in it
+        self.members: dict[str, set[ChatConsumer]] = {}
+        # every open socket of this process (the presence keeper vouches for them)
+        self.connections: set[ChatConsumer] = set()
         self._subscribed: set[str] = set()
         self._lock = asyncio.Lock()
-        self._task = None
-        self._started = None
+        self._task: asyncio.Task[None] | None = None
+        self._started: asyncio.Future[None] | None = None
 
-    async def start(self):
+    async def start(self) -> None:
         """Start receiving, once; later calls wait until it has started."""
         if self._started is None:
             self._started = asyncio.ensure_future(self._start())
         await asyncio.shield(self._started)
 
-    async def _start(self):
+    async def _start(self) -> None:
         self.channel_name = await self.layer.new_channel("hub.")
         self._task = asyncio.get_running_loop().create_task(self._receive_forever())
         if settings.CHAT_CLOSE_ON_SIGTERM:
@@ -120,16 +200,16 @@ class Hub:
 
             policies.install_shutdown_handler(self)
 
-    async def stop(self):
+    async def stop(self) -> None:
         if self._task is not None:
             await cancel_and_wait(self._task)
             self._task = None
 
-    async def add(self, group, connection):
+    async def add(self, group: str, connection: ChatConsumer) -> None:
         self.members.setdefault(group, set()).add(connection)
         await self._sync(group)
 
-    async def discard(self, group, connection):
+    async def discard(self, group: str, connection: ChatConsumer) -> None:
         members = self.members.get(group)
         if members is not None:
             members.discard(connection)
@@ -137,10 +217,10 @@ class Hub:
                 del self.members[group]
         await self._sync(group)
 
-    def local_members(self, group):
+    def local_members(self, group: str) -> Collection[ChatConsumer]:
         return self.members.get(group, ())
 
-    async def _sync(self, group):
+    async def _sync(self, group: str) -> None:
         # Group membership changes await Redis; the lock and the re-check make
         # concurrent add/discard of one group end in the state the sockets need.
         async with self._lock:
@@ -152,7 +232,7 @@ class Hub:
                 await self.layer.group_discard(group, self.channel_name)
                 self._subscribed.discard(group)
 
-    async def refresh_subscriptions(self):
+    async def refresh_subscriptions(self) -> None:
         """Re-add every group before the layer's group expiry forgets it."""
         async with self._lock:
             # The groups that carry stored messages and orders come back first.
@@ -160,7 +240,7 @@ class Hub:
             for group in groups:
                 await self.layer.group_add(group, self.channel_name)
 
-    async def _receive_forever(self):
+    async def _receive_forever(self) -> None:
         while True:
             try:
                 event = await self.layer.receive(self.channel_name)
@@ -171,7 +251,7 @@ class Hub:
                 logger.exception("fan-out receive failed; continuing")
                 await asyncio.sleep(0.1)
 
-    async def deliver(self, event):
+    async def deliver(self, event: HubEvent) -> None:
         """Hand a layer event to the matching local sockets.
 
         ``multi`` carries (group, frames) pairs for many groups at once. Else
@@ -186,7 +266,7 @@ class Hub:
             return
         await self._deliver_one(event)
 
-    async def _deliver_frames(self, group, batch):
+    async def _deliver_frames(self, group: str, batch: EncodedBatch) -> None:
         members = self.members.get(group)
         if not members:
             return
@@ -195,7 +275,7 @@ class Hub:
             for encoded in frames:
                 await connection.deliver(encoded)
 
-    async def _deliver_one(self, event):
+    async def _deliver_one(self, event: GroupEvent) -> None:
         exclude_user = event.get("exclude_user")
         match = event.get("match")
         frames = None
@@ -216,24 +296,30 @@ class Hub:
 _hubs: PerLoop[Hub] = PerLoop(lambda: Hub(get_channel_layer()))
 
 
-async def get_hub():
+async def get_hub() -> Hub:
     """The hub of the running event loop, started on first use."""
     hub = _hubs.get()
     await hub.start()
     return hub
 
 
-async def stop_hub():
+async def stop_hub() -> None:
     """Stop the running loop's hub (tests start each with a fresh one)."""
     hub = _hubs.pop()
     if hub is not None:
         await hub.stop()
 
 
-async def publish(groups, frame, *, exclude_user=None, match=None):
+async def publish(
+    groups: Iterable[str],
+    frame: protocol.ServerFrame,
+    *,
+    exclude_user: int | None = None,
+    match: Match | None = None,
+) -> None:
     """Send ``frame`` to every live socket in ``groups``, on every process."""
     encoded = protocol.encode(frame)
-    event = {
+    event: GroupEvent = {
         "type": "hub.frame",
         "frame_type": encoded.type,
         "text": encoded.text,
@@ -243,13 +329,15 @@ async def publish(groups, frame, *, exclude_user=None, match=None):
     await _group_send_each(groups, event)
 
 
-async def command(groups, control, *, match=None):
+async def command(
+    groups: Iterable[str], control: Order, *, match: Match | None = None
+) -> None:
     """Give the matching sockets in ``groups`` an order: ``{"action": …}``."""
-    event = {"type": "hub.frame", "control": control, "match": match}
+    event: GroupEvent = {"type": "hub.frame", "control": control, "match": match}
     await _group_send_each(groups, event)
 
 
-async def _group_send_each(groups, event):
+async def _group_send_each(groups: Iterable[str], event: GroupEvent) -> None:
     layer = get_channel_layer()
     async with _layer_slot():
         for group in groups:
@@ -264,11 +352,11 @@ _slots: PerLoop[asyncio.Semaphore] = PerLoop(
 )
 
 
-def _layer_slot():
+def _layer_slot() -> asyncio.Semaphore:
     return _slots.get()
 
 
-async def publish_many(broadcasts):
+async def publish_many(broadcasts: Broadcasts) -> None:
     """Send several (groups, frames) broadcasts as a single layer message.
 
     The message goes to every process with live sockets (the ``everyone``
@@ -276,10 +364,10 @@ async def publish_many(broadcasts):
     group. One store batch touching many rooms then costs one layer round trip,
     not one per room.
     """
-    parts = []
+    parts: list[tuple[str, EncodedBatch]] = []
     for groups, frames in broadcasts:
         batch = [(e.type, e.text) for e in map(protocol.encode, frames)]
         parts.extend((group, batch) for group in groups)
-    event = {"type": "hub.frame", "multi": parts}
+    event: MultiEvent = {"type": "hub.frame", "multi": parts, "group": None}
     async with _layer_slot():
-        await get_channel_layer().group_send(EVERYONE_GROUP, {**event, "group": None})
+        await get_channel_layer().group_send(EVERYONE_GROUP, event)

@@ -2,7 +2,8 @@
 
 import hashlib
 import secrets
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Self, TypeVar
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -49,10 +50,10 @@ class Room(models.Model):
         ordering = ["slug"]
         permissions = [("push_message", "Can push events to live connections")]
 
-    def __str__(self):
+    def __str__(self) -> str:
         return self.slug
 
-    def clean(self):
+    def clean(self) -> None:
         if not self.is_direct and self.slug.lower().startswith(self.DIRECT_SLUG_PREFIX):
             raise ValidationError({"slug": self.DIRECT_SLUG_MESSAGE})
 
@@ -79,7 +80,7 @@ class Membership(models.Model):
             models.UniqueConstraint(fields=["room", "user"], name="membership_unique")
         ]
 
-    def __str__(self):
+    def __str__(self) -> str:
         return f"{self.user} in {self.room} ({self.role})"
 
 
@@ -106,16 +107,16 @@ class Message(models.Model):
             ),
         ]
 
-    def __str__(self):
+    def __str__(self) -> str:
         return f"{self.room}#{self.seq}"
 
     @property
-    def is_deleted(self):
+    def is_deleted(self) -> bool:
         return self.deleted_at is not None
 
 
-class ApiTokenQuerySet(models.QuerySet):
-    def active(self):
+class ApiTokenQuerySet(models.QuerySet["ApiToken"]):
+    def active(self) -> Self:
         return self.filter(revoked_at__isnull=True, user__is_active=True)
 
 
@@ -145,30 +146,33 @@ class ApiToken(models.Model):
     class Meta:
         verbose_name = "API token"
 
-    def __str__(self):
+    def __str__(self) -> str:
         return f"{self.hint}… ({self.user})"
 
     @staticmethod
-    def hash_key(key):
+    def hash_key(key: str) -> str:
         return hashlib.sha256(key.encode()).hexdigest()
 
     @classmethod
-    def new_key(cls):
+    def new_key(cls) -> str:
         return cls.PREFIX + secrets.token_urlsafe(32)
 
     @property
-    def is_revoked(self):
+    def is_revoked(self) -> bool:
         return self.revoked_at is not None
 
     @staticmethod
-    def key_from_authorization(value):
+    def key_from_authorization(value: str) -> str:
         """The key of an ``Authorization: Bearer <key>`` value; "" for any other."""
         scheme, _, key = value.partition(" ")
         return key.strip() if scheme.lower() == "bearer" else ""
 
 
-class SanctionQuerySet(models.QuerySet):
-    def active(self, now=None):
+_S = TypeVar("_S", bound="Sanction")
+
+
+class SanctionQuerySet(models.QuerySet[_S]):
+    def active(self, now: datetime | None = None) -> Self:
         """The sanctions in force ``now``."""
         return self.filter(Sanction.in_force_q(now or timezone.now()))
 
@@ -205,15 +209,15 @@ class Sanction(models.Model):
     # the connect path's raw reads (see chat.selectors).
 
     @staticmethod
-    def in_force_q(now):
+    def in_force_q(now: datetime) -> models.Q:
         return models.Q(expires_at__isnull=True) | models.Q(expires_at__gt=now)
 
     @property
-    def is_active(self):
+    def is_active(self) -> bool:
         return self.expires_at is None or self.expires_at > timezone.now()
 
     @classmethod
-    def in_force_sql(cls, alias):
+    def in_force_sql(cls, alias: str) -> str:
         """SQL: row ``alias`` is in force at the query parameter that follows."""
         expires = connection.ops.quote_name(model_column(cls, "expires_at"))
         return f"{alias}.{expires} IS NULL OR {alias}.{expires} > %s"
@@ -234,7 +238,7 @@ class Ban(Sanction):
     class Meta(Sanction.Meta):
         pass
 
-    def __str__(self):
+    def __str__(self) -> str:
         where = f"room {self.room}" if self.room_id else "site"
         return f"{self.user} banned from {where}"
 
@@ -247,7 +251,7 @@ class Mute(Sanction):
     class Meta(Sanction.Meta):
         pass
 
-    def __str__(self):
+    def __str__(self) -> str:
         return f"{self.user} muted in {self.room}"
 
 
@@ -296,5 +300,5 @@ class ModerationAction(models.Model):
     class Meta:
         ordering = ["-created_at"]
 
-    def __str__(self):
+    def __str__(self) -> str:
         return f"{self.get_kind_display()} by {self.actor or 'the system'}"

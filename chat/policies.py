@@ -6,23 +6,34 @@
 - Garbage collection: rare and short full collections (``tune_gc``).
 """
 
+from __future__ import annotations
+
 import asyncio
 import gc
 import logging
 import signal
 import time
+from collections.abc import Callable
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
 from chat import protocol
 from chat.loops import BackgroundTask
 
+if TYPE_CHECKING:
+    from chat.fanout import Hub
+
+# What signal.getsignal() answers: a handler, SIG_DFL/SIG_IGN, or None.
+SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_SECONDS = 1.0
 
 
-async def _watch_idle_forever(hub):
+async def _watch_idle_forever(hub: Hub) -> None:
     while True:
         await asyncio.sleep(max(settings.CHAT_HEARTBEAT / 3, 0.1))
         try:
@@ -37,7 +48,7 @@ start_idle_watch = idle_watch.start
 stop_idle_watch = idle_watch.stop
 
 
-async def close_idle(hub, now=None):
+async def close_idle(hub: Hub, now: float | None = None) -> None:
     """Close sockets silent for more than twice the heartbeat with 4408."""
     now = time.monotonic() if now is None else now
     limit = 2 * settings.CHAT_HEARTBEAT
@@ -48,12 +59,12 @@ async def close_idle(hub, now=None):
             )
 
 
-def install_shutdown_handler(hub):
+def install_shutdown_handler(hub: Hub) -> bool:
     """On SIGTERM, close every socket with 1001, then let the server stop."""
     loop = asyncio.get_running_loop()
     previous = signal.getsignal(signal.SIGTERM)
 
-    def on_sigterm():
+    def on_sigterm() -> None:
         loop.create_task(_shutdown(hub, previous))
 
     try:
@@ -64,7 +75,7 @@ def install_shutdown_handler(hub):
     return True
 
 
-async def _shutdown(hub, previous):
+async def _shutdown(hub: Hub, previous: SignalHandler) -> None:
     connections = list(hub.connections)
     logger.info("SIGTERM: closing %d socket(s) with 1001", len(connections))
     for connection in connections:
@@ -82,7 +93,7 @@ async def _shutdown(hub, previous):
         raise SystemExit(0)
 
 
-def tune_gc():
+def tune_gc() -> None:
     """Keep full garbage collections rare and short in a server process.
 
     Everything loaded at start-up (Django, the URL map, templates) is frozen out

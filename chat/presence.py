@@ -17,42 +17,72 @@ process killed between the steps leaves a leaving entry behind, which the other
 processes' sweep reports once it is a heartbeat old, so that frame is never lost.
 """
 
+from __future__ import annotations
+
 import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from django.conf import settings
 
 from chat.loops import BackgroundTask, PerLoop
 
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
+    from redis.asyncio.client import Pipeline
+    from redis.typing import EncodableT
+
+    from chat.consumers import ChatConsumer
+    from chat.fanout import Hub
+    from chat.models import Room
+
 logger = logging.getLogger(__name__)
 
 
-def _member(connection_id, user_id, username):
+class ConnectionInfo(TypedDict):
+    """What the live-connection registry keeps of a socket (``ChatConsumer.info``)."""
+
+    id: str
+    user_id: int
+    username: str
+    process: str
+    connected_at: str
+    device: str | None
+    rooms: list[str]  # the slugs of the rooms it joined
+
+
+def _member(connection_id: str, user_id: int, username: str) -> str:
     return f"{connection_id}|{user_id}|{username}"
 
 
-def _room_members(conn):
+def _room_members(conn: ChatConsumer) -> list[tuple[int, str]]:
     member = _member(conn.connection_id, conn.user_id, conn.username)
     return [(room_id, member) for room_id in conn.joined_room_ids()]
 
 
-def _encode_info(info):
-    encoded = {key: "" if value is None else value for key, value in info.items()}
+def _encode_info(info: ConnectionInfo) -> dict[EncodableT, EncodableT]:
+    """The Redis hash of ``info``: None as "", the rooms comma-separated."""
+    fields: Mapping[str, Any] = info  # every field as it is, whatever its type
+    encoded: dict[EncodableT, EncodableT] = {
+        key: "" if value is None else value for key, value in fields.items()
+    }
     encoded["rooms"] = ",".join(info.get("rooms", ()))
     return encoded
 
 
-def _decode_info(row):
-    info = {key.decode(): value.decode() for key, value in row.items()}
+def _decode_info(row: dict[bytes, bytes]) -> ConnectionInfo:
+    info: dict[str, Any] = {key.decode(): value.decode() for key, value in row.items()}
     info["user_id"] = int(info["user_id"])
     info["rooms"] = [slug for slug in info.get("rooms", "").split(",") if slug]
     info["device"] = info.get("device") or None
-    return info
+    return cast(ConnectionInfo, info)
 
 
-def _parse(member):
+def _parse(member: bytes | str) -> tuple[str, int, str]:
+    """A room entry's (connection_id, user_id, username)."""
     if isinstance(member, bytes):
         member = member.decode()
     connection_id, user_id, username = member.split("|", 2)
@@ -62,24 +92,32 @@ def _parse(member):
 class MemoryPresence:
     """Presence for a single process."""
 
-    def __init__(self):
-        self.rooms: dict[int, set[str]] = {}
-        self.connections: dict[str, dict] = {}
+    def __init__(self) -> None:
+        self.rooms: dict[int, set[str]] = {}  # room id -> its entries (_member)
+        self.connections: dict[str, ConnectionInfo] = {}
 
-    async def connection_add(self, info):
-        self.connections[info["id"]] = dict(info)
+    async def connection_add(self, info: ConnectionInfo) -> None:
+        self.connections[info["id"]] = info.copy()
 
-    async def connection_set_rooms(self, connection_id, user_id, rooms):
+    async def connection_set_rooms(
+        self, connection_id: str, user_id: int, rooms: Iterable[str]
+    ) -> None:
         if connection_id in self.connections:
             self.connections[connection_id]["rooms"] = list(rooms)
 
-    async def connection_remove(self, connection_id, user_id):
+    async def connection_remove(self, connection_id: str, user_id: int) -> None:
         self.connections.pop(connection_id, None)
 
-    async def connections_list(self):
+    async def connections_list(self) -> list[ConnectionInfo]:
         return sorted(self.connections.values(), key=lambda c: c["connected_at"])
 
-    async def count(self, *, user_id=None, room_id=None, connection_id=None):
+    async def count(
+        self,
+        *,
+        user_id: int | None = None,
+        room_id: int | None = None,
+        connection_id: str | None = None,
+    ) -> int:
         if connection_id is not None:
             return int(connection_id in self.connections)
         if user_id is not None:
@@ -88,35 +126,41 @@ class MemoryPresence:
             return len(self.rooms.get(room_id, ()))
         return len(self.connections)
 
-    async def enter(self, room_id, connection_id, user_id, username):
+    async def enter(
+        self, room_id: int, connection_id: str, user_id: int, username: str
+    ) -> bool:
         members = self.rooms.setdefault(room_id, set())
         first = not any(_parse(m)[1] == user_id for m in members)
         members.add(_member(connection_id, user_id, username))
         return first
 
-    async def exit_begin(self, room_id, connection_id, user_id, username):
+    async def exit_begin(
+        self, room_id: int, connection_id: str, user_id: int, username: str
+    ) -> bool:
         members = self.rooms.get(room_id, set())
         members.discard(_member(connection_id, user_id, username))
         if not members:
             self.rooms.pop(room_id, None)
         return not any(_parse(m)[1] == user_id for m in members)
 
-    async def exit_end(self, room_id, connection_id, user_id, username):
+    async def exit_end(
+        self, room_id: int, connection_id: str, user_id: int, username: str
+    ) -> None:
         return None
 
-    async def online(self, room_id):
+    async def online(self, room_id: int) -> list[str]:
         return sorted({_parse(m)[2] for m in self.rooms.get(room_id, ())})
 
-    async def refresh(self, connections):
+    async def refresh(self, connections: Iterable[ChatConsumer]) -> bool:
         return False
 
-    def restored(self):
+    def restored(self) -> None:
         return None
 
-    async def sweep(self):
+    async def sweep(self) -> list[tuple[int, str]]:
         return []
 
-    async def close(self):
+    async def close(self) -> None:
         return None
 
 
@@ -167,9 +211,14 @@ if removed == 0 then return 0 end
 
 
 class RedisPresence:
-    """Presence shared by every process through Redis."""
+    """Presence shared by every process through Redis.
 
-    def __init__(self, url, prefix, stale_after):
+    The client answers bytes (no ``decode_responses``), and ``zrangebyscore``
+    without scores a list of members: redis-py's types cannot tell, hence the
+    casts to ``list[bytes]``.
+    """
+
+    def __init__(self, url: str, prefix: str, stale_after: float) -> None:
         import redis.asyncio as redis
 
         # After a Redis restart every pooled connection is dead; retry a command
@@ -182,69 +231,75 @@ class RedisPresence:
         self.redis = redis.Redis(connection_pool=pool)
         self.prefix = prefix
         self.stale_after = stale_after
-        self._epoch = None
+        self._epoch: bytes | None = None
         self._restoring = False
         self._enter = self.redis.register_script(_ENTER)
         self._leave = self.redis.register_script(_LEAVE)
         self._exit = self.redis.register_script(_EXIT)
 
-    def _key(self, room_id):
+    def _key(self, room_id: int) -> str:
         return f"{self.prefix}:presence:{room_id}"
 
     @property
-    def _rooms_key(self):
+    def _rooms_key(self) -> str:
         return f"{self.prefix}:presence:rooms"
 
     @property
-    def _epoch_key(self):
+    def _epoch_key(self) -> str:
         # Set once by whichever process finds it missing: a new value means
         # Redis lost its data since this process last looked.
         return f"{self.prefix}:presence:epoch"
 
-    def _epoch_queue(self, pipe):
+    def _epoch_queue(self, pipe: Pipeline) -> None:
         pipe.set(self._epoch_key, secrets.token_hex(8), nx=True)
         pipe.get(self._epoch_key)
 
-    async def _epoch_get(self):
+    async def _epoch_get(self) -> bytes:
         async with self.redis.pipeline(transaction=False) as pipe:
             self._epoch_queue(pipe)
             _, epoch = await pipe.execute()
         return epoch
 
     @property
-    def _conns_key(self):
+    def _conns_key(self) -> str:
         return f"{self.prefix}:conns"
 
-    def _conn_key(self, connection_id):
+    def _conn_key(self, connection_id: str) -> str:
         return f"{self.prefix}:conn:{connection_id}"
 
-    def _user_conns_key(self, user_id):
+    def _user_conns_key(self, user_id: int) -> str:
         return f"{self.prefix}:userconns:{user_id}"
 
-    def _queue_connection(self, pipe, info, now):
+    def _queue_connection(
+        self, pipe: Pipeline, info: ConnectionInfo, now: float
+    ) -> None:
         pipe.hset(self._conn_key(info["id"]), mapping=_encode_info(info))
         pipe.zadd(self._conns_key, {info["id"]: now})
         pipe.zadd(self._user_conns_key(info["user_id"]), {info["id"]: now})
 
-    async def connection_add(self, info):
+    async def connection_add(self, info: ConnectionInfo) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
             self._queue_connection(pipe, info, time.time())
             await pipe.execute()
 
-    async def connection_set_rooms(self, connection_id, user_id, rooms):
+    async def connection_set_rooms(
+        self, connection_id: str, user_id: int, rooms: Iterable[str]
+    ) -> None:
         key = self._conn_key(connection_id)
         await self.redis.hset(key, "rooms", ",".join(rooms))
 
-    async def connection_remove(self, connection_id, user_id):
+    async def connection_remove(self, connection_id: str, user_id: int) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.delete(self._conn_key(connection_id))
             pipe.zrem(self._conns_key, connection_id)
             pipe.zrem(self._user_conns_key(user_id), connection_id)
             await pipe.execute()
 
-    async def connections_list(self):
+    async def connections_list(self) -> list[ConnectionInfo]:
         since = self._live_since()
-        ids = await self.redis.zrangebyscore(self._conns_key, since, "+inf")
+        ids = cast(
+            list[bytes], await self.redis.zrangebyscore(self._conns_key, since, "+inf")
+        )
         async with self.redis.pipeline(transaction=False) as pipe:
             for connection_id in ids:
                 pipe.hgetall(self._conn_key(connection_id.decode()))
@@ -252,7 +307,13 @@ class RedisPresence:
         infos = [_decode_info(row) for row in rows if row]
         return sorted(infos, key=lambda c: c["connected_at"])
 
-    async def count(self, *, user_id=None, room_id=None, connection_id=None):
+    async def count(
+        self,
+        *,
+        user_id: int | None = None,
+        room_id: int | None = None,
+        connection_id: str | None = None,
+    ) -> int:
         since = self._live_since()
         if connection_id is not None:
             score = await self.redis.zscore(self._conns_key, connection_id)
@@ -265,10 +326,12 @@ class RedisPresence:
             key = self._conns_key
         return await self.redis.zcount(key, since, "+inf")
 
-    def _live_since(self):
+    def _live_since(self) -> float:
         return time.time() - self.stale_after
 
-    async def enter(self, room_id, connection_id, user_id, username):
+    async def enter(
+        self, room_id: int, connection_id: str, user_id: int, username: str
+    ) -> bool:
         if self._epoch is None:
             # Know the data this entry goes into, so refresh sees it vanish.
             self._epoch = await self._epoch_get()
@@ -279,7 +342,9 @@ class RedisPresence:
         )
         return bool(first)
 
-    async def exit_begin(self, room_id, connection_id, user_id, username):
+    async def exit_begin(
+        self, room_id: int, connection_id: str, user_id: int, username: str
+    ) -> bool:
         """Mark the entry as leaving; True when it was the user's last live one."""
         member = _member(connection_id, user_id, username)
         last = await self._leave(
@@ -288,19 +353,22 @@ class RedisPresence:
         )
         return bool(last)
 
-    async def exit_end(self, room_id, connection_id, user_id, username):
+    async def exit_end(
+        self, room_id: int, connection_id: str, user_id: int, username: str
+    ) -> None:
         """Remove the entry, once its ``offline`` frame (if any) went out."""
         await self.redis.zrem(
             self._key(room_id), _member(connection_id, user_id, username)
         )
 
-    async def online(self, room_id):
+    async def online(self, room_id: int) -> list[str]:
         members = await self.redis.zrangebyscore(
             self._key(room_id), self._live_since(), "+inf"
         )
-        return sorted({_parse(m)[2] for m in members})
+        # Members, as bytes (see the class docstring): on the join path, no cast.
+        return sorted({_parse(m)[2] for m in members})  # type: ignore[arg-type]
 
-    async def refresh(self, connections):
+    async def refresh(self, connections: Iterable[ChatConsumer]) -> bool:
         """Vouch for this process's sockets and their room entries.
 
         Return True when Redis had lost its data: the entries are back, and the
@@ -325,10 +393,10 @@ class RedisPresence:
             await self._restore(connections, now)
         return self._restoring
 
-    def restored(self):
+    def restored(self) -> None:
         self._restoring = False
 
-    async def _restore(self, connections, now):
+    async def _restore(self, connections: Iterable[ChatConsumer], now: float) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
             for conn in connections:
                 self._queue_connection(pipe, conn.info(), now)
@@ -337,8 +405,11 @@ class RedisPresence:
                     pipe.sadd(self._rooms_key, room_id)
             await pipe.execute()
 
-    async def _sweep_connections(self, cutoff):
-        stale = await self.redis.zrangebyscore(self._conns_key, "-inf", f"({cutoff}")
+    async def _sweep_connections(self, cutoff: float) -> None:
+        stale = cast(
+            list[bytes],
+            await self.redis.zrangebyscore(self._conns_key, "-inf", f"({cutoff}"),
+        )
         for raw in stale:
             connection_id = raw.decode()
             user_id = await self.redis.hget(self._conn_key(connection_id), "user_id")
@@ -349,9 +420,9 @@ class RedisPresence:
                     pipe.zrem(self._user_conns_key(int(user_id)), connection_id)
                 await pipe.execute()
 
-    async def sweep(self):
+    async def sweep(self) -> list[tuple[int, str]]:
         """Drop entries nobody vouched for; return (room_id, username) gone offline."""
-        gone = []
+        gone: list[tuple[int, str]] = []
         cutoff = self._live_since()
         await self._sweep_connections(cutoff)
         for raw_room in await self.redis.smembers(self._rooms_key):
@@ -359,7 +430,10 @@ class RedisPresence:
             key = self._key(room_id)
             # Live entries nobody refreshed for a heartbeat, and entries left
             # leaving for a heartbeat (scored -left_at, so above -cutoff).
-            stale = await self.redis.zrangebyscore(key, f"({-cutoff}", f"({cutoff}")
+            stale = cast(
+                list[bytes],
+                await self.redis.zrangebyscore(key, f"({-cutoff}", f"({cutoff}"),
+            )
             for member in stale:
                 _, user_id, username = _parse(member)
                 # Only the process whose ZREM wins reports the user gone.
@@ -370,11 +444,11 @@ class RedisPresence:
                 await self.redis.srem(self._rooms_key, room_id)
         return gone
 
-    async def close(self):
+    async def close(self) -> None:
         await self.redis.aclose()
 
 
-def _store_new():
+def _store_new() -> RedisPresence | MemoryPresence:
     if settings.REDIS_URL:
         return RedisPresence(
             settings.REDIS_URL, settings.CHAT_REDIS_PREFIX, settings.CHAT_HEARTBEAT
@@ -382,70 +456,75 @@ def _store_new():
     return MemoryPresence()
 
 
-_stores: PerLoop["RedisPresence | MemoryPresence"] = PerLoop(_store_new)
+_stores: PerLoop[RedisPresence | MemoryPresence] = PerLoop(_store_new)
 
 
-def get_store():
+def get_store() -> RedisPresence | MemoryPresence:
     """The presence store for the running loop (Redis when ``REDIS_URL`` is set)."""
     return _stores.get()
 
 
-async def reset_store():
+async def reset_store() -> None:
     store = _stores.pop()
     if store is not None:
         await store.close()
 
 
-async def room_enter(*, room, connection_id, user):
+async def room_enter(*, room: Room, connection_id: str, user: User) -> bool:
     """Record a socket in ``room``; True when the user just came online there."""
     username = user.get_username()
     return await get_store().enter(room.pk, connection_id, user.pk, username)
 
 
-async def room_exit_begin(*, room, connection_id, user):
+async def room_exit_begin(*, room: Room, connection_id: str, user: User) -> bool:
     """Mark a socket as leaving ``room``; True when it was the user's last there."""
     username = user.get_username()
     return await get_store().exit_begin(room.pk, connection_id, user.pk, username)
 
 
-async def room_exit_end(*, room, connection_id, user):
+async def room_exit_end(*, room: Room, connection_id: str, user: User) -> None:
     """Forget a leaving socket, once its ``offline`` frame (if any) went out."""
     username = user.get_username()
     await get_store().exit_end(room.pk, connection_id, user.pk, username)
 
 
-async def room_online(room):
+async def room_online(room: Room) -> list[str]:
     return await get_store().online(room.pk)
 
 
-async def connection_register(info):
+async def connection_register(info: ConnectionInfo) -> None:
     """Record a live socket: id, user_id, username, process, connected_at, device."""
     await get_store().connection_add({**info, "rooms": []})
 
 
-async def connection_rooms_changed(connection):
+async def connection_rooms_changed(connection: ChatConsumer) -> None:
     await get_store().connection_set_rooms(
         connection.connection_id, connection.user_id, list(connection.rooms)
     )
 
 
-async def connection_unregister(connection):
+async def connection_unregister(connection: ChatConsumer) -> None:
     await get_store().connection_remove(connection.connection_id, connection.user_id)
 
 
-async def live_connections():
+async def live_connections() -> list[ConnectionInfo]:
     """Every live socket on every process, oldest first (dicts, see register)."""
     return await get_store().connections_list()
 
 
-async def live_count(*, user_id=None, room_id=None, connection_id=None):
+async def live_count(
+    *,
+    user_id: int | None = None,
+    room_id: int | None = None,
+    connection_id: str | None = None,
+) -> int:
     """How many live sockets: of a user, joined to a room, with an id, or all."""
     return await get_store().count(
         user_id=user_id, room_id=room_id, connection_id=connection_id
     )
 
 
-async def _keep_forever(hub):
+async def _keep_forever(hub: Hub) -> None:
     interval = max(settings.CHAT_HEARTBEAT / 3, 0.2)
     ticks = 0
     while True:
@@ -467,7 +546,7 @@ start_keeper = keeper.start
 stop_keeper = keeper.stop
 
 
-async def keep_once(hub):
+async def keep_once(hub: Hub) -> None:
     """Vouch for this process's sockets and report the users of dead processes."""
     from chat import services
 

@@ -6,8 +6,13 @@ values: ``_emit`` sends them after the transaction commits, ``_emit_now`` at onc
 for the async services that store nothing (typing, presence, push).
 """
 
+from __future__ import annotations
+
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
 
 from asgiref.sync import async_to_sync
 from django.db import IntegrityError, connection, transaction
@@ -34,6 +39,9 @@ from chat.protocol import (
     ChatError,
 )
 
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
+
 logger = logging.getLogger(__name__)
 
 Kind = ModerationAction.Kind
@@ -46,13 +54,13 @@ Kind = ModerationAction.Kind
 class Emission:
     """The ``on_commit`` callback that sends ``events`` (tests read them here)."""
 
-    events: tuple
+    events: tuple[fanout.Event, ...]
 
-    def __call__(self):
+    def __call__(self) -> None:
         async_to_sync(_emit_now)(*self.events)
 
 
-def _emit(*events):
+def _emit(*events: fanout.Event) -> None:
     """Send ``events`` once the transaction commits; never after a rollback.
 
     Outside a transaction Django runs the callback at once.
@@ -61,47 +69,63 @@ def _emit(*events):
         transaction.on_commit(Emission(events))
 
 
-async def _emit_now(*events):
+async def _emit_now(*events: fanout.Event) -> None:
     """Send ``events`` now: for async callers with nothing to commit."""
     for event in events:
         if isinstance(event, fanout.Batch):
             await fanout.publish_many(event.broadcasts)
         elif event.order is not None:
             await fanout.command(event.groups, event.order, match=event.match)
-        else:
+        elif event.frame is not None:
             await fanout.publish(
                 event.groups,
                 event.frame,
                 exclude_user=event.exclude_user,
                 match=event.match,
             )
+        else:
+            raise ValueError(f"{event!r} has neither a frame nor an order to send")
 
 
-def _to_room(room, frame, *, exclude_user=None):
+def _to_room(
+    room: Room, frame: protocol.ServerFrame, *, exclude_user: int | None = None
+) -> fanout.Delivery:
     groups = tuple(fanout.room_groups(room))
     return fanout.Delivery(groups, frame=frame, exclude_user=exclude_user)
 
 
-def _order(groups, order, *, match=None):
+def _order(
+    groups: Iterable[str], order: fanout.Order, *, match: fanout.Match | None = None
+) -> fanout.Delivery:
     return fanout.Delivery(tuple(groups), order=order, match=match)
 
 
-def _close_order(reason, *, code=CLOSE_BANNED):
+def _close_order(reason: str, *, code: int = CLOSE_BANNED) -> fanout.CloseOrder:
     return {"action": "close", "code": code, "reason": reason}
 
 
-def _close_sockets(user_id, reason, *, match=None):
+def _close_sockets(
+    user_id: int, reason: str, *, match: fanout.Match | None = None
+) -> fanout.Delivery:
     """Close ``user_id``'s sockets (those that fit ``match``) with 4403."""
     return _order([fanout.user_group(user_id)], _close_order(reason), match=match)
 
 
-def _record(kind, *, actor, reason="", **targets):
+def _record(
+    kind: ModerationAction.Kind,
+    *,
+    actor: User | None,
+    reason: str = "",
+    **targets: object,
+) -> ModerationAction:
     return ModerationAction.objects.create(
         kind=kind, actor=actor, reason=reason[:200], **targets
     )
 
 
-def room_create(*, slug, title, is_private=False, creator=None):
+def room_create(
+    *, slug: str, title: str, is_private: bool = False, creator: User | None = None
+) -> Room:
     """Create a room; its creator moderates it."""
     if slug.lower().startswith(Room.DIRECT_SLUG_PREFIX):
         raise ChatError(BAD_REQUEST, Room.DIRECT_SLUG_MESSAGE)
@@ -116,14 +140,16 @@ def room_create(*, slug, title, is_private=False, creator=None):
     return room
 
 
-def membership_add(*, room, user, role=Membership.Role.MEMBER):
+def membership_add(
+    *, room: Room, user: User, role: Membership.Role = Membership.Role.MEMBER
+) -> Membership:
     membership, _ = Membership.objects.get_or_create(
         room=room, user=user, defaults={"role": role}
     )
     return membership
 
 
-def room_join(*, slug, user):
+def room_join(*, slug: str, user: User) -> tuple[Room, int]:
     """Check ``user`` may enter the room; a public room makes them a member.
 
     Return the room and the user's read marker.
@@ -133,12 +159,15 @@ def room_join(*, slug, user):
         try:
             membership = membership_add(room=room, user=user)
         except IntegrityError:
-            membership = selectors.membership_get(room=room, user=user)
+            found = selectors.membership_get(room=room, user=user)
+            if found is None:
+                raise
+            membership = found
         read_seq = membership.read_seq
     return room, read_seq
 
 
-def direct_room_get_or_create(*, user, other):
+def direct_room_get_or_create(*, user: User, other: User) -> Room:
     """The direct conversation of two users (``dm-<low id>-<high id>``)."""
     low, high = sorted([user.pk, other.pk])
     slug = f"{Room.DIRECT_SLUG_PREFIX}{low}-{high}"
@@ -161,12 +190,18 @@ def direct_room_get_or_create(*, user, other):
 @dataclass(frozen=True)
 class SendRequest:
     room: Room
-    author: object
+    author: User
     body: str
     client_msg_id: str
 
 
-def message_create(*, room, author, body, client_msg_id):
+# What a send comes to: (message, created), or the ChatError that refused it.
+SendResult = tuple[Message, bool] | ChatError
+
+
+def message_create(
+    *, room: Room, author: User, body: str, client_msg_id: str
+) -> tuple[Message, bool]:
     """Store a message with the room's next seq and broadcast it after commit.
 
     A retry (same author and ``client_msg_id``) stores nothing and returns the
@@ -179,7 +214,7 @@ def message_create(*, room, author, body, client_msg_id):
     return result
 
 
-def message_create_many(*, requests):
+def message_create_many(*, requests: Sequence[SendRequest]) -> list[SendResult]:
     """Store many sends in one transaction (a group commit).
 
     Return, per request and in order, (message, created) or the ChatError that
@@ -187,7 +222,8 @@ def message_create_many(*, requests):
     bumped once by the number of their new messages, and the messages inserted
     in one statement. Broadcasts go out after commit, one per room.
     """
-    results = [None] * len(requests)
+    # Every slot is filled below, before it is returned (None is only a placeholder).
+    results: list[SendResult] = [None] * len(requests)  # type: ignore[list-item]
     try:
         with transaction.atomic():
             fresh = _resolve_retries_and_refusals(requests, results)
@@ -214,7 +250,9 @@ def message_create_many(*, requests):
     return results
 
 
-def _resolve_retries_and_refusals(requests, results):
+def _resolve_retries_and_refusals(
+    requests: Sequence[SendRequest], results: list[SendResult]
+) -> list[tuple[int, list[int]]]:
     """Answer retries and refused sends in ``results``; return the fresh indexes."""
     keys = {(r.author.pk, r.client_msg_id) for r in requests}
     stored = {
@@ -227,7 +265,8 @@ def _resolve_retries_and_refusals(requests, results):
     muted = selectors.mutes_active_for(
         pairs={(r.room.pk, r.author.pk) for r in requests}
     )
-    fresh, first_of = [], {}
+    fresh: list[int] = []
+    first_of: dict[tuple[int, str], list[int]] = {}
     for index, request in enumerate(requests):
         key = (request.author.pk, request.client_msg_id)
         if key in stored:
@@ -243,11 +282,15 @@ def _resolve_retries_and_refusals(requests, results):
     return [(index, first_of[_key(requests[index])]) for index in fresh]
 
 
-def _key(request):
+def _key(request: SendRequest) -> tuple[int, str]:
     return (request.author.pk, request.client_msg_id)
 
 
-def _store_fresh(requests, fresh, results):
+def _store_fresh(
+    requests: Sequence[SendRequest],
+    fresh: list[tuple[int, list[int]]],
+    results: list[SendResult],
+) -> list[Message]:
     room_ids = sorted({requests[index].room.pk for index, _ in fresh})
     # Lock the rooms in id order (no deadlock between two batches); on SQLite
     # the IMMEDIATE transaction already holds the database write lock.
@@ -258,7 +301,8 @@ def _store_fresh(requests, fresh, results):
         .order_by("pk")
     }
     next_seq = {pk: room.last_seq for pk, room in rooms.items()}
-    messages, owners = [], []
+    messages: list[Message] = []
+    owners: list[list[int]] = []
     for index, duplicates in fresh:
         request = requests[index]
         room = rooms[request.room.pk]
@@ -288,7 +332,7 @@ def _store_fresh(requests, fresh, results):
     return messages
 
 
-def _room_last_seqs_set(last_seqs):
+def _room_last_seqs_set(last_seqs: dict[int, int]) -> None:
     """Set many rooms' ``last_seq`` in one statement.
 
     Plain SQL: the ORM's ``Case(When(…))`` for a batch touching many rooms cost
@@ -306,8 +350,10 @@ def _room_last_seqs_set(last_seqs):
         cursor.execute(sql, [*params, *last_seqs])
 
 
-def _frames_by_room(messages):
-    by_room = {}
+def _frames_by_room(
+    messages: list[Message],
+) -> Iterable[tuple[Room, list[protocol.MessageFrame]]]:
+    by_room: dict[int, tuple[Room, list[protocol.MessageFrame]]] = {}
     for message in messages:
         payload = protocol.message_payload(message, message.room.slug, message.author)
         by_room.setdefault(message.room.pk, (message.room, []))[1].append(
@@ -316,18 +362,18 @@ def _frames_by_room(messages):
     return by_room.values()
 
 
-def _muted_error(room, mute):
+def _muted_error(room: Room, mute: Mute) -> ChatError:
     until = f" until {protocol.timestamp(mute.expires_at)}" if mute.expires_at else ""
     return ChatError(MUTED, f"you are muted in {room.slug!r}{until}: {mute.reason}")
 
 
-def _check_not_muted(*, room, user):
+def _check_not_muted(*, room: Room, user: User) -> None:
     mute = selectors.mute_get_active(room=room, user=user)
     if mute is not None:
         raise _muted_error(room, mute)
 
 
-def _message_by_client_id(*, author, client_msg_id):
+def _message_by_client_id(*, author: User, client_msg_id: str) -> Message | None:
     return (
         Message.objects.select_related("room")
         .filter(author=author, client_msg_id=client_msg_id)
@@ -335,7 +381,9 @@ def _message_by_client_id(*, author, client_msg_id):
     )
 
 
-def direct_message_create(*, author, to_username, body, client_msg_id):
+def direct_message_create(
+    *, author: User, to_username: str, body: str, client_msg_id: str
+) -> tuple[Message, bool]:
     """Send ``body`` to the direct conversation of ``author`` and ``to_username``."""
     existing = _message_by_client_id(author=author, client_msg_id=client_msg_id)
     if existing is not None:
@@ -347,7 +395,7 @@ def direct_message_create(*, author, to_username, body, client_msg_id):
     )
 
 
-def _message_for_change(*, room, message_id, user):
+def _message_for_change(*, room: Room, message_id: int, user: User) -> Message:
     message = Message.objects.filter(
         room=room, pk=message_id, deleted_at__isnull=True
     ).first()
@@ -360,7 +408,7 @@ def _message_for_change(*, room, message_id, user):
     return message
 
 
-def message_edit(*, room, message_id, user, body):
+def message_edit(*, room: Room, message_id: int, user: User, body: str) -> Message:
     """Replace a message's body (the author's own, or any as moderator)."""
     _check_not_muted(room=room, user=user)
     with transaction.atomic():
@@ -373,7 +421,7 @@ def message_edit(*, room, message_id, user, body):
     return message
 
 
-def message_delete(*, room, message_id, user):
+def message_delete(*, room: Room, message_id: int, user: User) -> Message:
     """Delete a message for everyone; it stays in history without its body."""
     with transaction.atomic():
         message = _message_for_change(room=room, message_id=message_id, user=user)
@@ -389,14 +437,16 @@ def message_delete(*, room, message_id, user):
     return message
 
 
-def _message_soft_delete(message, room):
+def _message_soft_delete(message: Message, room: Room) -> None:
     message.deleted_at = timezone.now()
     message.save(update_fields=["deleted_at"])
     frame = protocol.message_deleted(room_slug=room.slug, message=message)
     _emit(_to_room(room, frame))
 
 
-def message_hide(*, message, actor=None, reason=""):
+def message_hide(
+    *, message: Message, actor: User | None = None, reason: str = ""
+) -> Message:
     """Delete a message as a moderator (admin): the room sees it go."""
     with transaction.atomic():
         message = (
@@ -418,7 +468,7 @@ def message_hide(*, message, actor=None, reason=""):
     return message
 
 
-def read_marker_set(*, room, user, seq):
+def read_marker_set(*, room: Room, user: User, seq: int) -> int:
     """Move the read marker forward to ``seq``: never back, never past the end."""
     last_seq = Room.objects.values_list("last_seq", flat=True).get(pk=room.pk)
     seq = min(seq, last_seq)
@@ -428,7 +478,7 @@ def read_marker_set(*, room, user, seq):
     return seq
 
 
-def api_token_create(*, user, name=""):
+def api_token_create(*, user: User, name: str = "") -> tuple[ApiToken, str]:
     """Create an API token for ``user``; return it and the key, shown only once."""
     key = ApiToken.new_key()
     token = ApiToken.objects.create(
@@ -437,12 +487,12 @@ def api_token_create(*, user, name=""):
     return token, key
 
 
-def api_token_use_note(*, token_id):
+def api_token_use_note(*, token_id: int) -> None:
     """Record that a token was used now (callers do so once a resolution)."""
     ApiToken.objects.filter(pk=token_id).update(last_used_at=timezone.now())
 
 
-def api_token_revoke(*, token, actor=None):
+def api_token_revoke(*, token: ApiToken, actor: User | None = None) -> ApiToken:
     """Revoke a token and close the sockets opened with it."""
     if token.revoked_at is not None:
         return token
@@ -464,7 +514,13 @@ def api_token_revoke(*, token, actor=None):
 # --- moderation ---------------------------------------------------------------
 
 
-def user_ban(*, user, reason, expires_at=None, actor=None):
+def user_ban(
+    *,
+    user: User,
+    reason: str,
+    expires_at: datetime | None = None,
+    actor: User | None = None,
+) -> Ban:
     """Ban ``user`` from the site: their sockets close with 4403 and the reason."""
     with transaction.atomic():
         ban = Ban.objects.create(
@@ -481,7 +537,14 @@ def user_ban(*, user, reason, expires_at=None, actor=None):
     return ban
 
 
-def room_ban(*, user, room, reason, expires_at=None, actor=None):
+def room_ban(
+    *,
+    user: User,
+    room: Room,
+    reason: str,
+    expires_at: datetime | None = None,
+    actor: User | None = None,
+) -> Ban:
     """Ban ``user`` from ``room``: their sockets there get ``removed``."""
     with transaction.atomic():
         ban = Ban.objects.create(
@@ -499,7 +562,7 @@ def room_ban(*, user, room, reason, expires_at=None, actor=None):
     return ban
 
 
-def ban_update(*, ban, actor=None):
+def ban_update(*, ban: Ban, actor: User | None = None) -> Ban:
     """Record a changed ban (reason, expiry) and enforce it if it is in force."""
     with transaction.atomic():
         ban.save()
@@ -516,21 +579,22 @@ def ban_update(*, ban, actor=None):
     return ban
 
 
-def _enforcement(ban):
+def _enforcement(ban: Ban) -> tuple[fanout.Delivery, ...]:
     """Close the banned user's sockets (site ban) or take them out of the room."""
     if not ban.is_active:
         return ()
-    if ban.room_id is None:
+    room = ban.room  # no query for a site ban: its room_id is None
+    if room is None:
         return (_close_sockets(ban.user_id, f"banned: {ban.reason}"),)
-    order = {
+    order: fanout.RemoveOrder = {
         "action": "remove",
-        "room": ban.room.slug,
+        "room": room.slug,
         "reason": f"banned from the room: {ban.reason}",
     }
     return (_order([fanout.user_group(ban.user_id)], order),)
 
 
-def ban_lift(*, ban, actor=None):
+def ban_lift(*, ban: Ban, actor: User | None = None) -> None:
     """End a ban now."""
     with transaction.atomic():
         kind = Kind.ROOM_UNBAN if ban.room_id else Kind.UNBAN
@@ -538,7 +602,14 @@ def ban_lift(*, ban, actor=None):
         ban.delete()
 
 
-def user_mute(*, user, room, reason, expires_at=None, actor=None):
+def user_mute(
+    *,
+    user: User,
+    room: Room,
+    reason: str,
+    expires_at: datetime | None = None,
+    actor: User | None = None,
+) -> Mute:
     """Mute ``user`` in ``room``: ``send`` answers ``muted`` until it ends."""
     with transaction.atomic():
         mute = Mute.objects.create(
@@ -555,25 +626,29 @@ def user_mute(*, user, room, reason, expires_at=None, actor=None):
     return mute
 
 
-def mute_lift(*, mute, actor=None):
+def mute_lift(*, mute: Mute, actor: User | None = None) -> None:
     with transaction.atomic():
         _record(Kind.UNMUTE, actor=actor, target_user=mute.user, room=mute.room)
         mute.delete()
 
 
-def room_close(*, room, actor=None, reason=""):
+def room_close(*, room: Room, actor: User | None = None, reason: str = "") -> Room:
     """Close a room for writing: its sockets get ``removed``; history stays."""
     with transaction.atomic():
         Room.objects.filter(pk=room.pk).update(is_closed=True)
         room.is_closed = True
         _record(Kind.ROOM_CLOSE, actor=actor, room=room, reason=reason)
         text = f"room closed: {reason}" if reason else "room closed"
-        order = {"action": "remove", "room": room.slug, "reason": text}
+        order: fanout.RemoveOrder = {
+            "action": "remove",
+            "room": room.slug,
+            "reason": text,
+        }
         _emit(_order(fanout.room_groups(room), order, match={"room": room.slug}))
     return room
 
 
-def room_reopen(*, room, actor=None):
+def room_reopen(*, room: Room, actor: User | None = None) -> Room:
     with transaction.atomic():
         Room.objects.filter(pk=room.pk).update(is_closed=False)
         room.is_closed = False
@@ -581,7 +656,7 @@ def room_reopen(*, room, actor=None):
     return room
 
 
-def user_sign_out_everywhere(*, user, actor=None):
+def user_sign_out_everywhere(*, user: User, actor: User | None = None) -> int:
     """End all of ``user``'s sessions; sockets opened with them close (4403)."""
     from django.contrib.sessions.models import Session
 
@@ -602,7 +677,9 @@ def user_sign_out_everywhere(*, user, actor=None):
     return len(doomed)
 
 
-def connection_disconnect(*, connection_id, actor=None, reason=""):
+def connection_disconnect(
+    *, connection_id: str, actor: User | None = None, reason: str = ""
+) -> None:
     """Close one live socket, wherever it is, with 4403."""
     with transaction.atomic():
         _record(
@@ -613,38 +690,40 @@ def connection_disconnect(*, connection_id, actor=None, reason=""):
         )
         text = f"kicked by a moderator: {reason}" if reason else "kicked by a moderator"
         group = fanout.connection_group(connection_id)
-        match = {"connection_id": connection_id}
+        match: fanout.Match = {"connection_id": connection_id}
         _emit(_order([group], _close_order(text), match=match))
 
 
-def _until(expires_at):
+def _until(expires_at: datetime | None) -> str:
     return f"until {protocol.timestamp(expires_at)}" if expires_at else "no end"
 
 
 # --- live only: nothing stored, so nothing to wait for --------------------------
 
 
-async def typing_send(*, room, user):
+async def typing_send(*, room: Room, user: User) -> None:
     """Tell the room's other sockets that ``user`` is typing."""
     frame = protocol.typing(room_slug=room.slug, username=user.get_username())
     await _emit_now(_to_room(room, frame, exclude_user=user.pk))
 
 
-async def device_connections_replace(*, user_id, device, connection_id):
+async def device_connections_replace(
+    *, user_id: int, device: str, connection_id: str
+) -> None:
     """Close the user's older sockets with the same device key (4409)."""
     order = _close_order(
         "replaced by a newer connection with the same device key",
         code=CLOSE_REPLACED,
     )
-    match = {"device": device, "not_connection_id": connection_id}
+    match: fanout.Match = {"device": device, "not_connection_id": connection_id}
     await _emit_now(_order([fanout.user_group(user_id)], order, match=match))
 
 
-def _presence_frame(room, username, status):
+def _presence_frame(room: Room, username: str, status: str) -> protocol.Presence:
     return protocol.presence(room_slug=room.slug, username=username, status=status)
 
 
-async def room_presence_enter(*, room, connection_id, user):
+async def room_presence_enter(*, room: Room, connection_id: str, user: User) -> None:
     """Record a socket in ``room``; tell the others if the user just came online."""
     first = await presence.room_enter(room=room, connection_id=connection_id, user=user)
     if first:
@@ -652,18 +731,19 @@ async def room_presence_enter(*, room, connection_id, user):
         await _emit_now(_to_room(room, frame, exclude_user=user.pk))
 
 
-async def room_presence_exit(*, room, connection_id, user):
+async def room_presence_exit(*, room: Room, connection_id: str, user: User) -> None:
     """Forget a socket in ``room``; tell the others if it was the user's last."""
-    entry = {"room": room, "connection_id": connection_id, "user": user}
-    if await presence.room_exit_begin(**entry):
+    if await presence.room_exit_begin(
+        room=room, connection_id=connection_id, user=user
+    ):
         frame = _presence_frame(room, user.get_username(), "offline")
         await _emit_now(_to_room(room, frame, exclude_user=user.pk))
     # Not reached when emitting fails or the process dies first: the entry
     # stays leaving, and a sweep reports the user gone a heartbeat later.
-    await presence.room_exit_end(**entry)
+    await presence.room_exit_end(room=room, connection_id=connection_id, user=user)
 
 
-async def room_presence_sweep_report(*, gone):
+async def room_presence_sweep_report(*, gone: Iterable[tuple[int, str]]) -> None:
     """Report offline the users a presence sweep found gone: (room_id, username)."""
     for room_id, username in gone:
         room = await selectors.room_get_by_id_async(room_id)
@@ -671,25 +751,31 @@ async def room_presence_sweep_report(*, gone):
             await _emit_now(_to_room(room, _presence_frame(room, username, "offline")))
 
 
-async def _push(delivery, event, count):
+async def _push(delivery: fanout.Delivery, event: str, count: int) -> int:
     await _emit_now(delivery)
     logger.info("push %r reached %d connection(s)", event, count)
     return count
 
 
-def _push_delivery(groups, event, data, *, match=None):
+def _push_delivery(
+    groups: Iterable[str],
+    event: str,
+    data: object,
+    *,
+    match: fanout.Match | None = None,
+) -> fanout.Delivery:
     frame = protocol.push(event=event, data=data)
     return fanout.Delivery(tuple(groups), frame=frame, match=match)
 
 
-async def push_to_user(*, user_id, event, data):
+async def push_to_user(*, user_id: int, event: str, data: object) -> int:
     """A ``push`` frame to every live socket of ``user_id``; return how many."""
     count = await presence.live_count(user_id=user_id)
     delivery = _push_delivery([fanout.user_group(user_id)], event, data)
     return await _push(delivery, event, count)
 
 
-async def push_to_room(*, slug, event, data):
+async def push_to_room(*, slug: str, event: str, data: object) -> int:
     """A ``push`` frame to every live socket that joined the room ``slug``."""
     room = await selectors.room_get_async(slug=slug)
     count = await presence.live_count(room_id=room.pk)
@@ -698,16 +784,16 @@ async def push_to_room(*, slug, event, data):
     return await _push(delivery, event, count)
 
 
-async def push_to_connection(*, connection_id, event, data):
+async def push_to_connection(*, connection_id: str, event: str, data: object) -> int:
     """A ``push`` frame to the one live socket ``connection_id``."""
     count = await presence.live_count(connection_id=connection_id)
     group = fanout.connection_group(connection_id)
-    match = {"connection_id": connection_id}
+    match: fanout.Match = {"connection_id": connection_id}
     delivery = _push_delivery([group], event, data, match=match)
     return await _push(delivery, event, count)
 
 
-async def push_to_everyone(*, event, data):
+async def push_to_everyone(*, event: str, data: object) -> int:
     """A ``push`` frame to every live socket."""
     count = await presence.live_count()
     delivery = _push_delivery([fanout.EVERYONE_GROUP], event, data)

@@ -1,23 +1,36 @@
 """Web pages: sign up, the room list, a room."""
 
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
+
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
 from django.core.exceptions import PermissionDenied
 from django.db import IntegrityError
 from django.db.models import prefetch_related_objects
-from django.http import Http404, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
 from chat import protocol, push, selectors, services
 from chat.forms import DirectStartForm, RoomCreateForm
-from chat.models import ApiToken
+from chat.models import ApiToken, Room
 from chat.protocol import FORBIDDEN, NOT_FOUND, ChatError
 
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
 
-def signup(request):
+    class AuthenticatedRequest(HttpRequest):
+        """The request of a view behind ``login_required``."""
+
+        user: User
+
+
+def signup(request: HttpRequest) -> HttpResponse:
     """Create an account, sign it in and go to the room list."""
     form: UserCreationForm = UserCreationForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
@@ -27,17 +40,24 @@ def signup(request):
     return render(request, "registration/signup.html", {"form": form})
 
 
-def _direct_partner_name(room, user):
+def _direct_partner_name(room: Room, user: User) -> str:
     """The other user's name in a direct conversation (one's own, to oneself)."""
     names = [m.user.get_username() for m in room.memberships.all() if m.user != user]
     return names[0] if names else user.get_username()
 
 
-def _room_list_page(request, *, create_form=None, direct_form=None):
+def _room_list_page(
+    request: AuthenticatedRequest,
+    *,
+    create_form: RoomCreateForm | None = None,
+    direct_form: DirectStartForm | None = None,
+) -> HttpResponse:
     rooms = selectors.room_list_for_user(user=request.user).prefetch_related(
         "memberships__user"
     )
-    public, private, direct = [], [], []
+    public: list[Room] = []
+    private: list[Room] = []
+    direct: list[tuple[Room, str]] = []
     for room in rooms:
         if room.is_direct:
             direct.append((room, _direct_partner_name(room, request.user)))
@@ -56,13 +76,13 @@ def _room_list_page(request, *, create_form=None, direct_form=None):
 
 
 @login_required
-def room_list(request):
+def room_list(request: AuthenticatedRequest) -> HttpResponse:
     return _room_list_page(request)
 
 
 @login_required
 @require_POST
-def room_create(request):
+def room_create(request: AuthenticatedRequest) -> HttpResponse:
     form = RoomCreateForm(request.POST)
     if not form.is_valid():
         return _room_list_page(request, create_form=form)
@@ -82,7 +102,7 @@ def room_create(request):
 
 @login_required
 @require_POST
-def direct_start(request):
+def direct_start(request: AuthenticatedRequest) -> HttpResponse:
     form = DirectStartForm(request.POST)
     if not form.is_valid():
         return _room_list_page(request, direct_form=form)
@@ -93,7 +113,7 @@ def direct_start(request):
 
 
 @login_required
-def room_detail(request, slug):
+def room_detail(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     try:
         room = selectors.room_get_readable(slug=slug, user=request.user)
     except ChatError as exc:
@@ -114,13 +134,13 @@ def room_detail(request, slug):
 # --- HTTP API -------------------------------------------------------------------
 
 
-def _api_error(status, message):
+def _api_error(status: int, message: str) -> JsonResponse:
     return JsonResponse({"error": message}, status=status)
 
 
 @csrf_exempt
 @require_POST
-def api_push(request):
+def api_push(request: HttpRequest) -> JsonResponse:
     """POST /api/push: a ``push`` frame to a user, a room, a connection or all."""
     key = ApiToken.key_from_authorization(request.headers.get("Authorization", ""))
     found = selectors.token_user_get(key=key) if key else None
@@ -141,7 +161,8 @@ def api_push(request):
     return JsonResponse({"connections": count}, status=202)
 
 
-def _push_to(target, value, event, data):
+def _push_to(target: str, value: str, event: str, data: object) -> int | Awaitable[int]:
+    # A sync view: push.* run to completion and return the count itself.
     if target == "all":
         return push.to_everyone(event, data)
     if target == "user":

@@ -5,7 +5,10 @@ them. Nothing is acknowledged before its batch commits, and a lone send is
 stored at once, so this adds no delay, only fewer transactions under load.
 """
 
+from __future__ import annotations
+
 import asyncio
+from typing import TYPE_CHECKING
 
 from channels.db import database_sync_to_async
 
@@ -13,34 +16,42 @@ from chat import services
 from chat.loops import PerLoop
 from chat.protocol import ChatError
 
+if TYPE_CHECKING:
+    from chat.models import Message
+
 MAX_BATCH = 256
 
 
 class MessageWriter:
-    def __init__(self):
-        self.pending = []
-        self.task = None
+    def __init__(self) -> None:
+        # Sends waiting for the next batch, in arrival order, with their futures.
+        self.pending: list[
+            tuple[services.SendRequest, asyncio.Future[services.SendResult]]
+        ] = []
+        self.task: asyncio.Task[None] | None = None
 
-    def enqueue(self, request):
+    def enqueue(
+        self, request: services.SendRequest
+    ) -> asyncio.Future[services.SendResult]:
         """Queue ``request`` (a ``services.SendRequest``) now, in arrival order.
 
         The future resolves, after commit, to (message, created) or a ChatError.
         """
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        future: asyncio.Future[services.SendResult] = loop.create_future()
         self.pending.append((request, future))
         if self.task is None or self.task.done():
             self.task = loop.create_task(self._drain())
         return future
 
-    async def submit(self, request):
+    async def submit(self, request: services.SendRequest) -> tuple[Message, bool]:
         """Store ``request``; return (message, created) or raise its ChatError."""
         result = await self.enqueue(request)
         if isinstance(result, ChatError):
             raise result
         return result
 
-    async def _drain(self):
+    async def _drain(self) -> None:
         store = database_sync_to_async(services.message_create_many)
         while self.pending:
             batch = self.pending[:MAX_BATCH]
@@ -60,6 +71,6 @@ class MessageWriter:
 _writers: PerLoop[MessageWriter] = PerLoop(MessageWriter)
 
 
-def get_writer():
+def get_writer() -> MessageWriter:
     """The running loop's writer."""
     return _writers.get()

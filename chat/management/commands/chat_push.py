@@ -1,15 +1,21 @@
-import json
+from __future__ import annotations
 
-from django.core.management.base import BaseCommand, CommandError
+import json
+from typing import TYPE_CHECKING, Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from chat import push, selectors
 from chat.protocol import ChatError
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
 
 
 class Command(BaseCommand):
     help = "Push an event to live connections: of a user, in a room, or all."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         target = parser.add_mutually_exclusive_group(required=True)
         target.add_argument("--user", help="username")
         target.add_argument("--room", help="room slug")
@@ -17,7 +23,16 @@ class Command(BaseCommand):
         parser.add_argument("event")
         parser.add_argument("data", help="JSON")
 
-    def handle(self, *args, user, room, all, event, data, **options):
+    def handle(
+        self,
+        *args: Any,
+        user: str | None,
+        room: str | None,
+        all: bool,
+        event: str,
+        data: str,
+        **options: Any,
+    ) -> None:
         try:
             payload = json.loads(data)
         except ValueError as exc:
@@ -33,7 +48,7 @@ class Command(BaseCommand):
             raise CommandError(exc.message) from None
         self.stdout.write(f"Reached {count} connection(s).")
 
-    def _user(self, username):
+    def _user(self, username: str) -> User:
         try:
             return selectors.user_get_active(username=username)
         except ChatError:

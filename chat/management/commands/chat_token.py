@@ -1,5 +1,7 @@
+from typing import Any
+
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from chat import services
 
@@ -7,11 +9,11 @@ from chat import services
 class Command(BaseCommand):
     help = "Create an API token for a user and print it (shown only this once)."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("username")
         parser.add_argument("--name", default="", help="A label to recognise it by.")
 
-    def handle(self, *args, username, name, **options):
+    def handle(self, *args: Any, username: str, name: str, **options: Any) -> None:
         User = get_user_model()
         try:
             user = User.objects.get(**{User.USERNAME_FIELD: username})
