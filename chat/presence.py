@@ -138,7 +138,10 @@ class MemoryPresence:
         self, room_id: int, connection_id: str, user_id: int, username: str
     ) -> bool:
         members = self.rooms.get(room_id, set())
-        members.discard(_member(connection_id, user_id, username))
+        member = _member(connection_id, user_id, username)
+        if member not in members:
+            return False  # gone already: its offline frame was sent then
+        members.discard(member)
         if not members:
             self.rooms.pop(room_id, None)
         return not any(_parse(m)[1] == user_id for m in members)

@@ -261,6 +261,8 @@ def _refusal(
         message = f"ref must be a string of at most {MAX_REF_CHARS}"
         return ChatError(BAD_REQUEST, message)
     frame_type = known_type or envelope.type
+    if frame_type is None:
+        return ChatError(BAD_REQUEST, "frame needs a type", ref=ref)
     if frame_type not in CLIENT_FRAMES:
         return ChatError(BAD_REQUEST, f"unknown frame type {frame_type!r}", ref=ref)
     body = envelope.body

@@ -44,12 +44,14 @@ class Decision:
 
 # Set once by configure(); until then (tests on WebsocketCommunicator, an entry
 # point other than chatsite.asgi) the fast path is off.
-_decision = None
+_decision: Decision | None = None
 
 
-def installed_versions(names=tuple(WRITTEN_FOR)):
+def installed_versions(
+    names: tuple[str, ...] = tuple(WRITTEN_FOR),
+) -> dict[str, str | None]:
     """The installed version of each package of ``names``, None when missing."""
-    found = {}
+    found: dict[str, str | None] = {}
     for name in names:
         try:
             found[name] = metadata.version(name)
@@ -58,7 +60,9 @@ def installed_versions(names=tuple(WRITTEN_FOR)):
     return found
 
 
-def version_differences(installed, names=tuple(WRITTEN_FOR)):
+def version_differences(
+    installed: dict[str, str | None], names: tuple[str, ...] = tuple(WRITTEN_FOR)
+) -> list[str]:
     """How the ``installed`` versions of ``names`` differ from ``WRITTEN_FOR``."""
     differences = []
     for name in names:
@@ -70,7 +74,7 @@ def version_differences(installed, names=tuple(WRITTEN_FOR)):
     return differences
 
 
-def decide(*, enabled, installed):
+def decide(*, enabled: bool, installed: dict[str, str | None]) -> Decision:
     """The ``Decision`` for a ``CHAT_FAST_PATH`` of ``enabled`` and these versions."""
     differences = version_differences(installed)
     close_differences = version_differences(installed, CLOSE_PATCH_PACKAGES)
@@ -110,7 +114,7 @@ def _warning(fast_path_differences, close_differences):
     )
 
 
-def configure():
+def configure() -> Decision:
     """Check the installed versions once: log the path in use, patch daphne's close."""
     global _decision
     if _decision is None:
@@ -128,7 +132,7 @@ def configure():
     return _decision
 
 
-def fast_path_on():
+def fast_path_on() -> bool:
     """Whether ``configure`` found the fast path wanted and its versions installed."""
     return _decision is not None and _decision.fast_path
 

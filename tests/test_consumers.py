@@ -406,7 +406,7 @@ async def test_body_over_4000_characters_is_too_large(connect, alice, lobby):
             "dm: Object missing required field `to`",
         ),
         ({"type": "fly"}, "unknown frame type 'fly'"),
-        ({"room": "lobby"}, "unknown frame type None"),
+        ({"room": "lobby"}, "frame needs a type"),
     ],
 )
 async def test_ill_formed_frames_are_bad_request_and_the_socket_stays_usable(

@@ -148,3 +148,11 @@ async def test_the_keeper_reports_the_user_of_a_dead_process_through_the_layer(
     await layer.send(channel, {"type": "test.marker"})
     # Reported once: the next sweep finds nothing more.
     assert await layer.receive(channel) == {"type": "test.marker"}
+
+
+async def test_leaving_twice_in_memory_reports_the_user_offline_once():
+    store = presence.MemoryPresence()
+    assert await store.enter(1, "p-1", 7, "alice") is True
+    assert await store.exit_begin(1, "p-1", 7, "alice") is True
+    assert await store.exit_begin(1, "p-1", 7, "alice") is False
+    assert await store.online(1) == []

@@ -142,7 +142,7 @@ def test_a_body_over_4000_characters_is_too_large():
     ("text", "answer"),
     [
         ('{"type":"fly","ref":"f"}', ("unknown frame type 'fly'", {"ref": "f"})),
-        ('{"room":"lobby","ref":"f"}', ("unknown frame type None", {"ref": "f"})),
+        ('{"room":"lobby","ref":"f"}', ("frame needs a type", {"ref": "f"})),
         ("[1, 2]", ("frame must be a JSON object", {})),
         ('"text"', ("frame must be a JSON object", {})),
         ("not json", ("frame is not valid JSON", {})),
