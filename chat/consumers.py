@@ -98,6 +98,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 await self.dispatch(await receive())
         except StopConsumer:
             pass
+        finally:
+            # However the socket ends (a handler raised, even while answering an
+            # error; the task was cancelled), it leaves no ghost behind: not in
+            # presence, the live-connection registry or the hub. The ASGI server
+            # closes with 1011 when this raises, and calls no disconnect itself.
+            await self.disconnect(protocol.CLOSE_SERVER_ERROR)
 
     async def connect(self) -> None:
         user = self.scope["user"]
@@ -236,10 +242,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.send_frame(protocol.error_from(exc, ref=ref))
         except Exception:
             logger.exception("frame from %s failed", self.connection_id)
-            # The ASGI server closes with 1011 when the application raises, and
-            # then never calls disconnect(): clean up here, then raise.
-            await self.disconnect(protocol.CLOSE_SERVER_ERROR)
-            raise
+            raise  # the socket closes with 1011; __call__ cleans up
 
     def _parse(
         self, text_data: str | None, bytes_data: bytes | None

@@ -305,7 +305,12 @@ def _store_fresh(
     owners: list[list[int]] = []
     for index, duplicates in fresh:
         request = requests[index]
-        room = rooms[request.room.pk]
+        room = rooms.get(request.room.pk)
+        if room is None:  # deleted since the socket joined it
+            slug = request.room.slug
+            for i in duplicates:
+                results[i] = ChatError(NOT_FOUND, f"no room {slug!r}")
+            continue
         if room.is_closed:
             for i in duplicates:
                 results[i] = ChatError(ROOM_CLOSED, f"room {room.slug!r} is closed")

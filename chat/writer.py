@@ -59,13 +59,34 @@ class MessageWriter:
             try:
                 results = await store(requests=[request for request, _ in batch])
             except Exception as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                if len(batch) == 1:
+                    _settle(batch[0][1], exc)
+                    continue
+                # One request the database refuses must not fail the others:
+                # store them one by one, in order, so it fails alone.
+                for request, future in batch:
+                    try:
+                        [result] = await store(requests=[request])
+                    except Exception as alone:
+                        _settle(future, alone)
+                    else:
+                        _settle(future, result)
                 continue
             for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+                _settle(future, result)
+
+
+def _settle(
+    future: asyncio.Future[services.SendResult],
+    outcome: services.SendResult | Exception,
+) -> None:
+    """Resolve a send's future, unless its waiter is gone (cancelled)."""
+    if future.done():
+        return
+    if isinstance(outcome, Exception) and not isinstance(outcome, ChatError):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 _writers: PerLoop[MessageWriter] = PerLoop(MessageWriter)

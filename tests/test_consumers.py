@@ -13,6 +13,7 @@ from chat import fanout, services
 from chat.models import Membership, Message, Room
 from tests.test_application import CONNECTION_ID
 from tests.test_multiprocess import stored_message
+from tests.waiting import until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -795,3 +796,79 @@ async def test_same_device_key_replaces_the_older_connection(connect, bob, token
     }
     assert await new.request(type="ping") == {"type": "pong"}
     assert await laptop.request(type="ping") == {"type": "pong"}
+
+
+# --- however a socket ends -----------------------------------------------------
+
+
+async def test_sockets_that_end_every_way_leave_nothing_behind(
+    connect, alice, bob, lobby
+):
+    from chat import presence
+
+    async def joined_client(user):
+        client = await connect(user)
+        await client.join("lobby")
+        return client
+
+    watcher = await joined_client(bob)
+    polite = await joined_client(alice)
+    too_big = await joined_client(alice)
+    cancelled = await joined_client(alice)
+    kicked = await joined_client(alice)
+    assert await presence.live_count() == 5
+
+    await polite.close()  # a normal close from the client
+    polite.connected = False
+    await too_big.communicator.send_to(text_data="x" * (70 * 1024))
+    assert await closed_with(too_big) == {"type": "websocket.close", "code": 1009}
+    await too_big.communicator.disconnect()
+    cancelled.communicator.future.cancel()  # the server gave up on the task
+    cancelled.connected = False
+    await adb(services.connection_disconnect)(
+        connection_id=kicked.hello["connection_id"], reason="test"
+    )
+    assert await closed_with(kicked) == {
+        "type": "websocket.close",
+        "code": 4403,
+        "reason": "kicked by a moderator: test",
+    }
+    await kicked.communicator.disconnect()
+
+    await until(presence.live_count, lambda n: n == 1, timeout=3, what="live")
+    online = await until(
+        lambda: presence.room_online(lobby),
+        lambda o: o == ["bob"],
+        timeout=3,
+        what="online",
+    )
+    assert online == ["bob"]
+    hub = await fanout.get_hub()
+    assert [c.connection_id for c in hub.connections] == [
+        watcher.hello["connection_id"]
+    ]
+    assert hub.local_members(fanout.user_group(alice.pk)) == ()
+    presence_of = {"type": "presence", "room": "lobby", "user": "alice"}
+    assert [await watcher.recv(), await watcher.recv()] == [
+        {**presence_of, "status": "online"},
+        {**presence_of, "status": "offline"},
+    ]
+    assert await watcher.nothing()
+
+
+async def test_a_send_to_a_room_deleted_since_the_join_is_not_found(
+    connect, alice, lobby
+):
+    client = await connect(alice)
+    await client.join("lobby")
+    await adb(Room.objects.filter(pk=lobby.pk).delete)()
+    reply = await client.request(
+        type="send", room="lobby", body="x", client_msg_id="c", ref="gone"
+    )
+    assert reply == {
+        "type": "error",
+        "code": "not_found",
+        "message": "no room 'lobby'",
+        "ref": "gone",
+    }
+    assert await client.request(type="ping", ref="p") == {"type": "pong", "ref": "p"}

@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 from asgiref.sync import sync_to_async
+from django.db import IntegrityError
 
 from chat import services, writer
 from chat.models import Message
@@ -66,3 +67,22 @@ async def test_each_event_loop_has_its_own_writer():
 
 async def _writer_of_a_new_loop():
     return writer.get_writer()
+
+
+async def test_a_send_the_database_refuses_fails_alone_in_its_batch(alice, bob, lobby):
+    # A user deleted after their socket joined: the insert breaks the foreign
+    # key, at commit, for the whole batch; the others must still be stored.
+    ghost = type(alice)(pk=987654, username="ghost")
+    queue = writer.get_writer()
+    futures = [
+        queue.enqueue(services.SendRequest(lobby, alice, "one", "a1")),
+        queue.enqueue(services.SendRequest(lobby, ghost, "boo", "g1")),
+        queue.enqueue(services.SendRequest(lobby, bob, "two", "b1")),
+    ]
+    one, refused, two = await asyncio.gather(*futures, return_exceptions=True)
+    assert isinstance(refused, IntegrityError)
+    assert [(m.seq, m.body) for m, _ in (one, two)] == [(1, "one"), (2, "two")]
+    stored = await sync_to_async(list)(
+        Message.objects.order_by("seq").values_list("seq", "author__username")
+    )
+    assert stored == [(1, "alice"), (2, "bob")]
