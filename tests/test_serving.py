@@ -15,15 +15,13 @@ import struct
 import time
 
 import pytest
-from channels.db import database_sync_to_async
 from daphne.server import Server
-from django.contrib.auth import get_user_model
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from chat import protocol, services, serving
-from chat.models import Message
+from chat import protocol, serving
 from tests.servers import ROOT, DaphneServer, shadow_distribution
+from tests.test_multiprocess import room_create, stored_message, user_with_key
 
 TIMEOUT = 5  # seconds to wait for what should come
 WRITTEN_FOR = dict(serving.WRITTEN_FOR)
@@ -185,36 +183,6 @@ async def log_lines(server, timeout=TIMEOUT):
 
 
 # --- data and clients ------------------------------------------------------------
-
-
-@database_sync_to_async
-def user_with_key(username):
-    """A new user and the key of an API token of theirs."""
-    user = get_user_model().objects.create_user(username=username)
-    return user, services.api_token_create(user=user)[1]
-
-
-@database_sync_to_async
-def room_create(slug):
-    return services.room_create(slug=slug, title=f"Room {slug}")
-
-
-@database_sync_to_async
-def stored_message(slug, seq):
-    """The stored message as its ``message`` frame carries it."""
-    message = Message.objects.select_related("author").get(room__slug=slug, seq=seq)
-    return {
-        "type": "message",
-        "room": slug,
-        "id": message.pk,
-        "seq": seq,
-        "user": {"id": message.author.pk, "username": message.author.username},
-        "body": message.body,
-        "created_at": protocol.timestamp(message.created_at),
-        "client_msg_id": message.client_msg_id,
-        "edited_at": None,
-        "deleted": False,
-    }
 
 
 class Socket:
