@@ -10,14 +10,14 @@ query for a token), then hands the consumer a scope holding only what it reads.
 
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, urlsplit
 
 from channels.db import database_sync_to_async
-from channels.security.websocket import OriginValidator
 from django.conf import settings
 from django.contrib import auth
 from django.http import HttpRequest
 from django.http.cookie import parse_cookie
+from django.http.request import validate_host
 from django.utils.module_loading import import_string
 
 from chat import selectors, services
@@ -52,21 +52,51 @@ def session_key_from_scope(scope: Scope) -> str | None:
     return parse_cookie(cookies).get(settings.SESSION_COOKIE_NAME) or None
 
 
-def origin_allowed(scope: Scope) -> bool:
-    """A browser's ``Origin`` must be ours; a client without one is let in.
+Origin = tuple[str, str, int]  # scheme, host, port
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
-    Browsers always send ``Origin``; other clients (which authenticate with a
-    token, not a cookie) need not.
+
+def origin_of(text: str) -> Origin | None:
+    """``(scheme, host, port)`` of an http(s) origin; None for anything else."""
+    try:
+        parts = urlsplit(text.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    return parts.scheme, parts.hostname, port or _DEFAULT_PORTS[parts.scheme]
+
+
+def _this_site(scope: Scope) -> Origin | None:
+    """The origin of the page a same-site browser socket comes from: our Host."""
+    hosts = header_values(scope, b"host")
+    if not hosts:
+        return None
+    secure = settings.SECURE_PROXY_SSL_HEADER or scope.get("scheme") == "wss"
+    site = origin_of(f"{'https' if secure else 'http'}://{hosts[0].decode('latin-1')}")
+    if site is None or not validate_host(site[1], settings.ALLOWED_HOSTS):
+        return None
+    return site
+
+
+def origin_allowed(scope: Scope, *, by_cookie: bool) -> bool:
+    """A browser's ``Origin`` must be ours: the same scheme, host and port.
+
+    Ours means one of ``CHAT_ALLOWED_ORIGINS`` when set, else this site as the
+    handshake's ``Host`` names it. Browsers always send ``Origin``; a handshake
+    without one may only authenticate with a token, since a cookie would let any
+    page a user visits open a socket as them (cross-site WebSocket hijacking).
     """
     origins = header_values(scope, b"origin")
     if not origins:
-        return True
-    try:
-        parsed = urlparse(origins[0].decode("latin-1"))
-    except UnicodeDecodeError:
+        return not by_cookie
+    origin = origin_of(origins[0].decode("latin-1"))  # "null" is no origin
+    if origin is None:
         return False
-    allowed = settings.CHAT_ALLOWED_ORIGINS or settings.ALLOWED_HOSTS
-    return OriginValidator(None, allowed).validate_origin(parsed)
+    if settings.CHAT_ALLOWED_ORIGINS:
+        return origin in {origin_of(o) for o in settings.CHAT_ALLOWED_ORIGINS}
+    return origin == _this_site(scope)
 
 
 def identify(
@@ -99,10 +129,13 @@ def identify(
 
 async def handshake(scope: Scope) -> Scope | None:
     """The consumer's scope for a socket we accept, or None to refuse it."""
-    if scope.get("path") != WEBSOCKET_PATH or not origin_allowed(scope):
+    token_key = token_from_scope(scope)
+    if scope.get("path") != WEBSOCKET_PATH:
+        return None
+    if not origin_allowed(scope, by_cookie=token_key is None):
         return None
     user, token_id = await database_sync_to_async(identify)(
-        token_key=token_from_scope(scope), session_key=session_key_from_scope(scope)
+        token_key=token_key, session_key=session_key_from_scope(scope)
     )
     if user is None:
         return None

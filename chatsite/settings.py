@@ -10,8 +10,9 @@ DJANGO_CSRF_TRUSTED_ORIGINS  comma-separated https origins, behind a TLS proxy
 DJANGO_BEHIND_TLS_PROXY  1 to trust X-Forwarded-Proto and use secure cookies
 DJANGO_CONN_MAX_AGE  seconds a database connection is kept (default 300)
 CHAT_HEARTBEAT    seconds a client may stay silent before it must ping (default 30)
-CHAT_ALLOWED_ORIGINS  comma-separated origins a browser socket may come from
-                  (default: any origin whose host is in ALLOWED_HOSTS)
+CHAT_ALLOWED_ORIGINS  comma-separated origins (scheme://host[:port]) a browser
+                  socket may come from (default: this site, the handshake's Host
+                  if it is in ALLOWED_HOSTS)
 CHAT_REDIS_PREFIX prefix of Redis keys and channel names (default chat)
 CHAT_CLOSE_ON_SIGTERM  close sockets with 1001 on SIGTERM (default on)
 CHAT_FAST_PATH    0 to serve every frame through plain ASGI instead of writing

@@ -25,6 +25,11 @@ async def session_cookie(user):
     return f"sessionid={http.cookies['sessionid'].value}".encode()
 
 
+def browser_headers(cookie, *, origin=b"http://testserver", host=b"testserver"):
+    """What a browser on this site sends: its cookie, our Host, its page's Origin."""
+    return [(b"cookie", cookie), (b"host", host), (b"origin", origin)]
+
+
 async def assert_let_in(socket, user):
     """The socket is open, greeted as ``user``, and the one live connection."""
     assert socket.connected is True
@@ -97,7 +102,7 @@ async def test_session_cookie_authenticates(connect, alice):
 
     client = await connect(
         path="/ws/",
-        headers=[(b"cookie", cookie), (b"origin", b"http://localhost:8000")],
+        headers=browser_headers(cookie),
     )
 
     await assert_let_in(client, alice)
@@ -109,7 +114,7 @@ async def test_session_of_a_deactivated_user_is_refused(connect, make_user):
     carol.is_active = False
     await adb(carol.save)()
 
-    client = await connect(path="/ws/", headers=[(b"cookie", cookie)])
+    client = await connect(path="/ws/", headers=browser_headers(cookie))
 
     await assert_refused(client)
 
@@ -162,6 +167,82 @@ async def test_foreign_origin_is_refused(connect, alice):
     await assert_refused(client)
 
 
+async def test_a_session_cookie_without_an_origin_is_refused(connect, alice):
+    cookie = await session_cookie(alice)
+
+    client = await connect(path="/ws/", headers=[(b"cookie", cookie)])
+
+    await assert_refused(client)
+
+
+async def test_a_token_without_an_origin_is_let_in(connect, alice):
+    client = await connect(alice)
+
+    await assert_let_in(client, alice)
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        b"null",
+        b"http://testserver:8001",
+        b"https://testserver",
+        b"http://testserver.evil.example",
+        b"http://evil.example",
+        b"ftp://testserver",
+        b"http://testserver:notaport",
+    ],
+)
+async def test_an_origin_of_another_scheme_host_or_port_is_refused(
+    connect, alice, origin
+):
+    cookie = await session_cookie(alice)
+
+    client = await connect(path="/ws/", headers=browser_headers(cookie, origin=origin))
+
+    await assert_refused(client)
+
+
+async def test_the_same_origin_on_a_port_is_let_in(connect, alice):
+    cookie = await session_cookie(alice)
+    headers = browser_headers(
+        cookie, origin=b"http://localhost:8000", host=b"localhost:8000"
+    )
+
+    client = await connect(path="/ws/", headers=headers)
+
+    await assert_let_in(client, alice)
+
+
+async def test_a_host_outside_allowed_hosts_is_no_origin_of_ours(connect, alice):
+    cookie = await session_cookie(alice)
+    headers = browser_headers(
+        cookie, origin=b"http://evil.example", host=b"evil.example"
+    )
+
+    client = await connect(path="/ws/", headers=headers)
+
+    await assert_refused(client)
+
+
+async def test_allowed_origins_are_matched_by_scheme_host_and_port(
+    connect, alice, settings
+):
+    settings.CHAT_ALLOWED_ORIGINS = ["https://chat.example.com"]
+    cookie = await session_cookie(alice)
+
+    for refused in (b"http://chat.example.com", b"https://chat.example.com:8443"):
+        client = await connect(
+            path="/ws/", headers=browser_headers(cookie, origin=refused)
+        )
+        await assert_refused(client)
+    client = await connect(
+        path="/ws/",
+        headers=browser_headers(cookie, origin=b"https://chat.example.com:443"),
+    )
+    await assert_let_in(client, alice)
+
+
 async def test_handshake_on_another_path_is_refused(connect, alice):
     _, key = await adb(services.api_token_create)(user=alice)
 
@@ -184,12 +265,12 @@ async def test_site_ban_refuses_a_token_handshake(connect, alice, bob):
 
 async def test_site_ban_refuses_a_session_cookie_handshake(connect, alice, bob):
     cookie = await session_cookie(bob)
-    before = await connect(path="/ws/", headers=[(b"cookie", cookie)])
+    before = await connect(path="/ws/", headers=browser_headers(cookie))
     await assert_let_in(before, bob)
 
     await adb(services.user_ban)(user=bob, reason="spamming", actor=alice)
 
-    after = await connect(path="/ws/", headers=[(b"cookie", cookie)])
+    after = await connect(path="/ws/", headers=browser_headers(cookie))
     assert after.connected is False
 
 

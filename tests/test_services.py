@@ -21,7 +21,7 @@ from django.utils import timezone
 from chat import fanout, protocol, services
 from chat.models import Membership, Message, ModerationAction, Room
 from chat.protocol import ChatError
-from tests.test_application import session_cookie
+from tests.test_application import browser_headers, session_cookie
 from tests.test_consumers import ack_of, closed_with
 from tests.test_multiprocess import stored_message
 
@@ -825,7 +825,7 @@ async def test_token_revoke_closes_only_sockets_opened_with_it(connect, bob):
 @pytest.mark.django_db(transaction=True)
 async def test_sign_out_everywhere_closes_session_sockets_only(connect, bob):
     cookie = await session_cookie(bob)
-    browser = await connect(path="/ws/", headers=[(b"cookie", cookie)])
+    browser = await connect(path="/ws/", headers=browser_headers(cookie))
     script = await connect(bob)
 
     ended = await adb(services.user_sign_out_everywhere)(user=bob)
