@@ -122,6 +122,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
         subprotocol = choose_subprotocol(self.scope.get("subprotocols", []))
         self.binary = subprotocol == protocol.SUBPROTOCOL_BINARY
         await self.accept(subprotocol)
+        refusal = await policies.connection_refusal(
+            user_id=self.user_id, device=self.device
+        )
+        if refusal is not None:
+            await self.close_with(protocol.CLOSE_TRY_AGAIN, refusal)
+            return
         self.wire = serving.daphne_wire(self.base_send)
         if self.wire is not None:
             serving.release_handshake(self.wire)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
-from chat import protocol
+from chat import presence, protocol
 from chat.loops import BackgroundTask
 
 if TYPE_CHECKING:
@@ -31,6 +31,20 @@ SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers |
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_SECONDS = 1.0
+
+
+async def connection_refusal(*, user_id: int, device: str | None) -> str | None:
+    """Why a new socket of ``user_id`` may not stay open (close 1013), or None.
+
+    At most ``CHAT_MAX_CONNECTIONS_PER_USER`` live sockets per user, across
+    processes; a socket whose device key replaces a live one takes its place.
+    """
+    limit = settings.CHAT_MAX_CONNECTIONS_PER_USER
+    if not limit or await presence.live_count(user_id=user_id) < limit:
+        return None
+    if device is not None and device in await presence.live_devices(user_id=user_id):
+        return None
+    return f"too many connections: at most {limit} per user"
 
 
 async def _watch_idle_forever(hub: Hub) -> None:

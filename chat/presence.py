@@ -111,6 +111,13 @@ class MemoryPresence:
     async def connections_list(self) -> list[ConnectionInfo]:
         return sorted(self.connections.values(), key=lambda c: c["connected_at"])
 
+    async def user_devices(self, user_id: int) -> set[str]:
+        return {
+            c["device"]
+            for c in self.connections.values()
+            if c["user_id"] == user_id and c["device"]
+        }
+
     async def count(
         self,
         *,
@@ -329,6 +336,17 @@ class RedisPresence:
             key = self._conns_key
         return await self.redis.zcount(key, since, "+inf")
 
+    async def user_devices(self, user_id: int) -> set[str]:
+        key = self._user_conns_key(user_id)
+        ids = cast(
+            list[bytes], await self.redis.zrangebyscore(key, self._live_since(), "+inf")
+        )
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for connection_id in ids:
+                pipe.hget(self._conn_key(connection_id.decode()), "device")
+            devices = await pipe.execute()
+        return {device.decode() for device in devices if device}
+
     def _live_since(self) -> float:
         return time.time() - self.stale_after
 
@@ -525,6 +543,11 @@ async def live_count(
     return await get_store().count(
         user_id=user_id, room_id=room_id, connection_id=connection_id
     )
+
+
+async def live_devices(*, user_id: int) -> set[str]:
+    """The device keys of a user's live sockets, on every process."""
+    return await get_store().user_devices(user_id)
 
 
 async def _keep_forever(hub: Hub) -> None:

@@ -15,6 +15,8 @@ CHAT_ALLOWED_ORIGINS  comma-separated origins (scheme://host[:port]) a browser
                   if it is in ALLOWED_HOSTS)
 CHAT_REDIS_PREFIX prefix of Redis keys and channel names (default chat)
 CHAT_CLOSE_ON_SIGTERM  close sockets with 1001 on SIGTERM (default on)
+CHAT_MAX_CONNECTIONS_PER_USER  live sockets per user across processes (default
+                  20; 0 for no limit); the next one is closed with 1013
 CHAT_FAST_PATH    0 to serve every frame through plain ASGI instead of writing
                   prepared frames straight to daphne's sockets (default on)
 """
@@ -184,6 +186,10 @@ CHAT_CLOSE_ON_SIGTERM = env_bool("CHAT_CLOSE_ON_SIGTERM", True)
 # Off (0/false/no/off): every frame goes through plain ASGI, not chat.serving's
 # direct socket writes; those are off anyway on versions they were not written for.
 CHAT_FAST_PATH = env_bool("CHAT_FAST_PATH", True)
+# Live sockets one user may hold across processes; the next closes with 1013.
+CHAT_MAX_CONNECTIONS_PER_USER = int(
+    os.environ.get("CHAT_MAX_CONNECTIONS_PER_USER", "20")
+)
 
 LOGGING = {
     "version": 1,

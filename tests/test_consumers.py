@@ -872,3 +872,61 @@ async def test_a_send_to_a_room_deleted_since_the_join_is_not_found(
         "ref": "gone",
     }
     assert await client.request(type="ping", ref="p") == {"type": "pong", "ref": "p"}
+
+
+# --- connections per user --------------------------------------------------------
+
+
+async def open_raw(path):
+    """A socket over the real application, before any frame is read."""
+    from channels.testing import WebsocketCommunicator
+
+    from chatsite.asgi import application
+
+    communicator = WebsocketCommunicator(application, path)
+    connected, _ = await communicator.connect()
+    return communicator, connected
+
+
+async def test_a_socket_past_the_per_user_limit_is_closed_with_1013(
+    connect, alice, bob, token_for, settings
+):
+    from chat import presence
+
+    settings.CHAT_MAX_CONNECTIONS_PER_USER = 2
+    key = await adb(token_for)(alice)
+    first = await connect(path=f"/ws/?token={key}")
+    await connect(path=f"/ws/?token={key}")
+    extra, accepted = await open_raw(f"/ws/?token={key}")
+    assert accepted is True
+    assert await extra.receive_output(timeout=3) == {
+        "type": "websocket.close",
+        "code": 1013,
+        "reason": "too many connections: at most 2 per user",
+    }
+    await extra.disconnect()
+    assert await presence.live_count(user_id=alice.pk) == 2
+    other_user = await connect(bob)
+    assert other_user.hello["user"] == {"id": bob.pk, "username": "bob"}
+
+    await first.close()
+    first.connected = False
+    again = await connect(path=f"/ws/?token={key}")
+    assert again.hello["user"] == {"id": alice.pk, "username": "alice"}
+    assert await presence.live_count(user_id=alice.pk) == 2
+
+
+async def test_a_device_that_replaces_its_socket_is_let_in_at_the_limit(
+    connect, alice, token_for, settings
+):
+    settings.CHAT_MAX_CONNECTIONS_PER_USER = 2
+    key = await adb(token_for)(alice)
+    phone = await connect(path=f"/ws/?token={key}&device=phone")
+    await connect(path=f"/ws/?token={key}")
+    new_phone = await connect(path=f"/ws/?token={key}&device=phone")
+    assert new_phone.hello["user"] == {"id": alice.pk, "username": "alice"}
+    assert await closed_with(phone) == {
+        "type": "websocket.close",
+        "code": 4409,
+        "reason": "replaced by a newer connection with the same device key",
+    }

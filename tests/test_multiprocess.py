@@ -14,6 +14,7 @@ import pytest
 from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from chat import protocol, services
 from chat.models import Message, Room
@@ -655,3 +656,24 @@ async def test_a_socket_that_fails_while_redis_is_down_leaves_no_ghost(
     assert {row["id"] for row in live} & set(ids.values()) == vouched
     carol = await open_client(server_b, keys["carol"], "carol@B")
     assert (await carol.join("outage"))["online"] == ["bob", "carol", "dave"]
+
+
+async def test_a_users_socket_past_the_limit_on_either_process_closes_with_1013(
+    server_a, server_b, open_client
+):
+    from django.conf import settings
+
+    limit = settings.CHAT_MAX_CONNECTIONS_PER_USER
+    _, key = await user_with_key("many")
+    for i in range(limit):
+        await open_client(server_a if i % 2 else server_b, key, f"socket {i}")
+    for server in (server_a, server_b):
+        websocket = await asyncio.wait_for(
+            connect(f"{server.ws_url}?token={key}", close_timeout=2), TIMEOUT
+        )
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(websocket.recv(), TIMEOUT)
+        assert (websocket.close_code, websocket.close_reason) == (
+            1013,
+            f"too many connections: at most {limit} per user",
+        )
