@@ -126,6 +126,13 @@ class MembershipAdmin(admin.ModelAdmin):
     autocomplete_fields = ["room", "user"]
     list_select_related = ["room", "user"]
 
+    def delete_model(self, request, obj):
+        services.membership_remove(membership=obj, actor=request.user)
+
+    def delete_queryset(self, request, queryset):
+        for membership in queryset.select_related("room", "user"):
+            services.membership_remove(membership=membership, actor=request.user)
+
 
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
@@ -335,7 +342,19 @@ if admin.site.is_registered(User):
 class ChatUserAdmin(UserAdmin):
     """Django's user admin, with the chat's account-wide actions."""
 
-    actions = ["sign_out_everywhere", "revoke_all_tokens"]
+    actions = ["sign_out_everywhere", "revoke_all_tokens", "deactivate"]
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        if change and "is_active" in form.changed_data and not obj.is_active:
+            services.user_deactivate(user=obj, actor=request.user)
+
+    @admin.action(description="Deactivate (their sockets close)")
+    def deactivate(self, request, queryset):
+        for user in queryset.filter(is_active=True):
+            services.user_deactivate(user=user, actor=request.user)
+            self.log_change(request, user, "Deactivated.")
+        self.message_user(request, "Deactivated the selected users.")
 
     @admin.action(description="Sign out of all sessions (their sockets close)")
     def sign_out_everywhere(self, request, queryset):

@@ -271,6 +271,8 @@ class ModerationAction(models.Model):
         TOKEN_REVOKE = "token_revoke", "Token revoked"
         SIGN_OUT = "sign_out", "Signed out everywhere"
         DISCONNECT = "disconnect", "Connection closed"
+        MEMBERSHIP_REMOVE = "membership_remove", "Removed from a room"
+        DEACTIVATE = "deactivate", "Account deactivated"
 
     kind = models.CharField(max_length=20, choices=Kind.choices)
     actor = models.ForeignKey(

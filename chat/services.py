@@ -682,6 +682,37 @@ def user_sign_out_everywhere(*, user: User, actor: User | None = None) -> int:
     return len(doomed)
 
 
+def membership_remove(*, membership: Membership, actor: User | None = None) -> None:
+    """End a membership; in a private room the user's sockets there get ``removed``.
+
+    A public room stays open to them (they may join again); a private one is
+    closed to them at once, on every process.
+    """
+    room = membership.room
+    with transaction.atomic():
+        membership.delete()
+        _record(
+            Kind.MEMBERSHIP_REMOVE, actor=actor, target_user=membership.user, room=room
+        )
+        if room.is_private:
+            order: fanout.RemoveOrder = {
+                "action": "remove",
+                "room": room.slug,
+                "reason": "you are no longer a member of the room",
+            }
+            _emit(_order([fanout.user_group(membership.user_id)], order))
+
+
+def user_deactivate(*, user: User, actor: User | None = None) -> User:
+    """Deactivate an account: its sockets close with 4403, and it cannot sign in."""
+    with transaction.atomic():
+        type(user).objects.filter(pk=user.pk).update(is_active=False)
+        user.is_active = False
+        _record(Kind.DEACTIVATE, actor=actor, target_user=user)
+        _emit(_close_sockets(user.pk, "account deactivated"))
+    return user
+
+
 def connection_disconnect(
     *, connection_id: str, actor: User | None = None, reason: str = ""
 ) -> None:

@@ -9,7 +9,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from chat import selectors, services
-from chat.models import ApiToken
+from chat.models import ApiToken, Membership, ModerationAction
 
 # ApiToken.new_key: the prefix, then 32 random bytes in URL-safe base64.
 TOKEN_KEY = re.compile(r"cs_[A-Za-z0-9_-]{43}")
@@ -140,3 +140,38 @@ def test_admin_refuses_a_room_with_a_direct_room_slug(staff_client):
     assert response.context["adminform"].form.errors["slug"] == [
         "Slugs starting with “dm-” are kept for direct conversations."
     ]
+
+
+def test_deleting_a_membership_in_the_admin_goes_through_the_service(
+    staff_client, make_user
+):
+    bob = make_user("bob")
+    staff = services.room_create(slug="staff", title="Staff", is_private=True)
+    membership = services.membership_add(room=staff, user=bob)
+    url = reverse("admin:chat_membership_changelist")
+    staff_client.post(
+        url,
+        {
+            "action": "delete_selected",
+            "_selected_action": [membership.pk],
+            "post": "yes",
+        },
+        follow=True,
+    )
+    assert Membership.objects.filter(pk=membership.pk).count() == 0
+    assert list(
+        ModerationAction.objects.values_list("kind", "actor__username", "room__slug")
+    ) == [("membership_remove", "root", "staff")]
+
+
+def test_deactivating_in_the_admin_goes_through_the_service(staff_client, make_user):
+    bob = make_user("bob")
+    url = reverse("admin:auth_user_changelist")
+    staff_client.post(
+        url, {"action": "deactivate", "_selected_action": [bob.pk]}, follow=True
+    )
+    bob.refresh_from_db()
+    assert bob.is_active is False
+    assert list(
+        ModerationAction.objects.values_list("kind", "actor__username", "target_user")
+    ) == [("deactivate", "root", bob.pk)]

@@ -505,6 +505,59 @@ def test_connection_disconnect_closes_that_socket_on_its_process(
     ]
 
 
+@pytest.mark.django_db
+def test_membership_remove_takes_the_users_sockets_out_of_a_private_room(
+    alice, bob, django_capture_on_commit_callbacks
+):
+    staff = services.room_create(slug="staff", title="Staff", is_private=True)
+    membership = services.membership_add(room=staff, user=bob)
+    with django_capture_on_commit_callbacks() as callbacks:
+        services.membership_remove(membership=membership, actor=alice)
+    order = {
+        "action": "remove",
+        "room": "staff",
+        "reason": "you are no longer a member of the room",
+    }
+    assert emitted(callbacks) == [[delivery([f"user.{bob.pk}"], order=order)]]
+    assert (
+        list(Membership.objects.filter(room=staff).values_list("user__username")) == []
+    )
+    assert list(
+        ModerationAction.objects.values_list("kind", "actor", "target_user", "room")
+    ) == [("membership_remove", alice.pk, bob.pk, staff.pk)]
+
+
+@pytest.mark.django_db
+def test_membership_remove_of_a_public_room_sends_nothing(
+    bob, lobby, django_capture_on_commit_callbacks
+):
+    membership = services.membership_add(room=lobby, user=bob)
+    with django_capture_on_commit_callbacks() as callbacks:
+        services.membership_remove(membership=membership)
+    assert callbacks == []
+    assert Membership.objects.filter(room=lobby, user=bob).count() == 0
+
+
+@pytest.mark.django_db
+def test_user_deactivate_closes_every_socket_of_the_user(
+    alice, bob, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks() as callbacks:
+        services.user_deactivate(user=bob, actor=alice)
+    order = close_order("account deactivated")
+    assert emitted(callbacks) == [[delivery([f"user.{bob.pk}"], order=order)]]
+    bob.refresh_from_db()
+    assert bob.is_active is False
+
+
+def _membership_remove(world):
+    services.membership_remove(membership=world["staff_membership"])
+
+
+def _deactivate(world):
+    services.user_deactivate(user=world["bob"])
+
+
 def _send(world):
     services.message_create(
         room=world["lobby"], author=world["alice"], body="x", client_msg_id="new"
@@ -587,6 +640,10 @@ def world(alice, bob, lobby):
         "message": message,
         "token": services.api_token_create(user=bob)[0],
         "ban": services.room_ban(user=bob, room=lobby, reason="spam"),
+        "staff_membership": services.membership_add(
+            room=services.room_create(slug="staff", title="Staff", is_private=True),
+            user=bob,
+        ),
     }
 
 
@@ -607,6 +664,8 @@ def world(alice, bob, lobby):
         _room_close,
         _sign_out,
         _disconnect,
+        _membership_remove,
+        _deactivate,
     ],
     ids=lambda action: action.__name__.strip("_"),
 )
@@ -865,3 +924,60 @@ async def test_ban_recorded_after_the_fact_closes_nothing_until_made_current(
         ("ban", alice.pk, bob.pk, None, "old news", until),
         ("ban", alice.pk, bob.pk, None, "old news", "changed: no end"),
     ]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_member_removed_from_a_private_room_loses_it_on_the_open_socket(
+    connect, alice, bob
+):
+    staff = await adb(services.room_create)(
+        slug="staff", title="Staff", is_private=True, creator=alice
+    )
+    membership = await adb(services.membership_add)(room=staff, user=bob)
+    socket = await connect(bob)
+    await socket.join("staff")
+
+    await adb(services.membership_remove)(membership=membership, actor=alice)
+
+    assert await socket.recv() == {
+        "type": "removed",
+        "room": "staff",
+        "reason": "you are no longer a member of the room",
+    }
+    assert await socket.request(
+        type="send", room="staff", body="x", client_msg_id="c", ref="s"
+    ) == {
+        "type": "error",
+        "code": "not_joined",
+        "message": "join room 'staff' first",
+        "ref": "s",
+    }
+    private = {
+        "type": "error",
+        "code": "forbidden",
+        "message": "room 'staff' is private",
+    }
+    assert await socket.request(type="join", room="staff", ref="j") == {
+        **private,
+        "ref": "j",
+    }
+    assert await socket.request(type="history", room="staff", ref="h") == {
+        **private,
+        "ref": "h",
+    }
+    assert await adb(Message.objects.count)() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_deactivated_user_s_open_sockets_close_with_4403(connect, alice, bob):
+    socket = await connect(bob)
+
+    await adb(services.user_deactivate)(user=bob, actor=alice)
+
+    assert await closed_with(socket) == {
+        "type": "websocket.close",
+        "code": 4403,
+        "reason": "account deactivated",
+    }
+    refused = await connect(bob)
+    assert refused.connected is False
