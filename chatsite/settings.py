@@ -159,6 +159,9 @@ if REDIS_URL:
                     {
                         "address": REDIS_URL,
                         "retry_on_error": [redis.exceptions.ConnectionError],
+                        # Above the layer's 5 s blocking receive: at redis-py's
+                        # default of 5 s every idle wait timed out and reconnected.
+                        "socket_timeout": 15,
                     }
                 ],
                 "prefix": os.environ.get("CHAT_REDIS_PREFIX", "chat"),

@@ -677,3 +677,18 @@ async def test_a_users_socket_past_the_limit_on_either_process_closes_with_1013(
             1013,
             f"too many connections: at most {limit} per user",
         )
+
+
+async def test_an_idle_process_neither_logs_nor_reconnects_its_layer(
+    server_a, open_client
+):
+    # The layer waits on Redis 5 s at a time; a client timeout at or below that
+    # failed every wait, logged it and reconnected (a message popped at that
+    # instant could be lost). Idle for more than two such waits, no failure.
+    _, key = await user_with_key("idle")
+    client = await open_client(server_a, key, "idle")
+    logged = len(server_a.output())
+    await client.nothing(timeout=12)  # idleness is what is under test
+    assert "fan-out receive failed" not in server_a.output()[logged:]
+    await client.send(type="ping", ref="p")
+    assert await client.recv() == {"type": "pong", "ref": "p"}
