@@ -7,7 +7,10 @@ DJANGO_SECRET_KEY required unless DJANGO_DEBUG is on
 DJANGO_DEBUG      1/true/yes to turn debug on (default off)
 DJANGO_ALLOWED_HOSTS  comma-separated (default: localhost,127.0.0.1,[::1])
 DJANGO_CSRF_TRUSTED_ORIGINS  comma-separated https origins, behind a TLS proxy
-DJANGO_BEHIND_TLS_PROXY  1 to trust X-Forwarded-Proto and use secure cookies
+DJANGO_BEHIND_TLS_PROXY  1 to trust X-Forwarded-Proto, use secure cookies,
+                  redirect plain HTTP (DJANGO_SSL_REDIRECT=0 to stop) and send
+                  HSTS (DJANGO_HSTS_SECONDS, default a year; 0 to stop;
+                  DJANGO_HSTS_INCLUDE_SUBDOMAINS and DJANGO_HSTS_PRELOAD default on)
 DJANGO_CONN_MAX_AGE  seconds a database connection is kept (default 300)
 CHAT_HEARTBEAT    seconds a client may stay silent before it must ping (default 30)
 CHAT_ALLOWED_ORIGINS  comma-separated origins (scheme://host[:port]) a browser
@@ -62,6 +65,12 @@ CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
 if env_bool("DJANGO_BEHIND_TLS_PROXY"):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = True
+    # Served over TLS only: plain HTTP is redirected, and browsers are told to
+    # come back over HTTPS only (HSTS). Both can be turned down.
+    SECURE_SSL_REDIRECT = env_bool("DJANGO_SSL_REDIRECT", True)
+    SECURE_HSTS_SECONDS = int(os.environ.get("DJANGO_HSTS_SECONDS", "31536000"))
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", True)
+    SECURE_HSTS_PRELOAD = env_bool("DJANGO_HSTS_PRELOAD", True)
 
 INSTALLED_APPS = [
     "daphne",
