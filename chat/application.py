@@ -15,7 +15,9 @@ from urllib.parse import parse_qs, urlsplit
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.contrib import auth
-from django.http import HttpRequest
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
+from django.core.exceptions import SuspiciousFileOperation
+from django.http import Http404, HttpRequest
 from django.http.cookie import parse_cookie
 from django.http.request import validate_host
 from django.utils.module_loading import import_string
@@ -187,3 +189,18 @@ class ChatApplication:
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+class StaticFiles(ASGIStaticFilesHandler):
+    """Django's static files handler, as daphne serves ``/static/``.
+
+    A path that climbs out of the static roots (``/static/%2e%2e/…``) makes the
+    finders raise ``SuspiciousFileOperation``, which Django's handler lets
+    through as a 500: it is simply no file of ours, a 404.
+    """
+
+    def serve(self, request: HttpRequest) -> Any:
+        try:
+            return super().serve(request)
+        except SuspiciousFileOperation:
+            raise Http404("no such static file") from None

@@ -10,10 +10,8 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatsite.settings")
 django_asgi_app = get_asgi_application()
 
-from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
-
 from chat import serving  # noqa: E402
-from chat.application import ChatApplication  # noqa: E402
+from chat.application import ChatApplication, StaticFiles  # noqa: E402
 from chat.consumers import ChatConsumer  # noqa: E402
 from chat.policies import tune_gc  # noqa: E402
 
@@ -21,6 +19,6 @@ serving.configure()
 tune_gc()
 
 application = ChatApplication(
-    http=ASGIStaticFilesHandler(django_asgi_app),
+    http=StaticFiles(django_asgi_app),
     websocket=ChatConsumer.as_asgi(),
 )

@@ -290,3 +290,24 @@ async def test_lifted_site_ban_lets_the_user_in(connect, bob):
     socket = await connect(bob)
 
     await assert_let_in(socket, bob)
+
+
+# --- HTTP ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/%2e%2e/chatsite/settings.py",
+        "/static/../chatsite/settings.py",
+        "/static/chat/%2e%2e/%2e%2e/manage.py",
+        "/static/no/such/file.js",
+    ],
+)
+async def test_a_static_path_outside_the_static_files_is_404(path):
+    from channels.testing import HttpCommunicator
+
+    from chatsite.asgi import application
+
+    response = await HttpCommunicator(application, "GET", path).get_response(timeout=5)
+    assert response["status"] == 404
