@@ -136,8 +136,9 @@ async def handshake(scope: Scope) -> Scope | None:
         return None
     if not origin_allowed(scope, by_cookie=token_key is None):
         return None
+    session_key = session_key_from_scope(scope)
     user, token_id = await database_sync_to_async(identify)(
-        token_key=token_key, session_key=session_key_from_scope(scope)
+        token_key=token_key, session_key=session_key
     )
     if user is None:
         return None
@@ -148,6 +149,12 @@ async def handshake(scope: Scope) -> Scope | None:
         "subprotocols": scope.get("subprotocols", []),
         "user": user,
         "token_id": token_id,
+        # Which session opened it, so signing out of that one session closes it.
+        "session": (
+            services.session_fingerprint(session_key)
+            if token_id is None and session_key
+            else None
+        ),
     }
 
 

@@ -70,6 +70,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     connected_at: str
     token_id: int | None
     auth: str  # "token" or "session"
+    session: str | None  # services.session_fingerprint of the session, if any
     device: str | None
     rooms: dict[str, Room]  # slug -> Room this socket joined
     sends_in_flight: set[asyncio.Task[None]]
@@ -115,6 +116,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.connected_at = cast(str, protocol.timestamp(timezone.now()))
         self.token_id = self.scope.get("token_id")
         self.auth = "token" if self.token_id is not None else "session"
+        self.session = self.scope.get("session")
         self.device = self._device_from_query()
         self.rooms = {}
         self.sends_in_flight = set()

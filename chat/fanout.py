@@ -108,6 +108,7 @@ class Match(TypedDict, total=False):
     device: str
     token_id: int
     auth: str
+    session: str
 
 
 # Frames for many groups: (groups, frames) pairs; on the layer, (group, [(type,

@@ -8,6 +8,7 @@ for the async services that store nothing (typing, presence, push).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -659,6 +660,17 @@ def room_reopen(*, room: Room, actor: User | None = None) -> Room:
         room.is_closed = False
         _record(Kind.ROOM_REOPEN, actor=actor, room=room)
     return room
+
+
+def session_fingerprint(session_key: str) -> str:
+    """A short stand-in for a session key that sockets can be matched by."""
+    return hashlib.sha256(session_key.encode()).hexdigest()[:16]
+
+
+def session_sign_out(*, user_id: int, session_key: str) -> None:
+    """Close the sockets opened with one session, now ended (4403)."""
+    match: fanout.Match = {"session": session_fingerprint(session_key)}
+    _emit(_close_sockets(user_id, "signed out", match=match))
 
 
 def user_sign_out_everywhere(*, user: User, actor: User | None = None) -> int:

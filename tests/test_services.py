@@ -550,6 +550,29 @@ def test_user_deactivate_closes_every_socket_of_the_user(
     assert bob.is_active is False
 
 
+@pytest.mark.django_db
+def test_session_sign_out_closes_the_sockets_of_that_session(
+    bob, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks() as callbacks:
+        services.session_sign_out(user_id=bob.pk, session_key="abc123")
+    fingerprint = services.session_fingerprint("abc123")
+    assert fingerprint == "6ca13d52ca70c883"
+    assert emitted(callbacks) == [
+        [
+            delivery(
+                [f"user.{bob.pk}"],
+                order=close_order("signed out"),
+                match={"session": fingerprint},
+            )
+        ]
+    ]
+
+
+def _session_sign_out(world):
+    services.session_sign_out(user_id=world["bob"].pk, session_key="abc123")
+
+
 def _membership_remove(world):
     services.membership_remove(membership=world["staff_membership"])
 
@@ -666,6 +689,7 @@ def world(alice, bob, lobby):
         _disconnect,
         _membership_remove,
         _deactivate,
+        _session_sign_out,
     ],
     ids=lambda action: action.__name__.strip("_"),
 )
@@ -981,3 +1005,31 @@ async def test_a_deactivated_user_s_open_sockets_close_with_4403(connect, alice,
     }
     refused = await connect(bob)
     assert refused.connected is False
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_signing_out_closes_that_sessions_sockets_only(connect, alice):
+    from django.test import Client as HttpClient
+
+    tabs = []
+    for _ in range(2):
+        http = HttpClient()
+        await adb(http.force_login)(alice)
+        cookie = f"sessionid={http.cookies['sessionid'].value}".encode()
+        tabs.append((http, await connect(path="/ws/", headers=browser_headers(cookie))))
+    script = await connect(alice)
+    (signing_out, closing), (_, staying) = tabs
+
+    response = await adb(signing_out.post)("/accounts/logout/")
+
+    assert (response.status_code, response["Location"]) == (302, "/accounts/login/")
+    assert await closed_with(closing) == {
+        "type": "websocket.close",
+        "code": 4403,
+        "reason": "signed out",
+    }
+    for socket in (staying, script):
+        assert await socket.request(type="ping", ref="p") == {
+            "type": "pong",
+            "ref": "p",
+        }
