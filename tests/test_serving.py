@@ -467,3 +467,59 @@ async def test_another_daphne_installed_is_not_patched_and_loses_close_reasons(
         assert await older.closed() == (4409, "")
     finally:
         server.stop()
+
+
+# --- close codes on both paths -------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_frame_over_64_kib_closes_with_1009(daphne, open_socket):
+    _, key = await user_with_key("big")
+    socket = await open_socket(daphne, key)
+    assert (await socket.recv())["type"] == "hello"
+    await socket.websocket.send("x" * (64 * 1024 + 1))
+    assert await socket.closed() == (1009, "")
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_socket_past_the_per_user_limit_closes_with_1013(daphne, open_socket):
+    from django.conf import settings
+
+    limit = settings.CHAT_MAX_CONNECTIONS_PER_USER
+    _, key = await user_with_key("crowd")
+    for _ in range(limit):
+        socket = await open_socket(daphne, key)
+        assert (await socket.recv())["type"] == "hello"
+    extra = await open_socket(daphne, key)
+    assert await extra.closed() == (
+        1013,
+        f"too many connections: at most {limit} per user",
+    )
+
+
+@pytest.fixture(scope="module")
+def quick_daphnes(django_db_setup, django_db_blocker):
+    """Daphne with a one-second heartbeat, fast path on and off."""
+    servers = {}
+    try:
+        for path, flag in (("on", "1"), ("off", "0")):
+            with django_db_blocker.unblock():
+                server = DaphneServer(
+                    heartbeat=1, extra_env={"CHAT_FAST_PATH": flag}, verbosity=0
+                )
+            servers[path] = server.start()
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+@pytest.mark.parametrize("path", ["on", "off"])
+@pytest.mark.django_db(transaction=True)
+async def test_a_silent_socket_closes_with_4408(quick_daphnes, open_socket, path):
+    _, key = await user_with_key("quiet")
+    socket = await open_socket(quick_daphnes[path], key)
+    assert (await socket.recv())["heartbeat"] == 1
+    # Silence for twice the heartbeat is what is under test: the close comes by
+    # itself within the check interval (a third of a heartbeat) after that.
+    assert await socket.closed() == (4408, "nothing received for 2 seconds")
