@@ -70,7 +70,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
     connected_at: str
     token_id: int | None
     auth: str  # "token" or "session"
-    session: str | None  # services.session_fingerprint of the session, if any
+    # services.session_fingerprint of the session that opened it; None (the
+    # class's) for token sockets, which then hold no attribute for it.
+    session: str | None = None
     device: str | None
     rooms: dict[str, Room]  # slug -> Room this socket joined
     sends_in_flight: set[asyncio.Task[None]]
@@ -116,7 +118,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.connected_at = cast(str, protocol.timestamp(timezone.now()))
         self.token_id = self.scope.get("token_id")
         self.auth = "token" if self.token_id is not None else "session"
-        self.session = self.scope.get("session")
+        if self.scope.get("session") is not None:
+            self.session = self.scope["session"]
         self.device = self._device_from_query()
         self.rooms = {}
         self.sends_in_flight = set()
