@@ -22,6 +22,12 @@ CHAT_MAX_CONNECTIONS_PER_USER  live sockets per user across processes (default
                   20; 0 for no limit); the next one is closed with 1013
 CHAT_FAST_PATH    0 to serve every frame through plain ASGI instead of writing
                   prepared frames straight to daphne's sockets (default on)
+CHAT_RATE_LIMIT   frames that read or write the database, per user across sockets
+                  and processes: "N/S" is N frames per S seconds (default
+                  60/10; 0 for no limit); beyond it `rate_limited`, and 1008 for
+                  a client that keeps on
+CHAT_SEND_BUFFER_BYTES  bytes a socket may have waiting to be written before it
+                  is closed with 1008 as too slow a reader (default 1 MiB)
 """
 
 import os
@@ -202,6 +208,10 @@ CHAT_FAST_PATH = env_bool("CHAT_FAST_PATH", True)
 CHAT_MAX_CONNECTIONS_PER_USER = int(
     os.environ.get("CHAT_MAX_CONNECTIONS_PER_USER", "20")
 )
+# Database frames per user across sockets and processes: "N/S", or "0" for none.
+CHAT_RATE_LIMIT = os.environ.get("CHAT_RATE_LIMIT", "60/10")
+# Bytes waiting to be written to one socket before it closes with 1008.
+CHAT_SEND_BUFFER_BYTES = int(os.environ.get("CHAT_SEND_BUFFER_BYTES", str(1 << 20)))
 
 LOGGING = {
     "version": 1,
