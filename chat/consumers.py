@@ -251,6 +251,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await getattr(self, f"on_{frame.type}")(frame)
         except ChatError as exc:
             await self.send_frame(protocol.error_from(exc, ref=ref))
+        except services.DATABASE_OUTAGE_ERRORS as exc:
+            logger.warning(
+                "frame from %s: database unavailable: %s", self.connection_id, exc
+            )
+            outage = services.database_outage_error(exc)
+            assert outage is not None
+            await self.send_frame(protocol.error_from(outage, ref=ref))
         except Exception:
             logger.exception("frame from %s failed", self.connection_id)
             raise  # the socket closes with 1011; __call__ cleans up

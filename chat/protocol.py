@@ -57,6 +57,9 @@ MUTED = "muted"
 RATE_LIMITED = "rate_limited"
 TOO_LARGE = "too_large"
 ROOM_CLOSED = "room_closed"
+# Not in the contract's table (an addition clients may not know): the database is
+# out of reach; nothing was stored; try again after ``retry_after`` seconds.
+UNAVAILABLE = "unavailable"
 
 # Action codes of the binary framing, both directions.
 FRAME_CODES: Final = {

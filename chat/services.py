@@ -16,7 +16,13 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from asgiref.sync import async_to_sync
-from django.db import IntegrityError, connection, transaction
+from django.db import (
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    connection,
+    transaction,
+)
 from django.utils import timezone
 
 from chat import fanout, presence, protocol, selectors
@@ -186,6 +192,23 @@ def direct_room_get_or_create(*, user: User, other: User) -> Room:
     except IntegrityError:
         room = Room.objects.get(slug=slug, is_direct=True)
     return room
+
+
+# What the database raises when it is out of reach (stopped, restarting, the
+# network gone), as opposed to refusing one request.
+DATABASE_OUTAGE_ERRORS = (OperationalError, InterfaceError)
+OUTAGE_RETRY_AFTER = 1.0
+
+
+def database_outage_error(exc: BaseException) -> ChatError | None:
+    """The ``unavailable`` error a client gets for ``exc``, if it is an outage."""
+    if not isinstance(exc, DATABASE_OUTAGE_ERRORS):
+        return None
+    return ChatError(
+        protocol.UNAVAILABLE,
+        "the database is unavailable: nothing was stored; try again",
+        retry_after=OUTAGE_RETRY_AFTER,
+    )
 
 
 @dataclass(frozen=True)

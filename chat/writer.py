@@ -2,7 +2,9 @@
 
 While a batch is being stored, new sends queue up; the next batch takes all of
 them. Nothing is acknowledged before its batch commits, and a lone send is
-stored at once, so this adds no delay, only fewer transactions under load.
+stored at once, so this adds no delay, only fewer transactions under load. A
+send the database refuses fails alone; a database out of reach fails the batch
+as ``unavailable``.
 """
 
 from __future__ import annotations
@@ -59,8 +61,11 @@ class MessageWriter:
             try:
                 results = await store(requests=[request for request, _ in batch])
             except Exception as exc:
-                if len(batch) == 1:
-                    _settle(batch[0][1], exc)
+                if len(batch) == 1 or services.database_outage_error(exc):
+                    # The database is out of reach: every send of the batch is
+                    # refused as unavailable, none retried into the outage.
+                    for _, future in batch:
+                        _settle(future, exc)
                     continue
                 # One request the database refuses must not fail the others:
                 # store them one by one, in order, so it fails alone.
@@ -83,6 +88,8 @@ def _settle(
     """Resolve a send's future, unless its waiter is gone (cancelled)."""
     if future.done():
         return
+    if isinstance(outcome, Exception):
+        outcome = services.database_outage_error(outcome) or outcome
     if isinstance(outcome, Exception) and not isinstance(outcome, ChatError):
         future.set_exception(outcome)
     else:
