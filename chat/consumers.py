@@ -25,6 +25,7 @@ from chat import (
     selectors,
     services,
     serving,
+    throttle,
     writer,
 )
 from chat.protocol import BAD_REQUEST, NOT_JOINED, ChatError
@@ -77,6 +78,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     rooms: dict[str, Room]  # slug -> Room this socket joined
     sends_in_flight: set[asyncio.Task[None]]
     last_seen: float  # time.monotonic() of the last frame received
+    rate_limits: throttle.SocketThrottle
     binary: bool  # chat.v1.bin framing
 
     async def dispatch(self, message: dict[str, Any]) -> None:
@@ -124,6 +126,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.rooms = {}
         self.sends_in_flight = set()
         self.last_seen = time.monotonic()
+        self.rate_limits = throttle.SocketThrottle(user_id=self.user_id)
         subprotocol = choose_subprotocol(self.scope.get("subprotocols", []))
         self.binary = subprotocol == protocol.SUBPROTOCOL_BINARY
         await self.accept(subprotocol)
@@ -248,9 +251,16 @@ class ChatConsumer(AsyncWebsocketConsumer):
         try:
             frame = self._parse(text_data, bytes_data)
             ref = frame.ref
+            await self.rate_limits.check(frame.type)
             await getattr(self, f"on_{frame.type}")(frame)
         except ChatError as exc:
             await self.send_frame(protocol.error_from(exc, ref=ref))
+            if self.rate_limits.exhausted:
+                await self.close_with(
+                    protocol.CLOSE_POLICY,
+                    f"rate limit: {throttle.STRIKES_BEFORE_CLOSE} frames refused "
+                    "in a row",
+                )
         except services.DATABASE_OUTAGE_ERRORS as exc:
             logger.warning(
                 "frame from %s: database unavailable: %s", self.connection_id, exc

@@ -4,7 +4,7 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
 from django.db import connections
 
-from chat import fanout, policies, presence, services
+from chat import fanout, policies, presence, services, throttle
 from chatsite.asgi import application
 
 
@@ -16,6 +16,7 @@ async def fresh_hub():
     await policies.stop_idle_watch()
     await fanout.stop_hub()
     await presence.reset_store()
+    await throttle.reset()
     from channels.layers import channel_layers
 
     channel_layers.backends.clear()

@@ -1,0 +1,191 @@
+"""Rate limits on the frames a client sends.
+
+- Frames that read or write the database (``join``, ``leave``, ``send``,
+  ``history``, ``edit``, ``delete``, ``read``, ``dm``) count against
+  ``CHAT_RATE_LIMIT`` ("N/S": N frames per S seconds, a moving window), per user
+  across all their sockets and server processes. The count lives in Redis when
+  ``REDIS_URL`` is set (the ``limits`` library's storage: one round trip per
+  frame), else in the process. ``"0"`` turns it off: no round trip at all.
+- ``ping`` and ``typing`` cost the server nothing stored: they get a cheap cap
+  of their own per socket, counted in the process (``CHEAP_RATE``).
+
+A refused frame is answered ``rate_limited`` with ``retry_after``; until then
+the socket's further frames are refused without asking Redis. A socket refused
+``STRIKES_BEFORE_CLOSE`` times in a row is closed with 1008. A Redis outage
+lets frames through (logged once a minute): chat goes on unmetered rather than
+stopping.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from limits import RateLimitItemPerSecond
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.errors import StorageError
+
+from chat import protocol
+from chat.loops import PerLoop
+from chat.protocol import ChatError
+
+logger = logging.getLogger(__name__)
+
+DATABASE_FRAMES = frozenset(
+    {"join", "leave", "send", "history", "edit", "delete", "read", "dm"}
+)
+CHEAP_FRAMES = frozenset({"ping", "typing"})
+STRIKES_BEFORE_CLOSE = 10
+# Seconds Redis may take to answer a count before the frame goes through.
+REDIS_TIMEOUT = 2.0
+OUTAGE_LOG_INTERVAL = 60.0
+
+
+@dataclass(frozen=True)
+class Rate:
+    count: int
+    seconds: int
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.seconds}"
+
+
+# ping and typing, per socket: far above a client's heartbeat pings and a
+# typist's typing notices (the web client sends one every 3 s at most).
+CHEAP_RATE = Rate(30, 10)
+
+
+def parse_rate(text: str) -> Rate | None:
+    """The ``Rate`` of a setting such as ``"20/10"``; None for ``"0"`` (off)."""
+    text = text.strip()
+    if text in {"", "0"}:
+        return None
+    count, slash, seconds = text.partition("/")
+    try:
+        rate = Rate(int(count), int(seconds) if slash else 1)
+    except ValueError:
+        rate = None
+    if rate is None or rate.count < 1 or rate.seconds < 1:
+        raise ImproperlyConfigured(
+            f'CHAT_RATE_LIMIT must be "N/S" (N frames per S seconds) or "0", '
+            f"not {text!r}"
+        )
+    return rate
+
+
+def _storage_new() -> Storage:
+    if settings.REDIS_URL:
+        return RedisStorage(
+            f"async+{settings.REDIS_URL}",
+            implementation="redispy",
+            key_prefix=f"{settings.CHAT_REDIS_PREFIX}:limits",
+            wrap_exceptions=True,
+            socket_timeout=REDIS_TIMEOUT,
+            socket_connect_timeout=REDIS_TIMEOUT,
+        )
+    return MemoryStorage()
+
+
+_limiters: PerLoop[MovingWindowRateLimiter] = PerLoop(
+    lambda: MovingWindowRateLimiter(_storage_new())
+)
+_last_outage_log = -math.inf
+
+
+async def reset() -> None:
+    """Forget the running loop's counts and close its Redis client (tests)."""
+    limiter = _limiters.pop()
+    if limiter is not None and isinstance(limiter.storage, RedisStorage):
+        await limiter.storage.bridge.get_connection().aclose()
+
+
+def rate_limited(retry_after: float) -> ChatError:
+    return ChatError(
+        protocol.RATE_LIMITED,
+        f"too many frames: try again in {retry_after:g} s",
+        retry_after=retry_after,
+    )
+
+
+async def user_refusal(
+    *, user_id: int, rate: Rate, now: float | None = None
+) -> float | None:
+    """Seconds until ``user_id`` may send a database frame again, or None: go."""
+    item = RateLimitItemPerSecond(rate.count, rate.seconds)
+    limiter = _limiters.get()
+    key = str(user_id)
+    try:
+        if await limiter.hit(item, "frames", key):
+            return None
+        stats = await limiter.get_window_stats(item, "frames", key)
+    except StorageError as exc:
+        _log_outage(exc)
+        return None
+    now = time.time() if now is None else now
+    # At least a tenth of a second: retry_after is always a number > 0.
+    return max(round(stats.reset_time - now, 1), 0.1)
+
+
+def _log_outage(exc: Exception) -> None:
+    global _last_outage_log
+    if time.monotonic() - _last_outage_log >= OUTAGE_LOG_INTERVAL:
+        _last_outage_log = time.monotonic()
+        logger.warning("rate limit storage unavailable, frames go unmetered: %s", exc)
+
+
+class SocketWindow:
+    """A fixed-window count of one socket's cheap frames, kept in the process."""
+
+    def __init__(self, rate: Rate) -> None:
+        self.rate = rate
+        self.started = -math.inf
+        self.count = 0
+
+    def refusal(self, now: float) -> float | None:
+        if now - self.started >= self.rate.seconds:
+            self.started, self.count = now, 0
+        if self.count < self.rate.count:
+            self.count += 1
+            return None
+        return max(round(self.started + self.rate.seconds - now, 1), 0.1)
+
+
+class SocketThrottle:
+    """The rate limits one socket's frames meet; ``check`` is called per frame."""
+
+    def __init__(self, *, user_id: int) -> None:
+        self.user_id = user_id
+        self.rate = parse_rate(settings.CHAT_RATE_LIMIT)
+        self.cheap = SocketWindow(CHEAP_RATE)
+        # time.monotonic() before which database frames are refused locally.
+        self.blocked_until = -math.inf
+        self.strikes = 0  # refusals in a row
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether the client kept sending through enough refusals to be closed."""
+        return self.strikes >= STRIKES_BEFORE_CLOSE
+
+    async def check(self, frame_type: str) -> None:
+        """Raise ``rate_limited`` if a frame of ``frame_type`` is over a limit."""
+        now = time.monotonic()
+        retry_after: float | None = None
+        if frame_type in CHEAP_FRAMES:
+            retry_after = self.cheap.refusal(now)
+        elif self.rate is not None and frame_type in DATABASE_FRAMES:
+            if now < self.blocked_until:
+                retry_after = max(round(self.blocked_until - now, 1), 0.1)
+            else:
+                retry_after = await user_refusal(user_id=self.user_id, rate=self.rate)
+                if retry_after is not None:
+                    self.blocked_until = now + retry_after
+        if retry_after is None:
+            self.strikes = 0
+            return
+        self.strikes += 1
+        raise rate_limited(retry_after)
