@@ -274,3 +274,19 @@ async def test_the_limit_is_shared_by_a_users_sockets_on_every_process(
     finally:
         for server in servers:
             server.stop()
+
+
+async def test_frames_go_unmetered_while_the_rate_limit_storage_is_down(
+    settings, caplog, monkeypatch
+):
+    from tests.ports import free_port
+
+    monkeypatch.setattr(throttle, "_last_outage_log", float("-inf"))
+    settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens
+    await throttle.reset()
+    rate = Rate(1, 10)
+    answers = [await throttle.user_refusal(user_id=1, rate=rate) for _ in range(3)]
+    assert answers == [None, None, None]
+    outage_lines = [r for r in caplog.records if "unmetered" in r.getMessage()]
+    assert len(outage_lines) == 1  # once a minute at most
+    await throttle.reset()
