@@ -61,6 +61,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
     hub: fanout.Hub | None = None
     # The daphne socket frames are written to directly (see chat.serving).
     wire: WebSocketServerProtocol | None = None
+    # Frames the client has not read yet, under daphne (see chat.serving).
+    send_buffer: serving.SendBuffer | None = None
+    # Writing out what waits in send_buffer, once the client reads again.
+    draining: asyncio.Task[None] | None = None
     closing = False
 
     # Set by connect().
@@ -139,6 +143,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.wire = serving.daphne_wire(self.base_send)
         if self.wire is not None:
             serving.release_handshake(self.wire)
+        socket = serving.daphne_socket(self.base_send)
+        if socket is not None and settings.CHAT_SEND_BUFFER_BYTES:
+            self.send_buffer = serving.SendBuffer(
+                socket,
+                limit=settings.CHAT_SEND_BUFFER_BYTES,
+                resume=self._resume_sending,
+            )
         self.hub = await fanout.get_hub()
         presence.start_keeper(self.hub)
         policies.start_idle_watch(self.hub)
@@ -289,18 +300,55 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self.deliver(protocol.encode(frame))
 
     async def deliver(self, encoded: protocol.Encoded) -> None:
-        """Write an already-encoded frame to this socket (the hub calls this)."""
+        """Write an already-encoded frame to this socket (the hub calls this).
+
+        When the client reads too slowly for Twisted, the frame waits in the
+        send buffer; past ``CHAT_SEND_BUFFER_BYTES`` the socket closes with 1008.
+        """
         if self.closing:
             return
+        buffer = self.send_buffer
+        if buffer is not None and (buffer.paused or buffer.frames):
+            if not buffer.hold(encoded, serving.frame_size(encoded, self.binary)):
+                await self._close_slow_reader(buffer)
+            return
+        await self._write(encoded)
+
+    async def _write(self, encoded: protocol.Encoded) -> None:
         wire = self.wire
         if wire is not None:
             if wire.state == wire.STATE_OPEN:
                 serving.write_prepared(wire, serving.prepared(encoded, self.binary))
-            return
-        if self.binary:
+        elif self.binary:
             await self.send(bytes_data=encoded.binary)
         else:
             await self.send(text_data=encoded.text)
+
+    def _resume_sending(self) -> None:
+        # Twisted calls this, in the loop's thread, when the client has read.
+        if self.draining is None or self.draining.done():
+            self.draining = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        buffer = self.send_buffer
+        while buffer is not None and not self.closing:
+            encoded = buffer.take()
+            if encoded is None:
+                return
+            await self._write(encoded)
+
+    async def _close_slow_reader(self, buffer: serving.SendBuffer) -> None:
+        waiting = buffer.waiting
+        buffer.release()
+        logger.info(
+            "closing %s with 1008: %d bytes waiting for the client to read",
+            self.connection_id,
+            waiting,
+        )
+        await self.close_with(
+            protocol.CLOSE_POLICY,
+            "too slow: more than CHAT_SEND_BUFFER_BYTES waiting to be read",
+        )
 
     def joined_room_ids(self) -> list[int]:
         return [room.pk for room in self.rooms.values()]

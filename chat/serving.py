@@ -4,20 +4,28 @@
   written straight to each socket (``daphne_wire``, ``prepared``,
   ``write_prepared``); an open socket lets go of its handshake
   (``release_handshake``).
+- Back-pressure: a ``SendBuffer`` per socket, registered as the transport's
+  streaming producer, holds the frames the client is not reading fast enough
+  and tells when they pass ``CHAT_SEND_BUFFER_BYTES``; on both paths.
 - Daphne 4.2 drops the reason of ``websocket.close`` and refuses close codes
   other than 1000 and 3000-4999 (1001 included); ``patch_daphne_close`` makes
   it send any code with its reason.
 
 Both are written for the versions in ``WRITTEN_FOR``, the ones the lock pins.
 ``configure`` (chatsite.asgi calls it) checks them once: on other versions the
-fast path is off and daphne's close is left alone, with a warning. The setting
-``CHAT_FAST_PATH`` (off: ``CHAT_FAST_PATH=0``) turns the fast path off too.
+fast path and the send buffer are off and daphne's close is left alone, with a
+warning. The setting ``CHAT_FAST_PATH`` (off: ``CHAT_FAST_PATH=0``) turns the
+fast path off too; the send buffer stays.
 """
 
+import collections
 import functools
 import logging
 from dataclasses import dataclass
 from importlib import metadata
+
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer  # type: ignore[import-untyped]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +46,8 @@ class Decision:
 
     fast_path: bool
     close_patch: bool
+    # The versions are the ones written for: a socket's transport can be reached.
+    internals: bool
     summary: str  # the INFO line: which path is in use and why
     warning: str | None = None
 
@@ -88,17 +98,22 @@ def decide(*, enabled: bool, installed: dict[str, str | None]) -> Decision:
     return Decision(
         fast_path=enabled and not differences,
         close_patch=not close_differences,
+        internals=not differences,
         summary=summary,
-        warning=_warning(differences if enabled else [], close_differences),
+        warning=_warning(enabled, differences, close_differences),
     )
 
 
-def _warning(fast_path_differences, close_differences):
+def _warning(enabled, differences, close_differences):
     """What a version mismatch costs and its fix; None when it costs nothing."""
     lost, fix = [], "install the lock: pip install -r requirements.txt"
-    if fast_path_differences:
+    if differences and enabled:
         lost.append("the fast path is off (every frame goes through plain ASGI)")
         fix += ", or set CHAT_FAST_PATH=0 to accept the plain path"
+    if differences:
+        lost.append(
+            "slow readers are not cut off (CHAT_SEND_BUFFER_BYTES is not applied)"
+        )
     if close_differences:
         lost.append(
             "daphne's close is not patched (close codes other than 1000 and "
@@ -106,11 +121,10 @@ def _warning(fast_path_differences, close_differences):
         )
     if not lost:
         return None
-    # With CHAT_FAST_PATH=0 a version only the fast path depends on is no concern.
-    named = fast_path_differences or close_differences
     return (
-        f"Not the versions chat.serving was written for ({'; '.join(named)}): "
-        f"{' and '.join(lost)}. To fix, {fix}."
+        f"Not the versions chat.serving was written for ({'; '.join(differences)}): "
+        f"{', '.join(lost[:-1]) + ' and ' if len(lost) > 1 else ''}{lost[-1]}. "
+        f"To fix, {fix}."
     )
 
 
@@ -161,20 +175,128 @@ def patch_daphne_close():
     WebSocketProtocol._chat_close_patched = True
 
 
-def daphne_wire(send):
+def daphne_socket(send):
     """The autobahn protocol behind an ASGI ``send`` under daphne, else None.
 
-    Writing a frame prepared once straight to it skips, per socket, daphne's
-    message checks, the UTF-8 encoding and the frame header building. None
-    too when the fast path is off: the consumer then sends through ASGI.
+    None too on versions the internals were not read in.
     """
-    if not fast_path_on():
+    if _decision is None or not _decision.internals:
         return None
     if isinstance(send, functools.partial) and send.args:
         owner = getattr(send.func, "__self__", None)
         if type(owner).__module__ == "daphne.server":
             return send.args[0]
     return None
+
+
+def daphne_wire(send):
+    """The daphne socket to write prepared frames to (the fast path), else None.
+
+    Writing a frame prepared once straight to it skips, per socket, daphne's
+    message checks, the UTF-8 encoding and the frame header building. None
+    when the fast path is off: the consumer then sends through ASGI.
+    """
+    return daphne_socket(send) if fast_path_on() else None
+
+
+def transport_waiting(transport):
+    """Bytes Twisted holds for ``transport``, not yet handed to the kernel."""
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+@implementer(IPushProducer)
+class SendBuffer:
+    """The frames of one daphne socket that wait for its client to read them.
+
+    Twisted's producer/consumer back-pressure: registered as the transport's
+    streaming producer, it is paused when Twisted holds more than 64 KiB for the
+    socket, and resumed once that is written. While paused, or while frames
+    wait, the consumer ``hold``s new frames here instead of writing them;
+    ``resume`` (the consumer's) writes them out again. ``waiting`` counts what
+    waits here and in Twisted: past ``limit`` the client is too slow a reader.
+    A new frame waits here while ``paused`` or ``frames`` (behind the others).
+    """
+
+    __slots__ = ("wire", "transport", "limit", "resume", "frames", "size", "paused")
+
+    # Seconds a closed slow reader has to read what Twisted still holds and the
+    # close frame before the connection is dropped (autobahn's default: 1).
+    CLOSE_GRACE_SECONDS = 5
+
+    def __init__(self, wire, *, limit, resume):
+        self.wire = wire
+        self.transport = wire.transport
+        self.limit = limit
+        self.resume = resume  # called, with no argument, when writing may go on
+        self.frames = None  # a deque once a frame waits: most sockets never do
+        self.size = 0
+        self.paused = False
+        # Twisted pauses its producer past bufferSize (64 KiB): below half the
+        # limit, so that frames wait here, counted, before the limit is near.
+        if limit < 2 * self.transport.bufferSize:
+            self.transport.bufferSize = max(limit // 2, 1)
+        if self.transport.producer is not None:
+            # Daphne's HTTP channel, which did the upgrade; not ours to keep.
+            self.transport.unregisterProducer()
+        self.transport.registerProducer(self, True)
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+        if self.frames:
+            self.resume()
+
+    def stopProducing(self):
+        """The connection is gone: let go of everything waiting."""
+        self.clear()
+        self.resume = _nothing
+
+    @property
+    def waiting(self):
+        return self.size + transport_waiting(self.transport)
+
+    def hold(self, frame, size):
+        """Keep ``frame`` of ``size`` bytes to write later; False past the limit."""
+        if self.waiting + size > self.limit:
+            return False
+        if self.frames is None:
+            self.frames = collections.deque()
+        self.frames.append((frame, size))
+        self.size += size
+        return True
+
+    def take(self):
+        """The next frame to write now, or None (none waits, or Twisted is full)."""
+        if self.paused or not self.frames:
+            return None
+        frame, size = self.frames.popleft()
+        self.size -= size
+        return frame
+
+    def clear(self):
+        self.frames = None
+        self.size = 0
+
+    def release(self):
+        """Let go of the waiting frames before a close; the rest goes with it.
+
+        Twisted keeps what it holds (at most half the limit and a frame) until
+        the client reads it and the close frame, or the grace runs out and the
+        connection is dropped.
+        """
+        self.clear()
+        self.wire.closeHandshakeTimeout = self.CLOSE_GRACE_SECONDS
+
+
+def _nothing():
+    pass
+
+
+def frame_size(encoded, binary):
+    """The bytes on the wire of an encoded frame (header included)."""
+    return len(prepared(encoded, binary).payloadHybi)
 
 
 # What daphne and autobahn keep of the HTTP upgrade request for a socket's whole

@@ -44,14 +44,22 @@ def test_the_lock_pins_the_versions_the_fast_path_was_written_for():
 def test_the_written_for_versions_turn_the_fast_path_and_the_close_patch_on():
     decision = serving.decide(enabled=True, installed=WRITTEN_FOR)
     assert decision == serving.Decision(
-        fast_path=True, close_patch=True, summary=FAST_PATH_ON, warning=None
+        fast_path=True,
+        close_patch=True,
+        internals=True,
+        summary=FAST_PATH_ON,
+        warning=None,
     )
 
 
 def test_chat_fast_path_0_turns_the_fast_path_off_and_keeps_the_close_patch():
     decision = serving.decide(enabled=False, installed=WRITTEN_FOR)
     assert decision == serving.Decision(
-        fast_path=False, close_patch=True, summary=FAST_PATH_OFF, warning=None
+        fast_path=False,
+        close_patch=True,
+        internals=True,
+        summary=FAST_PATH_OFF,
+        warning=None,
     )
 
 
@@ -61,21 +69,30 @@ def test_another_twisted_turns_the_fast_path_off_with_a_warning_naming_the_fix()
     assert decision == serving.Decision(
         fast_path=False,
         close_patch=True,
+        internals=False,
         summary="fast path off: twisted 25.5.0 installed, written for 26.10.0",
         warning=(
             "Not the versions chat.serving was written for (twisted 25.5.0 "
             "installed, written for 26.10.0): the fast path is off (every frame "
-            "goes through plain ASGI). To fix, install the lock: pip install -r "
-            "requirements.txt, or set CHAT_FAST_PATH=0 to accept the plain path."
+            "goes through plain ASGI) and slow readers are not cut off "
+            "(CHAT_SEND_BUFFER_BYTES is not applied). To fix, install the lock: "
+            "pip install -r requirements.txt, or set CHAT_FAST_PATH=0 to accept the "
+            "plain path."
         ),
     )
 
 
-def test_with_chat_fast_path_0_another_twisted_is_no_concern():
+def test_with_chat_fast_path_0_another_twisted_costs_the_send_buffer_only():
     installed = {**WRITTEN_FOR, "twisted": "25.5.0", "txaio": None}
     decision = serving.decide(enabled=False, installed=installed)
     assert (decision.fast_path, decision.close_patch) == (False, True)
-    assert (decision.summary, decision.warning) == (FAST_PATH_OFF, None)
+    assert decision.summary == FAST_PATH_OFF
+    assert decision.warning == (
+        "Not the versions chat.serving was written for (twisted 25.5.0 installed, "
+        "written for 26.10.0; txaio not installed, written for 26.6.1): slow "
+        "readers are not cut off (CHAT_SEND_BUFFER_BYTES is not applied). To fix, "
+        "install the lock: pip install -r requirements.txt."
+    )
 
 
 def test_another_daphne_leaves_its_close_alone_and_says_what_is_lost():
@@ -88,10 +105,12 @@ def test_another_daphne_leaves_its_close_alone_and_says_what_is_lost():
     assert decision == serving.Decision(
         fast_path=False,
         close_patch=False,
+        internals=False,
         summary=f"fast path off: {differences}",
         warning=(
             f"Not the versions chat.serving was written for ({differences}): the "
-            "fast path is off (every frame goes through plain ASGI) and daphne's "
+            "fast path is off (every frame goes through plain ASGI), slow readers "
+            "are not cut off (CHAT_SEND_BUFFER_BYTES is not applied) and daphne's "
             "close is not patched (close codes other than 1000 and 3000-4999, and "
             "close reasons, may be lost). To fix, install the lock: pip install -r "
             "requirements.txt, or set CHAT_FAST_PATH=0 to accept the plain path."
@@ -104,12 +123,14 @@ def test_with_chat_fast_path_0_another_autobahn_still_warns_of_the_close():
     decision = serving.decide(enabled=False, installed=installed)
     assert (decision.fast_path, decision.close_patch) == (False, False)
     assert decision.summary == FAST_PATH_OFF
-    # Only what matters with the fast path off is named: autobahn, not twisted.
+    # The fast path is not named: it is off anyway.
     assert decision.warning == (
         "Not the versions chat.serving was written for (autobahn 27.1.0 installed, "
-        "written for 26.11.1): daphne's close is not patched (close codes other "
-        "than 1000 and 3000-4999, and close reasons, may be lost). To fix, install "
-        "the lock: pip install -r requirements.txt."
+        "written for 26.11.1; twisted 25.5.0 installed, written for 26.10.0): slow "
+        "readers are not cut off (CHAT_SEND_BUFFER_BYTES is not applied) and "
+        "daphne's close is not patched (close codes other than 1000 and 3000-4999, "
+        "and close reasons, may be lost). To fix, install the lock: pip install -r "
+        "requirements.txt."
     )
 
 
