@@ -89,8 +89,17 @@ class RedisServer:
 class DaphneServer:
     """``daphne chatsite.asgi:application`` in a process of its own."""
 
-    def __init__(self, *, redis_url=None, heartbeat=30, extra_env=None, verbosity=1):
+    def __init__(
+        self,
+        *,
+        redis_url=None,
+        heartbeat=30,
+        extra_env=None,
+        verbosity=1,
+        application="chatsite.asgi:application",
+    ):
         self.port = free_port()
+        self.application = application
         # 0 drops the access log (a line per socket) and keeps warnings, errors.
         self.verbosity = verbosity
         self.env = {
@@ -132,7 +141,7 @@ class DaphneServer:
                 str(self.port),
                 "--verbosity",
                 str(self.verbosity),
-                "chatsite.asgi:application",
+                self.application,
             ],
             cwd=ROOT,
             env=self.env,
