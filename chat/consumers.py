@@ -281,7 +281,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.send_frame(protocol.error_from(outage, ref=ref))
         except Exception:
             logger.exception("frame from %s failed", self.connection_id)
-            raise  # the socket closes with 1011; __call__ cleans up
+            await self.close_with(protocol.CLOSE_SERVER_ERROR, "server error")
+            raise  # __call__ cleans up
 
     def _parse(
         self, text_data: str | None, bytes_data: bytes | None

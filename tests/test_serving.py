@@ -20,7 +20,13 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from chat import protocol, serving
-from tests.servers import ROOT, DaphneServer, shadow_distribution
+from tests.servers import (
+    ROOT,
+    DaphneServer,
+    RedisServer,
+    shadow_distribution,
+    this_process_uses_redis,
+)
 from tests.test_multiprocess import room_create, stored_message, user_with_key
 
 TIMEOUT = 5  # seconds to wait for what should come
@@ -544,3 +550,106 @@ async def test_a_silent_socket_closes_with_4408(quick_daphnes, open_socket, path
     # Silence for twice the heartbeat is what is under test: the close comes by
     # itself within the check interval (a third of a heartbeat) after that.
     assert await socket.closed() == (4408, "nothing received for 2 seconds")
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_flood_through_rate_limited_closes_with_1008(daphne, open_socket):
+    from django.conf import settings
+
+    from chat.throttle import STRIKES_BEFORE_CLOSE, parse_rate
+
+    allowed = parse_rate(settings.CHAT_RATE_LIMIT).count
+    _, key = await user_with_key("flood")
+    await room_create("torrent")
+    socket = await open_socket(daphne, key)
+    assert (await socket.recv())["type"] == "hello"
+    for i in range(allowed + STRIKES_BEFORE_CLOSE):
+        await socket.send(type="history", room="torrent", ref=str(i))
+    replies = [await socket.recv() for _ in range(allowed + STRIKES_BEFORE_CLOSE)]
+    assert [reply.get("code", reply["type"]) for reply in replies] == (
+        ["history"] * allowed + ["rate_limited"] * STRIKES_BEFORE_CLOSE
+    )
+    assert await socket.closed() == (1008, "rate limit: 10 frames refused in a row")
+
+
+@pytest.fixture(scope="module")
+def faulty_daphnes(django_db_setup, django_db_blocker):
+    """Daphne serving tests.faults.asgi (a history of room boom raises)."""
+    servers = {}
+    try:
+        for path, flag in (("on", "1"), ("off", "0")):
+            with django_db_blocker.unblock():
+                server = DaphneServer(
+                    extra_env={"CHAT_FAST_PATH": flag},
+                    verbosity=0,
+                    application="tests.faults.asgi:application",
+                )
+            servers[path] = server.start()
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+@pytest.mark.parametrize("path", ["on", "off"])
+@pytest.mark.django_db(transaction=True)
+async def test_an_unexpected_server_error_closes_with_1011(
+    faulty_daphnes, open_socket, path
+):
+    server = faulty_daphnes[path]
+    _, key = await user_with_key("unlucky")
+    await room_create("boom")
+    socket = await open_socket(server, key)
+    assert (await socket.recv())["type"] == "hello"
+    await socket.send(type="history", room="boom", ref="h")
+    assert await socket.closed() == (1011, "server error")
+    assert "RuntimeError: a fault put in by tests.faults" in server.output()
+    # The process goes on serving others.
+    other = await open_socket(server, key)
+    assert (await other.recv())["type"] == "hello"
+
+
+@pytest.fixture(scope="module")
+def redis_daphnes(django_db_setup, django_db_blocker):
+    """A private Redis, and daphne on it with the fast path on and off."""
+    redis_server = RedisServer().start()
+    servers = {}
+    try:
+        for path, flag in (("on", "1"), ("off", "0")):
+            with django_db_blocker.unblock():
+                server = DaphneServer(
+                    redis_url=redis_server.url,
+                    extra_env={"CHAT_FAST_PATH": flag},
+                    verbosity=0,
+                )
+            servers[path] = server.start()
+        yield redis_server, servers
+    finally:
+        for server in servers.values():
+            server.stop()
+        redis_server.stop()
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("path", ["on", "off"])
+@pytest.mark.django_db(transaction=True)
+async def test_a_ban_and_a_deactivation_close_live_sockets_with_4403(
+    redis_daphnes, open_socket, path
+):
+    from channels.db import database_sync_to_async
+
+    from chat import services
+
+    redis_server, servers = redis_daphnes
+    server = servers[path]
+    banned, banned_key = await user_with_key(f"banned-{path}")
+    gone, gone_key = await user_with_key(f"gone-{path}")
+    on_banned = await open_socket(server, banned_key)
+    on_gone = await open_socket(server, gone_key)
+    for socket in (on_banned, on_gone):
+        assert (await socket.recv())["type"] == "hello"
+    with this_process_uses_redis(redis_server.url):
+        await database_sync_to_async(services.user_ban)(user=banned, reason="spam")
+        assert await on_banned.closed() == (4403, "banned: spam")
+        await database_sync_to_async(services.user_deactivate)(user=gone)
+        assert await on_gone.closed() == (4403, "account deactivated")
