@@ -44,6 +44,8 @@ _counter = itertools.count(1)
 MAX_DEVICE_CHARS = 64
 # Sends of one socket waiting for their commit before it stops reading frames.
 MAX_SENDS_IN_FLIGHT = 64
+# Seconds a recovery waits for a client that reads nothing before 1008.
+SLOW_READER_SECONDS = 30
 
 db = database_sync_to_async
 
@@ -65,6 +67,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
     send_buffer: serving.SendBuffer | None = None
     # Writing out what waits in send_buffer, once the client reads again.
     draining: asyncio.Task[None] | None = None
+    # Set when nothing waits in send_buffer any more (see _until_written).
+    written: asyncio.Event | None = None
     closing = False
 
     # Set by connect().
@@ -244,6 +248,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except Exception:
             logger.exception("forgetting the socket on disconnect failed")
         self.hub = None
+        if self.written is not None:
+            self.written.set()  # a recovery waiting for the client stops
 
     async def receive(
         self, text_data: str | None = None, bytes_data: bytes | None = None
@@ -327,16 +333,40 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     def _resume_sending(self) -> None:
         # Twisted calls this, in the loop's thread, when the client has read.
-        if self.draining is None or self.draining.done():
-            self.draining = asyncio.get_running_loop().create_task(self._drain())
+        buffer = self.send_buffer
+        if buffer is not None and buffer.frames:
+            if self.draining is None or self.draining.done():
+                self.draining = asyncio.get_running_loop().create_task(self._drain())
+        elif self.written is not None:
+            self.written.set()
 
     async def _drain(self) -> None:
         buffer = self.send_buffer
         while buffer is not None and not self.closing:
             encoded = buffer.take()
             if encoded is None:
-                return
+                break
             await self._write(encoded)
+        if buffer is not None and not (buffer.paused or buffer.frames):
+            if self.written is not None:
+                self.written.set()
+
+    async def _until_written(self) -> None:
+        """Wait until the client has read what waits for it (back-pressure).
+
+        For a burst the socket's own request asks for (a recovery), so that it
+        goes out at the client's pace instead of filling the send buffer. A
+        client that reads nothing for ``SLOW_READER_SECONDS`` is closed with 1008.
+        """
+        buffer = self.send_buffer
+        while buffer is not None and not self.closing:
+            if not (buffer.paused or buffer.frames):
+                return
+            self.written = asyncio.Event()
+            try:
+                await asyncio.wait_for(self.written.wait(), SLOW_READER_SECONDS)
+            except TimeoutError:
+                await self._close_slow_reader(buffer)
 
     async def _close_slow_reader(self, buffer: serving.SendBuffer) -> None:
         waiting = buffer.waiting
@@ -396,6 +426,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def _recover(self, room: Room, since: int) -> None:
         payloads, complete = await db(selectors.messages_since)(room=room, since=since)
         for payload in payloads:
+            await self._until_written()
             await self.send_frame(protocol.message(payload))
         await self.send_frame(
             protocol.recovered(room_slug=room.slug, complete=complete)

@@ -227,7 +227,7 @@ class SendBuffer:
         self.wire = wire
         self.transport = wire.transport
         self.limit = limit
-        self.resume = resume  # called, with no argument, when writing may go on
+        self.resume = resume  # called, with no argument, once Twisted has written
         self.frames = None  # a deque once a frame waits: most sockets never do
         self.size = 0
         self.paused = False
@@ -245,8 +245,7 @@ class SendBuffer:
 
     def resumeProducing(self):
         self.paused = False
-        if self.frames:
-            self.resume()
+        self.resume()
 
     def stopProducing(self):
         """The connection is gone: let go of everything waiting."""

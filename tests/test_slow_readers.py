@@ -14,9 +14,14 @@ import socket as sockets
 from pathlib import Path
 
 import pytest
+from channels.db import database_sync_to_async
+from django.contrib.auth import get_user_model
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from chat import services
+from chat.models import Room
+from chat.protocol import RECOVERY_MAX_MESSAGES
 from tests.servers import DaphneServer
 from tests.test_multiprocess import room_create, user_with_key
 from tests.waiting import until
@@ -165,3 +170,47 @@ async def test_a_client_that_stops_reading_is_closed_with_1008_and_others_go_on(
     draining.cancel()
     for websocket in (writer, reader):
         await websocket.close()
+
+
+@database_sync_to_async
+def messages_store(slug, username, count):
+    """``count`` messages of ``BODY`` by ``username`` in the room ``slug``."""
+    room = Room.objects.get(slug=slug)
+    author = get_user_model().objects.get(username=username)
+    for start in range(0, count, 200):
+        services.message_create_many(
+            requests=[
+                services.SendRequest(room, author, BODY, f"c{i}")
+                for i in range(start, min(start + 200, count))
+            ]
+        )
+
+
+@pytest.mark.parametrize("path", ["on", "off"])
+async def test_a_recovery_bigger_than_the_send_buffer_goes_out_at_the_readers_pace(
+    servers, path
+):
+    # 1000 missed messages (~4 MB) to a client with a small kernel buffer: the
+    # server waits for it to read instead of holding them, and never closes it.
+    server = servers[path]
+    room = f"backlog-{path}"
+    await room_create(room)
+    _, key = await user_with_key(f"late-{path}")
+    await messages_store(room, f"late-{path}", RECOVERY_MAX_MESSAGES)
+
+    start = len(server.output())
+    late = await open_ws(server, key, receive_buffer=4096)
+    await late.send(json.dumps({"type": "join", "room": room, "since": 0}))
+    frames = [json.loads(await asyncio.wait_for(late.recv(), TIMEOUT))]
+    assert frames[0]["type"] == "joined"
+    seqs = []
+    while (frame := json.loads(await asyncio.wait_for(late.recv(), TIMEOUT)))[
+        "type"
+    ] == "message":
+        seqs.append(frame["seq"])
+        if len(seqs) % 100 == 0:
+            await asyncio.sleep(0.05)  # a client busy elsewhere now and then
+    assert seqs == list(range(1, RECOVERY_MAX_MESSAGES + 1))
+    assert frame == {"type": "recovered", "room": room, "complete": True}
+    assert "with 1008" not in server.output()[start:]
+    await late.close()
