@@ -144,6 +144,8 @@ def _log_outage(exc: Exception) -> None:
 class SocketWindow:
     """A fixed-window count of one socket's cheap frames, kept in the process."""
 
+    __slots__ = ("rate", "started", "count")
+
     def __init__(self, rate: Rate) -> None:
         self.rate = rate
         self.started = -math.inf
@@ -160,6 +162,8 @@ class SocketWindow:
 
 class SocketThrottle:
     """The rate limits one socket's frames meet; ``check`` is called per frame."""
+
+    __slots__ = ("user_id", "rate", "cheap", "blocked_until", "strikes")
 
     def __init__(self, *, user_id: int) -> None:
         self.user_id = user_id
