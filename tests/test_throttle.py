@@ -290,3 +290,26 @@ async def test_frames_go_unmetered_while_the_rate_limit_storage_is_down(
     outage_lines = [r for r in caplog.records if "unmetered" in r.getMessage()]
     assert len(outage_lines) == 1  # once a minute at most
     await throttle.reset()
+
+
+async def test_a_join_leave_flood_reaches_other_members_only_up_to_the_limit(
+    connect, alice, bob, lobby, settings
+):
+    settings.CHAT_RATE_LIMIT = "10/10"
+    watcher = await connect(bob)
+    await watcher.join("lobby")
+    flooder = await connect(alice)
+    codes = []
+    for i in range(20):
+        frame = {"type": "join" if i % 2 == 0 else "leave", "room": "lobby"}
+        reply = await flooder.request(**frame, ref=str(i))
+        if reply["type"] == "joined":
+            await flooder.nothing(0.05)  # no other frame follows a join here
+        codes.append(reply.get("code", reply["type"]))
+    assert codes == ["joined", "left"] * 5 + ["rate_limited"] * 10
+    presence = [await watcher.recv() for _ in range(10)]
+    assert [(p["type"], p["user"], p["status"]) for p in presence] == [
+        ("presence", "alice", "online"),
+        ("presence", "alice", "offline"),
+    ] * 5
+    assert await watcher.nothing()
