@@ -1,26 +1,45 @@
-"""Web pages: sign up, the room list, a room."""
+"""Web pages, the push API; site-wide: error pages, NUL check, CSP, sign-in lockout."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING
+import ipaddress
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
+from csp.middleware import CSPMiddleware, PolicyParts
 from django.conf import settings
 from django.contrib.auth import login, logout
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import DisallowedHost, PermissionDenied
 from django.db import IntegrityError
 from django.db.models import prefetch_related_objects
-from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.http import (
+    Http404,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBadRequest,
+    HttpResponseServerError,
+    JsonResponse,
+)
+from django.http.response import HttpResponseBase
 from django.shortcuts import redirect, render
+from django.template import loader
+from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import (
+    require_http_methods,
+    require_POST,
+    require_safe,
+)
 
 from chat import protocol, push, selectors, services
 from chat.forms import DirectStartForm, RoomCreateForm
 from chat.models import ApiToken, Room
 from chat.protocol import FORBIDDEN, NOT_FOUND, ChatError
+
+GetResponse = Callable[[HttpRequest], HttpResponseBase]
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
@@ -31,12 +50,13 @@ if TYPE_CHECKING:
         user: User
 
 
+@require_http_methods(["GET", "HEAD", "POST"])
 def signup(request: HttpRequest) -> HttpResponse:
     """Create an account, sign it in and go to the room list."""
     form: UserCreationForm = UserCreationForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         user = form.save()
-        login(request, user)
+        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
         return redirect("chat:room_list")
     return render(request, "registration/signup.html", {"form": form})
 
@@ -87,6 +107,7 @@ def _room_list_page(
 
 
 @login_required
+@require_safe
 def room_list(request: AuthenticatedRequest) -> HttpResponse:
     return _room_list_page(request)
 
@@ -124,6 +145,7 @@ def direct_start(request: AuthenticatedRequest) -> HttpResponse:
 
 
 @login_required
+@require_safe
 def room_detail(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     try:
         room = selectors.room_get_readable(slug=slug, user=request.user)
@@ -181,3 +203,120 @@ def _push_to(target: str, value: str, event: str, data: object) -> int | Awaitab
     if target == "room":
         return push.to_room(value, event, data)
     return push.to_connection(value, event, data)
+
+
+# --- Site-wide: error pages, request checks, the CSP, sign-in throttling -----
+
+
+def bad_request(request: HttpRequest, exception: Exception | None) -> HttpResponse:
+    """``handler400``: the site's page, and no CSRF check.
+
+    Django's own handler runs one, which reads the form data again: for a body it
+    could not decode that raises again, and the 400 becomes a 500.
+    """
+    return HttpResponseBadRequest(loader.render_to_string("400.html", request=request))
+
+
+def server_error(request: HttpRequest) -> HttpResponse:
+    """``handler500``: the site's page, rendered from nothing that could fail again."""
+    return HttpResponseServerError(loader.render_to_string("500.html"))
+
+
+def nul_refused(get_response: GetResponse) -> GetResponse:
+    """Middleware: a NUL in the path, query, form data, cookies or headers is a 400.
+
+    No text of this site holds one, and PostgreSQL refuses NUL in every text
+    column: a lookup or a write with one (an admin filter, a session key from a
+    cookie, axes' record of a User-Agent) would fail there as a 500.
+    """
+
+    def middleware(request: HttpRequest) -> HttpResponseBase:
+        if _has_nul(request):
+            return bad_request(request, None)
+        return get_response(request)
+
+    return middleware
+
+
+def _has_nul(request: HttpRequest) -> bool:
+    texts = [request.path_info, *request.COOKIES, *request.COOKIES.values()]
+    texts += [v for k, v in request.META.items() if k.startswith("HTTP_")]
+    if request.method == "POST":
+        # Read the body whole first: parsed from the stream, multipart form data
+        # would leave no body for a view that reads it (the push API).
+        _ = request.body
+    for data in (request.GET, request.POST):  # POST: form data only, else empty
+        for key, values in data.lists():
+            texts += [key, *values]
+    return any("\x00" in text for text in texts)
+
+
+class SiteCSPMiddleware(CSPMiddleware):
+    """django-csp's middleware, with this site's socket origin added to connect-src.
+
+    CSP3 browsers let 'self' match ws:/wss: on this host; older ones need it named.
+    """
+
+    def get_policy_parts(
+        self,
+        request: HttpRequest,
+        response: HttpResponseBase,
+        report_only: bool = False,
+    ) -> PolicyParts:
+        parts = super().get_policy_parts(request, response, report_only)
+        origin = None if report_only else _socket_origin(request)
+        if origin is not None:
+            update = dict(parts.update or {})
+            update["connect-src"] = [*update.get("connect-src", []), origin]
+            parts.update = update
+        return parts
+
+
+def _socket_origin(request: HttpRequest) -> str | None:
+    """``wss://host[:port]`` of the page's socket (``ws://`` over plain HTTP)."""
+    try:
+        host = request.get_host()
+    except DisallowedHost:
+        return None  # the answer is a 400
+    if host.startswith("["):
+        return None  # CSP names no IPv6 literal: 'self' alone must do there
+    return f"{'wss' if request.is_secure() else 'ws'}://{host}"
+
+
+def sign_in_locked_out(
+    request: HttpRequest,
+    response: HttpResponse | None = None,
+    credentials: dict[str, Any] | None = None,
+) -> HttpResponse:
+    """The answer to a locked-out sign-in (``AXES_LOCKOUT_CALLABLE``): when to retry."""
+    cool_off: timedelta | None = settings.AXES_COOLOFF_TIME
+    context: dict[str, Any] = {"failure_limit": settings.AXES_FAILURE_LIMIT}
+    if cool_off is not None:
+        # Every attempt, this one too, restarts the wait (axes' default).
+        attempted = getattr(request, "axes_attempt_time", None) or timezone.now()
+        context["minutes"] = int(cool_off.total_seconds() // 60)
+        context["until"] = attempted + cool_off
+    page = render(request, "registration/locked_out.html", context, status=429)
+    if cool_off is not None:
+        page["Retry-After"] = str(int(cool_off.total_seconds()))
+    return page
+
+
+def client_ip_address(request: HttpRequest) -> str | None:
+    """The address sign-in throttling counts (``AXES_CLIENT_IP_CALLABLE``).
+
+    The peer's, or behind the TLS proxy the last address of ``X-Forwarded-For``:
+    the one the proxy appended. Those before it are whatever the client sent.
+    """
+    peer = request.META.get("REMOTE_ADDR") or None
+    if not settings.CHAT_CLIENT_IP_FROM_PROXY:
+        return peer
+    forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "").rsplit(",", 1)[-1]
+    try:
+        address = ipaddress.ip_address(forwarded.strip())
+    except ValueError:
+        return peer
+    # A zone (fe80::1%eth0) is no address PostgreSQL's inet column takes.
+    if getattr(address, "scope_id", None):
+        return peer
+    return str(address)

@@ -31,10 +31,12 @@ CHAT_SEND_BUFFER_BYTES  bytes a socket may have waiting to be written before it
 """
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
 import redis.exceptions
+from csp.constants import NONE, SELF
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -86,19 +88,70 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "axes",
+    "csp",
     "channels",
     "chat",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "chat.views.SiteCSPMiddleware",
+    "chat.views.nul_refused",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as axes asks: it turns a locked-out sign-in into the lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
+
+# The Content-Security-Policy of every page, the admin's included. Nothing inline:
+# scripts and styles are files of ours, and data reaches chat.js through
+# json_script (a JSON data block, which CSP leaves alone). The admin of Django
+# 5.2 needs no 'unsafe-inline' either: its scripts are files and it styles
+# elements through the CSSOM, which style-src does not govern.
+# connect-src: CSP3 browsers let 'self' match this site's ws:/wss: too, older ones
+# (Safari before 15.4) do not, so chat.views.SiteCSPMiddleware adds the socket's
+# origin as the request names it (wss://host[:port] on HTTPS, ws:// on HTTP)
+# rather than any ws:/wss: host.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF],
+        "style-src": [SELF],
+        "connect-src": [SELF],
+        "img-src": [SELF, "data:"],
+        "object-src": [NONE],
+        "base-uri": [NONE],
+        "frame-ancestors": [NONE],
+        "form-action": [SELF],
+    },
+}
+
+# Sign-in throttling (django-axes): after CHAT_LOGIN_FAILURE_LIMIT failed sign-ins
+# for one username from one address, that pair is locked out for
+# CHAT_LOGIN_COOLOFF_MINUTES, each further attempt starting the wait again. The
+# pair, not the username alone: an attacker elsewhere cannot lock a user out.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = int(os.environ.get("CHAT_LOGIN_FAILURE_LIMIT", "5"))
+AXES_LOCK_OUT_AT_FAILURE = AXES_FAILURE_LIMIT > 0
+_COOLOFF_MINUTES = int(os.environ.get("CHAT_LOGIN_COOLOFF_MINUTES", "15"))
+# None: locked until an admin deletes the access attempt.
+AXES_COOLOFF_TIME = timedelta(minutes=_COOLOFF_MINUTES) if _COOLOFF_MINUTES else None
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_CALLABLE = "chat.views.sign_in_locked_out"
+# The address counted is the peer's; behind the proxy, the one the proxy appended to
+# X-Forwarded-For. (axes' AXES_IPWARE_* settings would do nothing: they need
+# django-ipware, which is not installed.)
+AXES_CLIENT_IP_CALLABLE = "chat.views.client_ip_address"
+CHAT_CLIENT_IP_FROM_PROXY = env_bool("DJANGO_BEHIND_TLS_PROXY")
 
 ROOT_URLCONF = "chatsite.urls"
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.test import override_settings
 from pytest_django.asserts import assertContains, assertNotContains, assertRedirects
 
 from chat import services
@@ -403,3 +404,115 @@ def test_room_page_escapes_the_title_and_the_config(client, make_user):
     assertContains(response, "&lt;b&gt;bold&lt;/b&gt;")
     assertNotContains(response, "<b>bold</b>")
     assert config_of(response) == {"room": "odd", "username": "eve</script>"}
+
+
+# --- Content-Security-Policy ----------------------------------------------------
+
+POLICY = [
+    "default-src 'self'",
+    "script-src 'self'",
+    "style-src 'self'",
+    "connect-src 'self' ws://testserver",
+    "img-src 'self' data:",
+    "object-src 'none'",
+    "base-uri 'none'",
+    "frame-ancestors 'none'",
+    "form-action 'self'",
+]
+
+
+def policy_of(response):
+    """The policy's directives, sorted: django-csp joins them in a set's order."""
+    return sorted(response.headers["Content-Security-Policy"].split("; "))
+
+
+@pytest.fixture
+def staff(make_user):
+    return make_user("root", is_staff=True, is_superuser=True)
+
+
+@pytest.mark.parametrize(
+    ("who", "path", "status"),
+    [
+        (None, "/accounts/login/", 200),
+        (None, "/accounts/signup/", 200),
+        (None, "/", 302),
+        ("alice", "/", 200),
+        ("alice", "/r/lobby/", 200),
+        ("carol", "/r/secret/", 403),
+        ("alice", "/r/nowhere/", 404),
+        ("alice", "/accounts/password_change/", 200),
+        (None, "/admin/login/", 200),
+        ("root", "/admin/", 200),
+        ("root", "/admin/chat/room/", 200),
+        ("root", "/admin/chat/room/add/", 200),
+        ("root", "/admin/chat/room/live/", 200),
+        ("root", "/admin/auth/user/", 200),
+        ("root", "/admin/axes/accessattempt/", 200),
+        (None, "/api/push", 405),
+    ],
+)
+def test_every_page_carries_the_policy(client, rooms, staff, carol, who, path, status):
+    users = {"alice": rooms["secret"].created_by, "carol": carol, "root": staff}
+    if who is not None:
+        client.force_login(users[who])
+
+    response = client.get(path)
+
+    assert response.status_code == status
+    assert policy_of(response) == sorted(POLICY)
+
+
+def test_the_admin_change_form_carries_the_policy(client, rooms, staff):
+    client.force_login(staff)
+
+    response = client.get(f"/admin/chat/room/{rooms['lobby'].pk}/change/")
+
+    assert response.status_code == 200
+    assert policy_of(response) == sorted(POLICY)
+
+
+def test_the_csrf_failure_page_is_the_site_s_and_carries_the_policy(alice):
+    from django.test import Client
+
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(alice)
+
+    response = client.post("/rooms/new/", {"slug": "nope"})
+
+    assert response.status_code == 403
+    assertContains(response, "<h1>Form not accepted</h1>", status_code=403, html=True)
+    assert policy_of(response) == sorted(POLICY)
+
+
+def test_over_https_the_socket_source_is_wss(client, alice):
+    client.force_login(alice)
+
+    response = client.get("/", secure=True)
+
+    assert response.status_code == 200
+    assert "connect-src 'self' wss://testserver" in policy_of(response)
+    assert "connect-src 'self' ws://testserver" not in policy_of(response)
+
+
+def test_the_socket_source_keeps_the_port(client):
+    response = client.get("/accounts/login/", HTTP_HOST="localhost:8000")
+
+    assert "connect-src 'self' ws://localhost:8000" in policy_of(response)
+
+
+@override_settings(ALLOWED_HOSTS=["[::1]"])
+def test_an_ipv6_host_leaves_connect_src_to_self(client):
+    # CSP has no syntax for an IPv6 literal; CSP3's 'self' covers the socket.
+    response = client.get("/accounts/login/", HTTP_HOST="[::1]:8000")
+
+    assert response.status_code == 200
+    assert "connect-src 'self'" in policy_of(response)
+
+
+def test_a_host_not_allowed_is_a_400_with_connect_src_self_only(client):
+    response = client.get("/accounts/login/", HTTP_HOST="evil.example")
+
+    assert response.status_code == 400
+    assertContains(response, "<h1>Bad request</h1>", status_code=400, html=True)
+    assert "connect-src 'self'" in policy_of(response)
