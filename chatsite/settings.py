@@ -10,7 +10,9 @@ DJANGO_CSRF_TRUSTED_ORIGINS  comma-separated https origins, behind a TLS proxy
 DJANGO_BEHIND_TLS_PROXY  1 to trust X-Forwarded-Proto, use secure cookies,
                   redirect plain HTTP (DJANGO_SSL_REDIRECT=0 to stop) and send
                   HSTS (DJANGO_HSTS_SECONDS, default a year; 0 to stop;
-                  DJANGO_HSTS_INCLUDE_SUBDOMAINS and DJANGO_HSTS_PRELOAD default on)
+                  DJANGO_HSTS_INCLUDE_SUBDOMAINS and DJANGO_HSTS_PRELOAD default on);
+                  sign-in throttling then counts the address the proxy appended
+                  to X-Forwarded-For
 DJANGO_CONN_MAX_AGE  seconds a database connection is kept (default 300)
 CHAT_HEARTBEAT    seconds a client may stay silent before it must ping (default 30)
 CHAT_ALLOWED_ORIGINS  comma-separated origins (scheme://host[:port]) a browser
@@ -28,6 +30,13 @@ CHAT_RATE_LIMIT   frames that read or write the database, per user across socket
                   a client that keeps on
 CHAT_SEND_BUFFER_BYTES  bytes a socket may have waiting to be written before it
                   is closed with 1008 as too slow a reader (default 1 MiB)
+CHAT_LOGIN_FAILURE_LIMIT  failed sign-ins for one username from one address
+                  before that pair is locked out (default 5; 0: no lockout)
+CHAT_LOGIN_COOLOFF_MINUTES  how long a lockout lasts after the pair's last
+                  attempt (default 15; 0: until an admin deletes the attempt)
+
+The Content-Security-Policy is fixed, not read from the environment: see
+CONTENT_SECURITY_POLICY below.
 """
 
 import os

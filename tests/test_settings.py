@@ -59,3 +59,78 @@ def test_without_a_secret_key_the_error_names_the_fix():
         "Set it to a long random string, or set DJANGO_DEBUG=1 for a development "
         "run with a built-in key."
     )
+
+
+def settings_values(*names, **env):
+    """The values of settings ``names`` under ``env``, as the process reads them."""
+    code = "from django.conf import settings as s; " + "; ".join(
+        f"print(repr(s.{name}))" for name in names
+    )
+    done = manage("shell", "--no-imports", "-c", code, **{**PRODUCTION, **env})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+THROTTLE = (
+    "AXES_FAILURE_LIMIT",
+    "AXES_LOCK_OUT_AT_FAILURE",
+    "AXES_COOLOFF_TIME",
+    "AXES_LOCKOUT_PARAMETERS",
+    "CHAT_CLIENT_IP_FROM_PROXY",
+)
+
+
+def test_sign_in_throttling_defaults_to_5_failures_and_15_minutes():
+    assert settings_values(*THROTTLE) == [
+        "5",
+        "True",
+        "datetime.timedelta(seconds=900)",
+        "[['username', 'ip_address']]",
+        "True",
+    ]
+
+
+def test_sign_in_throttling_comes_from_the_environment():
+    values = settings_values(
+        *THROTTLE,
+        CHAT_LOGIN_FAILURE_LIMIT="3",
+        CHAT_LOGIN_COOLOFF_MINUTES="60",
+        DJANGO_BEHIND_TLS_PROXY="0",
+    )
+
+    assert values == [
+        "3",
+        "True",
+        "datetime.timedelta(seconds=3600)",
+        "[['username', 'ip_address']]",
+        "False",
+    ]
+
+
+def test_a_limit_of_0_turns_the_lockout_off_and_a_cool_off_of_0_is_for_good():
+    values = settings_values(
+        *THROTTLE[:3], CHAT_LOGIN_FAILURE_LIMIT="0", CHAT_LOGIN_COOLOFF_MINUTES="0"
+    )
+
+    assert values == ["0", "False", "None"]
+
+
+def test_behind_the_tls_proxy_a_page_carries_the_policy_with_wss_and_hsts():
+    code = (
+        "from django.test import Client; "
+        "r = Client().get('/accounts/login/', headers={'X-Forwarded-Proto': 'https'}, "
+        "HTTP_HOST='chat.example.com'); "
+        "print(r.status_code); "
+        "print('; '.join(sorted(r.headers['Content-Security-Policy'].split('; ')))); "
+        "print(r.headers['Strict-Transport-Security'])"
+    )
+    done = manage("shell", "--no-imports", "-c", code, **PRODUCTION)
+
+    assert done.stdout.splitlines() == [
+        "200",
+        "base-uri 'none'; connect-src 'self' wss://chat.example.com; "
+        "default-src 'self'; form-action 'self'; frame-ancestors 'none'; "
+        "img-src 'self' data:; object-src 'none'; script-src 'self'; "
+        "style-src 'self'",
+        "max-age=31536000; includeSubDomains; preload",
+    ], done.stderr
