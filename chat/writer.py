@@ -4,7 +4,8 @@ While a batch is being stored, new sends queue up; the next batch takes all of
 them. Nothing is acknowledged before its batch commits, and a lone send is
 stored at once, so this adds no delay, only fewer transactions under load. A
 send the database refuses fails alone; a database out of reach fails the batch
-as ``unavailable``.
+as ``unavailable``; a batch that fails after its commit (its broadcast) fails
+every send, as a lone send would.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from channels.db import database_sync_to_async
+from django.db import DatabaseError
 
 from chat import services
 from chat.loops import PerLoop
@@ -23,13 +25,13 @@ if TYPE_CHECKING:
 
 MAX_BATCH = 256
 
+# Sends waiting for a batch, in arrival order, with their futures.
+Batch = list[tuple[services.SendRequest, asyncio.Future[services.SendResult]]]
+
 
 class MessageWriter:
     def __init__(self) -> None:
-        # Sends waiting for the next batch, in arrival order, with their futures.
-        self.pending: list[
-            tuple[services.SendRequest, asyncio.Future[services.SendResult]]
-        ] = []
+        self.pending: Batch = []
         self.task: asyncio.Task[None] | None = None
 
     def enqueue(
@@ -61,24 +63,37 @@ class MessageWriter:
             try:
                 results = await store(requests=[request for request, _ in batch])
             except Exception as exc:
-                if len(batch) == 1 or services.database_outage_error(exc):
-                    # The database is out of reach: every send of the batch is
-                    # refused as unavailable, none retried into the outage.
-                    for _, future in batch:
-                        _settle(future, exc)
+                if len(batch) > 1 and _refused_by_database(exc):
+                    # One request the database refuses must not fail the
+                    # others: the transaction rolled back, so store them one
+                    # by one, in order, and it fails alone.
+                    await self._store_one_by_one(batch)
                     continue
-                # One request the database refuses must not fail the others:
-                # store them one by one, in order, so it fails alone.
-                for request, future in batch:
-                    try:
-                        [result] = await store(requests=[request])
-                    except Exception as alone:
-                        _settle(future, alone)
-                    else:
-                        _settle(future, result)
+                # Out of reach: refused as unavailable, none retried into the
+                # outage. Raised after the commit (a broadcast that could not
+                # leave): a retry would find the messages stored and answer
+                # them as acknowledged, broadcast to nobody. Either way every
+                # send of the batch fails as a lone one does.
+                for _, future in batch:
+                    _settle(future, exc)
                 continue
             for (_, future), result in zip(batch, results, strict=True):
                 _settle(future, result)
+
+    async def _store_one_by_one(self, batch: Batch) -> None:
+        store = database_sync_to_async(services.message_create_many)
+        for request, future in batch:
+            try:
+                [result] = await store(requests=[request])
+            except Exception as alone:
+                _settle(future, alone)
+            else:
+                _settle(future, result)
+
+
+def _refused_by_database(exc: Exception) -> bool:
+    """Whether the database refused the batch (rolled back) while within reach."""
+    return isinstance(exc, DatabaseError) and not services.database_outage_error(exc)
 
 
 def _settle(

@@ -3,12 +3,15 @@
 import asyncio
 
 import pytest
+import redis
 from asgiref.sync import sync_to_async
 from django.db import IntegrityError
 
 from chat import services, writer
 from chat.models import Message
 from chat.protocol import ChatError
+from tests.ports import free_port
+from tests.servers import this_process_uses_redis
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -86,3 +89,30 @@ async def test_a_send_the_database_refuses_fails_alone_in_its_batch(alice, bob, 
         Message.objects.order_by("seq").values_list("seq", "author__username")
     )
     assert stored == [(1, "alice"), (2, "bob")]
+
+
+async def test_a_batch_whose_broadcast_fails_after_commit_fails_every_send(
+    alice, bob, lobby
+):
+    # Nothing listens on this port: a Redis that is down. The batch commits,
+    # then its after-commit broadcast raises. A retry one by one would find the
+    # messages stored and return them as retries, acknowledged with no
+    # broadcast and no word logged; every send fails as a lone one does.
+    with this_process_uses_redis(f"redis://127.0.0.1:{free_port()}/0"):
+        queue = writer.get_writer()
+        futures = [
+            queue.enqueue(services.SendRequest(lobby, alice, "one", "a1")),
+            queue.enqueue(services.SendRequest(lobby, bob, "two", "b1")),
+            queue.enqueue(services.SendRequest(lobby, alice, "three", "a2")),
+        ]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        assert [type(result) for result in results] == [redis.ConnectionError] * 3
+        stored = await sync_to_async(list)(
+            Message.objects.order_by("seq").values_list("seq", "client_msg_id")
+        )
+        assert stored == [(1, "a1"), (2, "b1"), (3, "a2")]
+        # The client's retry gets the stored message, as it would its ack.
+        message, created = await queue.submit(
+            services.SendRequest(lobby, alice, "one", "a1")
+        )
+    assert (message.seq, message.body, created) == (1, "one", False)
