@@ -1,3 +1,5 @@
+from collections import deque
+
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
@@ -5,6 +7,7 @@ from django.contrib.auth import get_user_model
 from django.db import connections
 
 from chat import fanout, policies, presence, services, throttle
+from chat.protocol import HISTORY_MAX_LIMIT
 from chatsite.asgi import application
 
 
@@ -58,11 +61,20 @@ def token_for():
 
 
 class Client:
-    """A WebSocket client over the real ASGI application."""
+    """A WebSocket client over the real ASGI application.
+
+    ``recv`` hands over every frame as it comes. ``follow`` and ``messages_until``
+    are the opt-in way to read a room as the shipped clients do: a seq gap is
+    filled with ``history``.
+    """
 
     def __init__(self, communicator):
         self.communicator = communicator
         self.hello = None
+        self.timelines = {}  # room -> {seq: message}, for the rooms followed
+        self.highest = {}  # room -> highest seq received live
+        self.gap_requests = []  # the history frames sent to fill gaps
+        self._held = deque()  # frames read while waiting for a history reply
 
     async def send(self, **frame):
         await self.communicator.send_json_to(frame)
@@ -76,6 +88,67 @@ class Client:
 
     async def join(self, room, **extra):
         return await self.request(type="join", room=room, **extra)
+
+    def follow(self, joined):
+        """Keep the messages of ``joined``'s room that come after its ``last_seq``."""
+        self.timelines[joined["room"]] = {}
+        self.highest[joined["room"]] = joined["last_seq"]
+
+    async def messages_until(self, room, seq, timeout=3):
+        """Read frames until the live messages of ``room`` reach ``seq``.
+
+        Return the room's messages kept so far, in seq order, gaps filled; other
+        frames are dropped.
+        """
+        while self.highest[room] < seq:
+            frame = self._held.popleft() if self._held else await self.recv(timeout)
+            if frame["type"] == "message" and frame["room"] in self.timelines:
+                await self._take(frame)
+        timeline = self.timelines[room]
+        return [timeline[n] for n in sorted(timeline)]
+
+    async def _take(self, frame):
+        room, seq = frame["room"], frame["seq"]
+        if seq > self.highest[room] + 1:
+            await self._fill(room, low=self.highest[room], high=seq)
+        self.timelines[room][seq] = {k: v for k, v in frame.items() if k != "type"}
+        self.highest[room] = max(self.highest[room], seq)
+
+    async def _fill(self, room, *, low, high):
+        """Fetch the messages after seq ``low`` and before ``high`` with history.
+
+        Page by page from ``high`` down. A page with fewer messages in the range
+        than asked for holds all that remain (the others were removed): stop.
+        """
+        before = high
+        while before > low + 1:
+            limit = min(HISTORY_MAX_LIMIT, before - low - 1)
+            ref = f"gap-{len(self.gap_requests) + 1}"
+            request = {
+                "type": "history",
+                "room": room,
+                "before": before,
+                "limit": limit,
+                "ref": ref,
+            }
+            self.gap_requests.append(request)
+            await self.send(**request)
+            page = await self._reply(ref)
+            assert page["type"] == "history", page
+            found = [m for m in page["messages"] if low < m["seq"] < before]
+            for message in found:
+                self.timelines[room].setdefault(message["seq"], message)
+            if len(found) < limit:
+                return
+            before = found[0]["seq"]
+
+    async def _reply(self, ref, timeout=3):
+        """The frame answering ``ref``; the others wait in ``_held``."""
+        while True:
+            frame = await self.recv(timeout)
+            if frame.get("ref") == ref:
+                return frame
+            self._held.append(frame)
 
     async def nothing(self, timeout=0.2):
         return await self.communicator.receive_nothing(timeout=timeout)
