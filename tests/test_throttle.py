@@ -7,6 +7,7 @@ import pytest
 import redis.asyncio
 from asgiref.sync import sync_to_async
 from django.core.exceptions import ImproperlyConfigured
+from django.test import override_settings
 from websockets.asyncio.client import connect as ws_connect
 
 from chat import throttle
@@ -196,10 +197,14 @@ async def limit_commands(redis_url, during):
 
 @pytest.mark.redis
 async def test_each_counted_frame_costs_one_redis_round_trip(
-    connect, alice, bob, lobby, settings, redis_server
+    connect, alice, bob, lobby, redis_server
 ):
-    with this_process_uses_redis(redis_server.url):
-        settings.CHAT_RATE_LIMIT = "4/10"
+    # override_settings nested inside: the settings fixture, entered inside
+    # this_process_uses_redis, would restore the Redis layer at its teardown.
+    with (
+        this_process_uses_redis(redis_server.url),
+        override_settings(CHAT_RATE_LIMIT="4/10"),
+    ):
         # Each script costs a load on its first use in this Redis: bob's frames
         # use both before the count starts.
         warm = await connect(bob)
@@ -228,7 +233,10 @@ async def test_each_counted_frame_costs_one_redis_round_trip(
         client.connected = False
         await throttle.reset()
 
-        settings.CHAT_RATE_LIMIT = "0"
+    with (
+        this_process_uses_redis(redis_server.url),
+        override_settings(CHAT_RATE_LIMIT="0"),
+    ):
         client = await connect(alice)
 
         async def unmetered():
