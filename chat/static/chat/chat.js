@@ -3,7 +3,8 @@
 // One socket, one room. Messages are kept on screen by seq; after a drop the
 // client reconnects with backoff and joins with `since` = the highest seq it
 // shows, so nothing is lost. Sends stay pending until acked and are retried
-// with the same client_msg_id, which the server dedupes.
+// with the same client_msg_id, which the server dedupes. A live seq that skips
+// some (a broadcast lost between server and socket) is filled in with history.
 //
 // User-typed text only ever reaches the page through textContent.
 (() => {
@@ -14,6 +15,8 @@
   const ME = config.username;
 
   const HISTORY_PAGE = 50;
+  const HISTORY_MAX = 100; // the largest page the server gives
+  const GAP_WAIT_MS = 500;
   const BACKOFF_FIRST_MS = 500;
   const BACKOFF_MAX_MS = 10000;
   const TYPING_EVERY_MS = 3000;
@@ -52,6 +55,7 @@
   const shown = new Map(); // seq -> message element
   const pending = new Map(); // client_msg_id -> {body, ref, el, sent}
   const refs = new Map(); // ref of a pending send -> client_msg_id
+  const gaps = new Map(); // ref of a history that fills a gap -> {low, before, limit}
   const online = new Set();
   const typers = new Map(); // username -> timer
   let lastTypingAt = 0;
@@ -188,11 +192,21 @@
       if (!snapshotLoaded) {
         send({ type: "history", room: ROOM, limit: HISTORY_PAGE, ref: nextRef("history") });
       }
+      // Requests the last socket took with it: the recovery covers only newer seqs.
+      const unanswered = [...gaps.values()];
+      gaps.clear();
+      for (const gap of unanswered) fillGap(gap.low, gap.before);
       for (const clientMsgId of pending.keys()) transmit(clientMsgId);
     },
 
     history(frame) {
       if (frame.room !== ROOM) return;
+      const gap = gaps.get(frame.ref);
+      if (gap) {
+        gaps.delete(frame.ref);
+        gapFilled(frame, gap);
+        return;
+      }
       keepScroll(() => {
         for (const payload of frame.messages) upsertMessage(payload);
       }, !snapshotLoaded);
@@ -205,6 +219,7 @@
 
     message(frame) {
       if (frame.room !== ROOM) return;
+      watchForGap(frame.seq);
       followBottom(() => upsertMessage(frame));
       stopTyping(frame.user.username);
       scheduleRead();
@@ -215,6 +230,7 @@
       if (!frame.complete && recoveringSince !== null) {
         // More were missed than the server replays: drop what we had before the
         // gap, so the screen stays contiguous, and let "Load older" page back.
+        gaps.clear();
         for (const [seq, el] of shown) {
           if (seq <= recoveringSince) {
             el.remove();
@@ -234,6 +250,7 @@
       if (!item) return;
       pending.delete(clientMsgId);
       if (!shown.has(frame.seq)) {
+        watchForGap(frame.seq);
         // The ack beat the broadcast: show it now; the `message` frame updates it.
         followBottom(() =>
           upsertMessage({
@@ -290,6 +307,13 @@
     },
 
     error(frame) {
+      const gap = gaps.get(frame.ref);
+      if (gap) {
+        gaps.delete(frame.ref);
+        const retryMs = (frame.retry_after || 1) * 1000;
+        if (frame.code === "rate_limited") setTimeout(() => fillGap(gap.low, gap.before), retryMs);
+        return;
+      }
       const clientMsgId = refs.get(frame.ref);
       if (clientMsgId !== undefined) {
         refs.delete(frame.ref);
@@ -397,6 +421,38 @@
       }
     }
     ui.messages.insertBefore(item, before);
+  }
+
+  // A live seq beyond the highest shown + 1: the messages between were stored but
+  // their broadcast never reached this socket (an expired layer message, say).
+  // Not before the first page or during a recovery: those bring them anyway.
+  function watchForGap(seq) {
+    const high = highestSeq();
+    if (!snapshotLoaded || recoveringSince !== null || seq <= high + 1) return;
+    // With several server processes writing, a late one may still come: wait a bit.
+    setTimeout(() => fillGap(high, seq), GAP_WAIT_MS);
+  }
+
+  // Ask history for what is still missing after seq `low` and before `before`.
+  function fillGap(low, before) {
+    while (low + 1 < before && shown.has(low + 1)) low += 1;
+    while (low + 1 < before && shown.has(before - 1)) before -= 1;
+    if (low + 1 >= before) return;
+    const limit = Math.min(HISTORY_MAX, before - low - 1);
+    const ref = nextRef("gap");
+    gaps.set(ref, { low, before, limit }); // unsent (no socket): asked again on join
+    send({ type: "history", room: ROOM, before, limit, ref });
+  }
+
+  function gapFilled(frame, gap) {
+    const found = frame.messages.filter((m) => m.seq > gap.low && m.seq < gap.before);
+    followBottom(() => {
+      for (const payload of found) if (!shown.has(payload.seq)) upsertMessage(payload);
+    });
+    scheduleRead();
+    // A short page reached below the gap: the seqs it lacks were removed for good.
+    // A full one may have more under it; each page ends lower, so this ends.
+    if (found.length === gap.limit) fillGap(gap.low, found[0].seq);
   }
 
   function markDeleted(item) {
