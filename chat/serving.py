@@ -7,14 +7,15 @@
 - Back-pressure: a ``SendBuffer`` per socket, registered as the transport's
   streaming producer, holds the frames the client is not reading fast enough
   and tells when they pass ``CHAT_SEND_BUFFER_BYTES``; on both paths.
-- Daphne 4.2 drops the reason of ``websocket.close`` and refuses close codes
-  other than 1000 and 3000-4999 (1001 included); ``patch_daphne_close`` makes
-  it send any code with its reason.
+- Daphne 4.2 drops the reason of ``websocket.close``, refuses close codes
+  other than 1000 and 3000-4999 (1001 included) and drops an empty message of
+  ``websocket.send``; ``patch_daphne_replies`` makes it send any code with its
+  reason, and an empty message as an empty frame.
 
 Both are written for the versions in ``WRITTEN_FOR``, the ones the lock pins.
 ``configure`` (chatsite.asgi calls it) checks them once: on other versions the
-fast path and the send buffer are off and daphne's close is left alone, with a
-warning. The setting ``CHAT_FAST_PATH`` (off: ``CHAT_FAST_PATH=0``) turns the
+fast path and the send buffer are off and daphne's replies are left alone, with
+a warning. The setting ``CHAT_FAST_PATH`` (off: ``CHAT_FAST_PATH=0``) turns the
 fast path off too; the send buffer stays.
 """
 
@@ -36,7 +37,7 @@ WRITTEN_FOR = {
     "twisted": "26.10.0",
     "txaio": "26.6.1",
 }
-# The close patch touches only these; the fast path touches all four.
+# The reply patch touches only these; the fast path touches all four.
 CLOSE_PATCH_PACKAGES = ("daphne", "autobahn")
 
 
@@ -129,7 +130,7 @@ def _warning(enabled, differences, close_differences):
 
 
 def configure() -> Decision:
-    """Check the installed versions once: log the path in use, patch daphne's close."""
+    """Check the installed versions once: log the path in use, patch daphne."""
     global _decision
     if _decision is None:
         from django.conf import settings
@@ -141,7 +142,7 @@ def configure() -> Decision:
             logger.warning(decision.warning)
         logger.info(decision.summary)
         if decision.close_patch:
-            patch_daphne_close()
+            patch_daphne_replies()
         _decision = decision
     return _decision
 
@@ -151,28 +152,48 @@ def fast_path_on() -> bool:
     return _decision is not None and _decision.fast_path
 
 
-def patch_daphne_close():
-    """Let daphne close sockets with any code and a reason."""
+def patch_daphne_replies():
+    """Let daphne close sockets with any code and a reason, and send empty messages."""
     try:
         from autobahn.util import encode_truncate
         from daphne.ws_protocol import WebSocketProtocol
     except ImportError:
         return
-    if getattr(WebSocketProtocol, "_chat_close_patched", False):
+    if getattr(WebSocketProtocol, "_chat_replies_patched", False):
         return
     original = WebSocketProtocol.handle_reply
 
     def handle_reply(self, message):
-        if message.get("type") == "websocket.close" and self.state == self.STATE_OPEN:
+        kind = message.get("type")
+        if kind == "websocket.close" and self.state == self.STATE_OPEN:
             code = message.get("code") or 1000
             reason = message.get("reason") or None
             reason_utf8 = encode_truncate(reason, 123) if reason else None
             self.sendCloseFrame(code=code, reasonUtf8=reason_utf8, isReply=False)
             return
+        if kind == "websocket.send" and self.state == self.STATE_OPEN:
+            # Daphne sends a payload only when it is truthy: "" and b"" vanish.
+            binary = empty_message_binary(message)
+            if binary is not None:
+                self.sendMessage(b"", isBinary=binary)
+                return
         return original(self, message)
 
     WebSocketProtocol.handle_reply = handle_reply
-    WebSocketProtocol._chat_close_patched = True
+    WebSocketProtocol._chat_replies_patched = True
+
+
+def empty_message_binary(message):
+    """Whether a ``websocket.send`` of one empty payload is binary; None otherwise.
+
+    None too for a message with both ``text`` and ``bytes``: daphne's to judge.
+    """
+    text, data = message.get("text"), message.get("bytes")
+    if text is None and data is not None and not data:
+        return True
+    if data is None and text is not None and not text:
+        return False
+    return None
 
 
 def daphne_socket(send):

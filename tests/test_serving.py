@@ -653,3 +653,60 @@ async def test_a_ban_and_a_deactivation_close_live_sockets_with_4403(
         assert await on_banned.closed() == (4403, "banned: spam")
         await database_sync_to_async(services.user_deactivate)(user=gone)
         assert await on_gone.closed() == (4403, "account deactivated")
+
+
+# --- empty messages ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "sent"),
+    [
+        ({"text": ""}, [(b"", False)]),
+        ({"bytes": b""}, [(b"", True)]),
+        ({"text": "", "bytes": None}, [(b"", False)]),
+        ({"text": None, "bytes": b""}, [(b"", True)]),
+        ({"text": "hi"}, [(b"hi", False)]),
+        ({"text": "", "bytes": b"\x00"}, [(b"\x00", True)]),
+    ],
+)
+def test_daphne_sends_an_empty_message_as_an_empty_frame(message, sent):
+    from daphne.ws_protocol import WebSocketProtocol
+
+    serving.configure()  # chatsite.asgi, which conftest imports, did
+    wire = WebSocketProtocol.__new__(WebSocketProtocol)
+    wire.state = wire.STATE_OPEN
+    wire.client_addr = ["127.0.0.1", 1]
+    frames = []
+    wire.sendMessage = lambda payload, isBinary=False: frames.append(
+        (payload, isBinary)
+    )
+    wire.handle_reply({"type": "websocket.send", **message})
+    assert frames == sent
+
+
+@pytest.fixture(scope="module")
+def echo_servers():
+    """The conformance suite's echo endpoint, fast path on and off."""
+    from tests.conformance.server import EchoServer
+
+    servers = {}
+    try:
+        servers["on"] = EchoServer(fast_path=True).start()
+        servers["off"] = EchoServer(fast_path=False).start()
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+@pytest.mark.parametrize("path", ["on", "off"])
+async def test_an_empty_message_goes_out_as_an_empty_frame_on_both_paths(
+    echo_servers, path
+):
+    server = echo_servers[path]
+    async with connect(server.ws_url, close_timeout=2) as websocket:
+        for message in ["", b"", "after", b"", ""]:
+            await websocket.send(message)
+            echoed = await asyncio.wait_for(websocket.recv(), TIMEOUT)
+            assert (type(echoed), echoed) == (type(message), message)
+    assert server.alive(), f"daphne died:\n{server.output()}"

@@ -1,0 +1,1 @@
+"""The Autobahn TestSuite's cases against an echo endpoint on the chat's stack."""
