@@ -14,7 +14,15 @@ from chatsite.asgi import application
 @pytest.fixture(autouse=True)
 async def fresh_hub():
     """Each test gets a fresh fan-out hub and presence store, as a new process would."""
+    from django.conf import settings
+
+    layers, redis_url = settings.CHANNEL_LAYERS, settings.REDIS_URL
     yield
+    # A leaked override (the settings fixture entered inside override_settings
+    # restores the inner one) would point every later test at a dead Redis.
+    assert (settings.CHANNEL_LAYERS, settings.REDIS_URL) == (layers, redis_url), (
+        "the test left CHANNEL_LAYERS or REDIS_URL overridden"
+    )
     await presence.stop_keeper()
     await policies.stop_idle_watch()
     await fanout.stop_hub()
