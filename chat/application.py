@@ -8,6 +8,7 @@ Here one coroutine checks everything in one trip to the database thread (one
 query for a token), then hands the consumer a scope holding only what it reads.
 """
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -22,10 +23,15 @@ from django.http.cookie import parse_cookie
 from django.http.request import validate_host
 from django.utils.module_loading import import_string
 
-from chat import selectors, services
+from chat import protocol, selectors, services
 from chat.models import ApiToken
 
+logger = logging.getLogger(__name__)
+
 WEBSOCKET_PATH = "/ws/"
+# The handshake could not ask the database who the client is.
+UNAVAILABLE = "unavailable"
+UNAVAILABLE_REASON = "database unavailable: try again"
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -129,17 +135,26 @@ def identify(
     return user, None
 
 
-async def handshake(scope: Scope) -> Scope | None:
-    """The consumer's scope for a socket we accept, or None to refuse it."""
+async def handshake(scope: Scope) -> Scope | str | None:
+    """The consumer's scope for a socket we accept, or None to refuse it.
+
+    ``UNAVAILABLE`` when the database is out of reach: the client is not
+    refused, only asked to come back.
+    """
     token_key = token_from_scope(scope)
     if scope.get("path") != WEBSOCKET_PATH:
         return None
     if not origin_allowed(scope, by_cookie=token_key is None):
         return None
     session_key = session_key_from_scope(scope)
-    user, token_id = await database_sync_to_async(identify)(
-        token_key=token_key, session_key=session_key
-    )
+    try:
+        user, token_id = await database_sync_to_async(identify)(
+            token_key=token_key, session_key=session_key
+        )
+    except services.DATABASE_OUTAGE_ERRORS as exc:
+        # One line, no traceback: a reconnecting crowd would flood the log.
+        logger.warning("handshake: database unavailable: %s", str(exc).strip())
+        return UNAVAILABLE
     if user is None:
         return None
     return {
@@ -165,6 +180,20 @@ async def refuse(receive: Receive, send: Send) -> None:
         await send({"type": "websocket.close"})
 
 
+async def try_again_later(receive: Receive, send: Send) -> None:
+    """Accept and close at once with 1013 and a reason the client can read."""
+    message = await receive()
+    if message["type"] == "websocket.connect":
+        await send({"type": "websocket.accept"})
+        await send(
+            {
+                "type": "websocket.close",
+                "code": protocol.CLOSE_TRY_AGAIN,
+                "reason": UNAVAILABLE_REASON,
+            }
+        )
+
+
 class ChatApplication:
     """HTTP to Django, ``/ws/`` through the handshake to the chat consumer.
 
@@ -183,6 +212,8 @@ class ChatApplication:
             del scope  # this frame lives as long as the socket: not the server's
             if accepted is None:
                 return await refuse(receive, send)
+            if isinstance(accepted, str):  # UNAVAILABLE
+                return await try_again_later(receive, send)
             return await self.websocket(accepted, receive, send)
         if kind == "lifespan":
             return await self.lifespan(receive, send)

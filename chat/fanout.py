@@ -242,15 +242,29 @@ class Hub:
                 await self.layer.group_add(group, self.channel_name)
 
     async def _receive_forever(self) -> None:
+        failures = 0
         while True:
             try:
                 event = await self.layer.receive(self.channel_name)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Redis out of reach: say so once, then retry quietly, a little
+                # slower each time (0.1 s up to 1 s), until it answers again.
+                if failures == 0:
+                    logger.exception("fan-out receive failed; retrying")
+                failures += 1
+                await asyncio.sleep(min(0.1 * failures, 1.0))
+                continue
+            if failures:
+                logger.warning("fan-out receive works again after %d tries", failures)
+                failures = 0
+            try:
                 await self.deliver(event)
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.exception("fan-out receive failed; continuing")
-                await asyncio.sleep(0.1)
+                logger.exception("fan-out delivery failed; continuing")
 
     async def deliver(self, event: HubEvent) -> None:
         """Hand a layer event to the matching local sockets.

@@ -290,7 +290,13 @@ class RedisPresence:
     async def connection_add(self, info: ConnectionInfo) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
             self._queue_connection(pipe, info, time.time())
-            await pipe.execute()
+            if self._epoch is None:
+                self._epoch_queue(pipe)
+            *_, epoch = await pipe.execute()
+        if self._epoch is None:
+            # Known from the first socket on: a Redis that loses its data
+            # before the keeper's first tick is noticed too.
+            self._epoch = epoch
 
     async def connection_set_rooms(
         self, connection_id: str, user_id: int, rooms: Iterable[str]
@@ -550,11 +556,19 @@ async def live_devices(*, user_id: int) -> set[str]:
     return await get_store().user_devices(user_id)
 
 
+# While Redis is out of reach the keeper tries this often, so that fan-out
+# groups and presence are back within about a second of its return.
+OUTAGE_RETRY_SECONDS = 1.0
+
+
 async def _keep_forever(hub: Hub) -> None:
     interval = max(settings.CHAT_HEARTBEAT / 3, 0.2)
     ticks = 0
+    failing_since: float | None = None
     while True:
-        await asyncio.sleep(interval)
+        await asyncio.sleep(
+            interval if failing_since is None else min(interval, OUTAGE_RETRY_SECONDS)
+        )
         ticks += 1
         try:
             await keep_once(hub)
@@ -563,7 +577,16 @@ async def _keep_forever(hub: Hub) -> None:
         except asyncio.CancelledError:
             raise
         except Exception:
-            logger.exception("presence keeper failed; retrying")
+            if failing_since is None:
+                failing_since = time.monotonic()
+                logger.exception("presence keeper failed; retrying every second")
+            continue
+        if failing_since is not None:
+            logger.warning(
+                "presence keeper reached Redis again after %.1f s",
+                time.monotonic() - failing_since,
+            )
+            failing_since = None
 
 
 # This process's presence keeper, once per event loop.

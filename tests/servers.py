@@ -223,3 +223,142 @@ def shadow_distribution(directory, name, version):
         f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
     )
     return Path(directory)
+
+
+def require_postgres_binary(name):
+    """The path of PostgreSQL's ``name`` (``initdb``, ``pg_ctl``).
+
+    On ``PATH``, else in the directory ``pg_config --bindir`` names (Debian keeps
+    the server's programs off ``PATH``); a missing one fails under CI and skips
+    elsewhere, as ``require_binary``.
+    """
+    if shutil.which(name) is None:
+        pg_config = shutil.which("pg_config")
+        if pg_config is not None:
+            found = subprocess.run(
+                [pg_config, "--bindir"], capture_output=True, text=True, check=False
+            )
+            candidate = Path(found.stdout.strip()) / name
+            if found.returncode == 0 and os.access(candidate, os.X_OK):
+                return str(candidate)
+    return require_binary(name)
+
+
+class PostgresServer:
+    """A PostgreSQL cluster of the test's own, on a free port; it may stop and start.
+
+    ``initdb`` refuses to run as root: then the cluster's directory and programs
+    belong to the ``postgres`` system user (``runuser``). Trust authentication on
+    127.0.0.1 only; no fsync (a test's data need not survive a crash).
+    """
+
+    def __init__(self):
+        self.initdb = require_postgres_binary("initdb")
+        self.pg_ctl = require_postgres_binary("pg_ctl")
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="chatsite-postgres-"))
+        self.as_owner = []
+        if os.geteuid() == 0:
+            import pwd
+
+            try:
+                owner = pwd.getpwnam("postgres")
+            except KeyError:
+                pytest.fail("running as root, initdb needs a 'postgres' system user")
+            os.chown(self.dir, owner.pw_uid, owner.pw_gid)
+            self.as_owner = [require_binary("runuser"), "-u", "postgres", "--"]
+        self.data = self.dir / "data"
+        self.log = self.dir / "server.log"
+        self.running = False
+
+    def url(self, database="postgres"):
+        return f"postgres://postgres@127.0.0.1:{self.port}/{database}"
+
+    def _run(self, *command):
+        done = subprocess.run(
+            [*self.as_owner, *command],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"{command[:2]} failed ({done.returncode}):\n{done.stdout}"
+                f"{done.stderr}\n{self.output()}"
+            )
+
+    def init(self):
+        self._run(
+            self.initdb,
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        )
+        return self
+
+    def start(self):
+        options = (
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        )
+        data, log = str(self.data), str(self.log)
+        self._run(self.pg_ctl, "-D", data, "-l", log, "-o", options, "-w", "start")
+        self.running = True
+        return self
+
+    def stop(self, mode="fast"):
+        """``pg_ctl stop -m <mode>``: ``fast`` ends every session at once."""
+        if self.running:
+            self._run(self.pg_ctl, "-D", str(self.data), "-m", mode, "-w", "stop")
+            self.running = False
+
+    def create_database(self, name):
+        import psycopg
+
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def output(self):
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def remove(self):
+        """Stop the cluster (immediately) and delete its directory."""
+        try:
+            self.stop(mode="immediate")
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def manage(*args, database_url, timeout=120):
+    """Run ``manage.py <args>`` on ``database_url``; return its standard output."""
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "chatsite.settings",
+        "DJANGO_SECRET_KEY": SECRET_KEY,
+        "DATABASE_URL": database_url,
+    }
+    env.pop("REDIS_URL", None)
+    done = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"manage.py {args[0]} failed:\n{done.stdout}{done.stderr}")
+    return done.stdout
