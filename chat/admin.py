@@ -53,6 +53,21 @@ class RoomAdmin(admin.ModelAdmin):
     def get_prepopulated_fields(self, request, obj=None):
         return {} if obj is not None and obj.is_direct else self.prepopulated_fields
 
+    def save_formset(self, request, form, formset, change):
+        """Memberships deleted on the room's page end through the service too.
+
+        Deleting one here must close the room to the user's open sockets, as
+        deleting it from the membership list does.
+        """
+        if formset.model is not Membership:
+            return super().save_formset(request, form, formset, change)
+        memberships = formset.save(commit=False)
+        for membership in formset.deleted_objects:
+            services.membership_remove(membership=membership, actor=request.user)
+        for membership in memberships:
+            membership.save()
+        formset.save_m2m()
+
     @admin.display(description="members")
     def member_count(self, room):
         return room.memberships.count()

@@ -164,6 +164,58 @@ def test_deleting_a_membership_in_the_admin_goes_through_the_service(
     ) == [("membership_remove", "root", "staff")]
 
 
+def change_form_data(response):
+    """What the browser would post back from an admin change page, unchanged."""
+    data = {}
+    forms = [response.context["adminform"].form]
+    for inline in response.context["inline_admin_formsets"]:
+        formset = inline.formset
+        management = formset.management_form
+        data.update(
+            {
+                management[name].html_name: management[name].value()
+                for name in management.fields
+            }
+        )
+        forms.extend(formset.forms)
+    for form in forms:
+        for name in form.fields:
+            value = form[name].value()
+            if value is True:
+                data[form[name].html_name] = "on"
+            elif value not in (False, None):
+                data[form[name].html_name] = value
+    return data
+
+
+def test_deleting_a_membership_on_the_room_page_goes_through_the_service(
+    staff_client, make_user
+):
+    bob = make_user("bob")
+    carol = make_user("carol")
+    staff = services.room_create(slug="staff", title="Staff", is_private=True)
+    removed = services.membership_add(room=staff, user=bob)
+    kept = services.membership_add(room=staff, user=carol)
+    url = reverse("admin:chat_room_change", args=[staff.pk])
+    data = change_form_data(staff_client.get(url))
+    [prefix] = [
+        key[: -len("-id")]
+        for key, value in data.items()
+        if key.endswith("-id") and str(value) == str(removed.pk)
+    ]
+    data[f"{prefix}-DELETE"] = "on"
+    response = staff_client.post(url, data)
+    assert response.status_code == 302, response.context["errors"]
+    assert list(Membership.objects.filter(room=staff).values_list("pk", flat=True)) == [
+        kept.pk
+    ]
+    assert list(
+        ModerationAction.objects.values_list(
+            "kind", "actor__username", "room__slug", "target_user"
+        )
+    ) == [("membership_remove", "root", "staff", bob.pk)]
+
+
 def test_deactivating_in_the_admin_goes_through_the_service(staff_client, make_user):
     bob = make_user("bob")
     url = reverse("admin:auth_user_changelist")
