@@ -115,23 +115,21 @@ def rate_limited(retry_after: float) -> ChatError:
     )
 
 
-async def user_refusal(
-    *, user_id: int, rate: Rate, now: float | None = None
-) -> float | None:
-    """Seconds until ``user_id`` may send a database frame again, or None: go."""
+async def user_refusal(*, user_id: int, rate: Rate) -> float | None:
+    """Seconds until ``user_id`` may send a database frame again, or None: go.
+
+    One Redis round trip, refused or not: a refusal answers the whole window,
+    the time by which every frame that counted has surely left it (asking
+    Redis when the oldest leaves would cost a second trip).
+    """
     item = RateLimitItemPerSecond(rate.count, rate.seconds)
-    limiter = _limiters.get()
-    key = str(user_id)
     try:
-        if await limiter.hit(item, "frames", key):
+        if await _limiters.get().hit(item, "frames", str(user_id)):
             return None
-        stats = await limiter.get_window_stats(item, "frames", key)
     except StorageError as exc:
         _log_outage(exc)
         return None
-    now = time.time() if now is None else now
-    # At least a tenth of a second: retry_after is always a number > 0.
-    return max(round(stats.reset_time - now, 1), 0.1)
+    return float(rate.seconds)
 
 
 def _log_outage(exc: Exception) -> None:
