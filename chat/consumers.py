@@ -138,12 +138,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
         subprotocol = choose_subprotocol(self.scope.get("subprotocols", []))
         self.binary = subprotocol == protocol.SUBPROTOCOL_BINARY
         await self.accept(subprotocol)
-        refusal = await policies.connection_refusal(
-            user_id=self.user_id, device=self.device
-        )
-        if refusal is not None:
-            await self.close_with(protocol.CLOSE_TRY_AGAIN, refusal)
-            return
         self.wire = serving.daphne_wire(self.base_send)
         if self.wire is not None:
             serving.release_handshake(self.wire)
@@ -159,6 +153,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
         policies.start_idle_watch(self.hub)
         self.hub.connections.add(self)
         await presence.connection_register(self.info())
+        refusal = await policies.connection_refusal(
+            user_id=self.user_id, connection_id=self.connection_id, device=self.device
+        )
+        if refusal is not None:
+            await self.close_with(protocol.CLOSE_TRY_AGAIN, refusal)
+            # Forgotten now, not when the client's close arrives: until then it
+            # would count against the user's next sockets.
+            await self.disconnect(protocol.CLOSE_TRY_AGAIN)
+            return
         for group in self._own_groups():
             await self.hub.add(group, self)
         if self.device is not None:

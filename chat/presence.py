@@ -111,11 +111,13 @@ class MemoryPresence:
     async def connections_list(self) -> list[ConnectionInfo]:
         return sorted(self.connections.values(), key=lambda c: c["connected_at"])
 
-    async def user_devices(self, user_id: int) -> set[str]:
+    async def user_devices(
+        self, user_id: int, excluding: str | None = None
+    ) -> set[str]:
         return {
             c["device"]
             for c in self.connections.values()
-            if c["user_id"] == user_id and c["device"]
+            if c["user_id"] == user_id and c["device"] and c["id"] != excluding
         }
 
     async def count(
@@ -342,11 +344,15 @@ class RedisPresence:
             key = self._conns_key
         return await self.redis.zcount(key, since, "+inf")
 
-    async def user_devices(self, user_id: int) -> set[str]:
+    async def user_devices(
+        self, user_id: int, excluding: str | None = None
+    ) -> set[str]:
         key = self._user_conns_key(user_id)
         ids = cast(
             list[bytes], await self.redis.zrangebyscore(key, self._live_since(), "+inf")
         )
+        if excluding is not None:
+            ids = [i for i in ids if i != excluding.encode()]
         async with self.redis.pipeline(transaction=False) as pipe:
             for connection_id in ids:
                 pipe.hget(self._conn_key(connection_id.decode()), "device")
@@ -551,9 +557,12 @@ async def live_count(
     )
 
 
-async def live_devices(*, user_id: int) -> set[str]:
-    """The device keys of a user's live sockets, on every process."""
-    return await get_store().user_devices(user_id)
+async def live_devices(*, user_id: int, excluding: str | None = None) -> set[str]:
+    """The device keys of a user's live sockets, on every process.
+
+    ``excluding``: a connection id whose device key is left out.
+    """
+    return await get_store().user_devices(user_id, excluding)
 
 
 # While Redis is out of reach the keeper tries this often, so that fan-out

@@ -3,13 +3,14 @@
 ``tests/test_application.py`` has the handshake that comes before the ``hello``.
 """
 
+import asyncio
 import json
 import struct
 
 import pytest
 from asgiref.sync import sync_to_async
 
-from chat import fanout, services
+from chat import fanout, protocol, services
 from chat.models import Membership, Message, Room
 from tests.test_application import CONNECTION_ID
 from tests.test_multiprocess import stored_message
@@ -916,6 +917,29 @@ async def test_a_socket_past_the_per_user_limit_is_closed_with_1013(
     assert await presence.live_count(user_id=alice.pk) == 2
 
 
+async def test_sockets_opened_at_once_never_pass_the_per_user_limit(
+    alice, token_for, settings
+):
+    from chat import presence
+
+    settings.CHAT_MAX_CONNECTIONS_PER_USER = 2
+    key = await adb(token_for)(alice)
+    opened = await asyncio.gather(*(open_raw(f"/ws/?token={key}") for _ in range(8)))
+    answers = [await socket.receive_output(timeout=3) for socket, _ in opened]
+    refusal = {
+        "type": "websocket.close",
+        "code": 1013,
+        "reason": "too many connections: at most 2 per user",
+    }
+    served = [a for a in answers if a != refusal]
+    assert all(a["type"] == "websocket.send" for a in served), answers
+    assert len(served) <= 2
+    assert await presence.live_count(user_id=alice.pk) == len(served)
+    for socket, _ in opened:
+        await socket.disconnect()
+    assert await presence.live_count(user_id=alice.pk) == 0
+
+
 async def test_a_device_that_replaces_its_socket_is_let_in_at_the_limit(
     connect, alice, token_for, settings
 ):
@@ -930,3 +954,54 @@ async def test_a_device_that_replaces_its_socket_is_let_in_at_the_limit(
         "code": 4409,
         "reason": "replaced by a newer connection with the same device key",
     }
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        ({"text_data": '{"type":"ping"}'}, "chat.v1.bin takes binary frames only"),
+        ({"bytes_data": b"\x00\x00"}, "binary frame is shorter than its 4-byte code"),
+        ({"bytes_data": struct.pack(">I", 99) + b"{}"}, "unknown action code 99"),
+        (
+            {"bytes_data": struct.pack(">I", 2) + b'{"room":"\xff\xfe"}'},
+            "binary frame payload is not valid JSON",
+        ),
+        (
+            {
+                "bytes_data": struct.pack(">I", 11)
+                + b'{"x":'
+                + b"[" * 30_000
+                + b"]" * 30_000
+                + b"}"
+            },
+            "binary frame payload is not valid JSON",
+        ),
+    ],
+)
+async def test_hostile_frames_under_chat_v1_bin_get_an_error_and_the_socket_goes_on(
+    connect, alice, frame, message
+):
+    _, key = await adb(services.api_token_create)(user=alice)
+    client = await connect(path=f"/ws/?token={key}", subprotocols=["chat.v1.bin"])
+    communicator = client.communicator
+    await communicator.receive_from()  # hello
+    await communicator.send_to(**frame)
+    error = await communicator.receive_from()
+    code = protocol.FRAME_CODES["error"]
+    assert (struct.unpack(">I", error[:4]), json.loads(error[4:])) == (
+        (code,),
+        {"code": "bad_request", "message": message},
+    )
+    await communicator.send_to(bytes_data=struct.pack(">I", 11) + b'{"ref":"p"}')
+    assert await communicator.receive_from() == struct.pack(">I", 12) + b'{"ref":"p"}'
+
+
+async def test_a_binary_frame_under_chat_v1_gets_an_error_and_the_socket_goes_on(
+    connect, alice
+):
+    client = await connect(alice)
+    await client.communicator.send_to(bytes_data=struct.pack(">I", 11) + b"{}")
+    assert await client.recv() == error_frame(
+        "bad_request", "chat.v1 takes JSON text frames only"
+    )
+    assert await client.request(type="ping", ref="p") == {"type": "pong", "ref": "p"}
