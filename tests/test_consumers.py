@@ -857,6 +857,66 @@ async def test_sockets_that_end_every_way_leave_nothing_behind(
     assert await watcher.nothing()
 
 
+async def test_a_handler_raising_even_while_answering_an_error_leaves_no_ghost(
+    connect, alice, bob, lobby, monkeypatch
+):
+    # The ghosts of issue 9: a socket whose handler raised (here a bug in the
+    # history selector, and a failure while building an error frame) must
+    # still leave presence, the registry, the hub and the push counts.
+    from chat import presence, selectors
+
+    watcher = await connect(bob)
+    await watcher.join("lobby")
+    crashing, erroring = await connect(alice), await connect(alice)
+    for client in (crashing, erroring):
+        await client.join("lobby")
+    assert await watcher.recv() == {
+        "type": "presence",
+        "room": "lobby",
+        "user": "alice",
+        "status": "online",
+    }
+
+    def history_bug(**options):
+        raise RuntimeError("a bug in a selector")
+
+    monkeypatch.setattr(selectors, "message_history", history_bug)
+    await crashing.send(type="history", room="lobby")
+    assert await closed_with(crashing) == {
+        "type": "websocket.close",
+        "code": 1011,
+        "reason": "server error",
+    }
+
+    def error_bug(error, *, ref):
+        raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+
+    monkeypatch.setattr(protocol, "error_from", error_bug)
+    await erroring.send(type="leave", room="nope")
+    for client in (crashing, erroring):
+        with pytest.raises((RuntimeError, UnicodeEncodeError)):
+            await client.communicator.wait(timeout=3)
+        client.connected = False
+
+    assert (
+        await until(presence.live_count, lambda n: n == 1, timeout=3, what="live") == 1
+    )
+    assert await presence.room_online(lobby) == ["bob"]
+    hub = await fanout.get_hub()
+    assert [c.connection_id for c in hub.connections] == [
+        watcher.hello["connection_id"]
+    ]
+    assert hub.local_members(fanout.user_group(alice.pk)) == ()
+    assert await services.push_to_user(user_id=alice.pk, event="e", data={}) == 0
+    assert await watcher.recv() == {
+        "type": "presence",
+        "room": "lobby",
+        "user": "alice",
+        "status": "offline",
+    }
+    assert await watcher.nothing()
+
+
 async def test_a_send_to_a_room_deleted_since_the_join_is_not_found(
     connect, alice, lobby
 ):
