@@ -1065,3 +1065,27 @@ async def test_a_binary_frame_under_chat_v1_gets_an_error_and_the_socket_goes_on
         "bad_request", "chat.v1 takes JSON text frames only"
     )
     assert await client.request(type="ping", ref="p") == {"type": "pong", "ref": "p"}
+
+
+@pytest.mark.parametrize("number", [2**53, 2**63, 10**30])
+@pytest.mark.parametrize(
+    ("frame", "field"),
+    [
+        ({"type": "join", "room": "lobby"}, "since"),
+        ({"type": "history", "room": "lobby"}, "before"),
+        ({"type": "edit", "room": "lobby", "body": "x"}, "id"),
+        ({"type": "delete", "room": "lobby"}, "id"),
+        ({"type": "read", "room": "lobby"}, "seq"),
+    ],
+)
+async def test_a_number_past_2_53_is_bad_request_and_the_socket_goes_on(
+    connect, alice, lobby, frame, field, number
+):
+    client = await connect(alice)
+    reply = await client.request(**frame, **{field: number}, ref="big")
+    assert reply == error_frame(
+        "bad_request",
+        f"{frame['type']}: Expected `int` <= 9007199254740991 - at `$.{field}`",
+        ref="big",
+    )
+    assert await client.request(type="ping", ref="p") == {"type": "pong", "ref": "p"}
