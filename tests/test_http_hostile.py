@@ -401,7 +401,7 @@ def push_cases(site):
         b"[]": 400,
         b'{"event":"e","data":1,"user":"\\u0000"}': 400,
         b'{"event":"e","data":1,"room":"\\u0000"}': 400,
-        b'{"event":"e","data":1,"connection":"\\u0000"}': 400,
+        b'{"event":"e","data":1,"connection_id":"\\u0000"}': 400,
         b'{"event":"e","data":1,"user":"\\ud800"}': 400,
         b'{"event":"e","data":"\\ud800","all":true}': 400,
         b'{"event":"e","data":1,"user":"nobody"}': 400,
