@@ -30,6 +30,10 @@ from limits import RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
+from limits.storage import MemoryStorage as SyncMemoryStorage
+from limits.storage import RedisStorage as SyncRedisStorage
+from limits.storage import Storage as SyncStorage
+from limits.strategies import MovingWindowRateLimiter as SyncMovingWindowRateLimiter
 
 from chat import protocol
 from chat.loops import PerLoop
@@ -61,7 +65,7 @@ class Rate:
 CHEAP_RATE = Rate(30, 10)
 
 
-def parse_rate(text: str) -> Rate | None:
+def parse_rate(text: str, setting: str = "CHAT_RATE_LIMIT") -> Rate | None:
     """The ``Rate`` of a setting such as ``"20/10"``; None for ``"0"`` (off)."""
     text = text.strip()
     if text in {"", "0"}:
@@ -73,8 +77,7 @@ def parse_rate(text: str) -> Rate | None:
         rate = None
     if rate is None or rate.count < 1 or rate.seconds < 1:
         raise ImproperlyConfigured(
-            f'CHAT_RATE_LIMIT must be "N/S" (N frames per S seconds) or "0", '
-            f"not {text!r}"
+            f'{setting} must be "N/S" (N per S seconds) or "0", not {text!r}'
         )
     return rate
 
@@ -99,7 +102,9 @@ _last_outage_log = -math.inf
 
 
 async def reset() -> None:
-    """Forget the running loop's counts and close its Redis client (tests)."""
+    """Forget the counts and close the running loop's Redis client (tests)."""
+    global _signup_limiter
+    _signup_limiter = None
     limiter = _limiters.pop()
     if limiter is not None and isinstance(limiter.storage, RedisStorage):
         # The redis-py bridge's client (the bridge's base class declares none).
@@ -194,3 +199,43 @@ class SocketThrottle:
             return
         self.strikes += 1
         raise rate_limited(retry_after)
+
+
+# --- sign-ups, counted by address (the HTTP views are synchronous) -------------
+
+_signup_limiter: SyncMovingWindowRateLimiter | None = None
+
+
+def _sync_storage_new() -> SyncStorage:
+    if settings.REDIS_URL:
+        return SyncRedisStorage(
+            settings.REDIS_URL,
+            key_prefix=f"{settings.CHAT_REDIS_PREFIX}:limits",
+            wrap_exceptions=True,
+            socket_timeout=REDIS_TIMEOUT,
+            socket_connect_timeout=REDIS_TIMEOUT,
+        )
+    return SyncMemoryStorage()
+
+
+def signup_refusal(*, address: str | None) -> int | None:
+    """Seconds until ``address`` may create another account, or None: go.
+
+    ``CHAT_SIGNUP_RATE`` accounts per address (a moving window, shared by every
+    process through Redis). Like the frame limit, an outage of its storage lets
+    sign-ups through.
+    """
+    global _signup_limiter
+    rate = parse_rate(settings.CHAT_SIGNUP_RATE, "CHAT_SIGNUP_RATE")
+    if rate is None or address is None:
+        return None
+    if _signup_limiter is None:
+        _signup_limiter = SyncMovingWindowRateLimiter(_sync_storage_new())
+    item = RateLimitItemPerSecond(rate.count, rate.seconds)
+    try:
+        if _signup_limiter.hit(item, "signups", address):
+            return None
+    except StorageError as exc:
+        _log_outage(exc)
+        return None
+    return rate.seconds

@@ -34,7 +34,7 @@ from django.views.decorators.http import (
     require_safe,
 )
 
-from chat import protocol, push, selectors, services
+from chat import protocol, push, selectors, services, throttle
 from chat.forms import DirectStartForm, RoomCreateForm
 from chat.models import ApiToken, Room
 from chat.protocol import FORBIDDEN, NOT_FOUND, ChatError
@@ -55,6 +55,17 @@ def signup(request: HttpRequest) -> HttpResponse:
     """Create an account, sign it in and go to the room list."""
     form: UserCreationForm = UserCreationForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
+        wait = throttle.signup_refusal(address=client_ip_address(request))
+        if wait is not None:
+            minutes = max(wait // 60, 1)
+            page = render(
+                request,
+                "registration/signup_paused.html",
+                {"minutes": minutes},
+                status=429,
+            )
+            page["Retry-After"] = str(wait)
+            return page
         user = form.save()
         login(request, user, backend="django.contrib.auth.backends.ModelBackend")
         return redirect("chat:room_list")

@@ -30,6 +30,8 @@ CHAT_RATE_LIMIT   frames that read or write the database, per user across socket
                   a client that keeps on
 CHAT_SEND_BUFFER_BYTES  bytes a socket may have waiting to be written before it
                   is closed with 1008 as too slow a reader (default 1 MiB)
+CHAT_SIGNUP_RATE  new accounts per address: "N/S" is N per S seconds (default
+                  5/3600; 0 for no limit); beyond it the sign-up page answers 429
 CHAT_LOGIN_FAILURE_LIMIT  failed sign-ins for one username from one address
                   before that pair is locked out (default 5; 0: no lockout)
 CHAT_LOGIN_COOLOFF_MINUTES  how long a lockout lasts after the pair's last
@@ -272,6 +274,8 @@ CHAT_MAX_CONNECTIONS_PER_USER = int(
 )
 # Database frames per user across sockets and processes: "N/S", or "0" for none.
 CHAT_RATE_LIMIT = os.environ.get("CHAT_RATE_LIMIT", "60/10")
+# New accounts per client address (as sign-in throttling counts it): "N/S".
+CHAT_SIGNUP_RATE = os.environ.get("CHAT_SIGNUP_RATE", "5/3600")
 # Bytes waiting to be written to one socket before it closes with 1008.
 CHAT_SEND_BUFFER_BYTES = int(os.environ.get("CHAT_SEND_BUFFER_BYTES", str(1 << 20)))
 

@@ -1,5 +1,6 @@
 """The web pages, through Django's test client."""
 
+import contextlib
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from pytest_django.asserts import assertContains, assertNotContains, assertRedir
 from chat import services
 from chat.models import Membership, Room
 from chat.protocol import NOT_FOUND, ChatError
+from tests.servers import RedisServer, this_process_uses_redis
 
 pytestmark = pytest.mark.django_db
 
@@ -83,6 +85,51 @@ def test_signup_with_different_passwords_shows_the_error_and_creates_nobody(clie
         "password2": ["The two password fields didn’t match."]
     }
     assert get_user_model().objects.filter(username="dora").exists() is False
+
+
+def sign_up(client, username, address):
+    return client.post(
+        "/accounts/signup/",
+        {
+            "username": username,
+            "password1": "a-long-pass-9876",
+            "password2": "a-long-pass-9876",
+        },
+        REMOTE_ADDR=address,
+    )
+
+
+@pytest.mark.parametrize(
+    "storage", ["memory", pytest.param("redis", marks=pytest.mark.redis)]
+)
+def test_sign_ups_past_chat_signup_rate_from_one_address_are_paused(
+    client, settings, storage
+):
+    settings.CHAT_SIGNUP_RATE = "2/3600"
+    with contextlib.ExitStack() as stack:
+        if storage == "redis":
+            redis_server = RedisServer().start()
+            stack.callback(redis_server.stop)
+            stack.enter_context(this_process_uses_redis(redis_server.url))
+        for name in ("dora", "erik"):
+            assertRedirects(sign_up(client, name, "203.0.113.7"), "/")
+            client.logout()
+        paused = sign_up(client, "fred", "203.0.113.7")
+        assert paused.status_code == 429
+        assert paused["Retry-After"] == "3600"
+        assertContains(paused, "Try again in 60 minutes.", status_code=429)
+        assertRedirects(sign_up(client, "gina", "198.51.100.2"), "/")
+    users = (
+        get_user_model().objects.order_by("username").values_list("username", flat=True)
+    )
+    assert list(users) == ["dora", "erik", "gina"]
+
+
+def test_chat_signup_rate_0_lets_every_sign_up_through(client, settings):
+    settings.CHAT_SIGNUP_RATE = "0"
+    for n in range(7):
+        assertRedirects(sign_up(client, f"user{n}", "203.0.113.7"), "/")
+        client.logout()
 
 
 def test_signup_page_shows_the_form(client):
