@@ -134,3 +134,26 @@ def test_behind_the_tls_proxy_a_page_carries_the_policy_with_wss_and_hsts():
         "style-src 'self'",
         "max-age=31536000; includeSubDomains; preload",
     ], done.stderr
+
+
+LIMITS = (
+    "CHAT_RATE_LIMIT",
+    "CHAT_SEND_BUFFER_BYTES",
+    "CHAT_MAX_CONNECTIONS_PER_USER",
+    "CHAT_SIGNUP_RATE",
+)
+
+
+def test_the_limits_default_to_what_docs_protocol_md_says():
+    assert settings_values(*LIMITS) == ["'60/10'", "1048576", "20", "'5/3600'"]
+
+
+def test_the_limits_come_from_the_environment():
+    values = settings_values(
+        *LIMITS,
+        CHAT_RATE_LIMIT="20/10",
+        CHAT_SEND_BUFFER_BYTES="65536",
+        CHAT_MAX_CONNECTIONS_PER_USER="3",
+        CHAT_SIGNUP_RATE="0",
+    )
+    assert values == ["'20/10'", "65536", "3", "'0'"]
