@@ -1023,7 +1023,7 @@ async def test_signing_out_closes_that_sessions_sockets_only(connect, alice):
     response = await adb(signing_out.post)("/accounts/logout/")
 
     assert (response.status_code, response["Location"]) == (302, "/accounts/login/")
-    assert await closed_with(closing) == {
+    assert await closed_with(closing, timeout=2) == {  # the bound
         "type": "websocket.close",
         "code": 4403,
         "reason": "signed out",
