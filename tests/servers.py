@@ -97,9 +97,11 @@ class DaphneServer:
         extra_env=None,
         verbosity=1,
         application="chatsite.asgi:application",
+        daphne_args=(),
     ):
         self.port = free_port()
         self.application = application
+        self.daphne_args = tuple(daphne_args)  # more of daphne's own options
         # 0 drops the access log (a line per socket) and keeps warnings, errors.
         self.verbosity = verbosity
         self.env = {
@@ -141,6 +143,7 @@ class DaphneServer:
                 str(self.port),
                 "--verbosity",
                 str(self.verbosity),
+                *self.daphne_args,
                 self.application,
             ],
             cwd=ROOT,
