@@ -8,6 +8,8 @@ import redis.asyncio
 from asgiref.sync import sync_to_async
 from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
+from limits import RateLimitItemPerSecond
+from limits.aio.strategies import MovingWindowRateLimiter
 from websockets.asyncio.client import connect as ws_connect
 
 from chat import throttle
@@ -193,6 +195,49 @@ async def limit_commands(redis_url, during):
         listener.cancel()
     await client.aclose()
     return seen
+
+
+def test_a_lease_is_a_tenth_of_the_limit_from_1_to_20():
+    limits = (1, 9, 10, 60, 199, 200, 10**6)
+    sizes = [throttle.lease_size(Rate(n, 10)) for n in limits]
+    assert sizes == [1, 1, 1, 6, 19, 20, 20]
+
+
+@pytest.mark.redis
+async def test_a_lease_lets_its_frames_through_without_asking_redis(redis_server):
+    # 60/10: leases of 6. 60 frames take 10 counts; the 61st finds no room
+    # for a lease and is refused with the window's length.
+    rate = Rate(60, 10)
+    with this_process_uses_redis(redis_server.url):
+        await throttle.reset()
+        await throttle.user_refusal(user_id=2000, rate=rate)  # loads the script
+
+        async def frames():
+            answers = [
+                await throttle.user_refusal(user_id=2001, rate=rate) for _ in range(61)
+            ]
+            assert answers == [None] * 60 + [10.0]
+
+        assert await limit_commands(redis_server.url, frames) == ["EVALSHA"] * 11
+        # Another process (here: the store, asked directly) sees all 60 taken.
+        await throttle.reset()
+        assert await throttle.user_refusal(user_id=2001, rate=Rate(60, 10)) == 10.0
+        await throttle.reset()
+
+
+@pytest.mark.redis
+async def test_a_lease_that_no_longer_fits_is_refused_whole(redis_server):
+    # 60/10 with 57 taken by another process: a lease of 6 does not fit, so
+    # the frame is refused although 3 slots are left (at most 5 frames early).
+    rate = Rate(60, 10)
+    item = RateLimitItemPerSecond(60, 10)
+    with this_process_uses_redis(redis_server.url):
+        await throttle.reset()
+        limiter = MovingWindowRateLimiter(throttle._storage_new())
+        assert await limiter.hit(item, "frames", "2002", cost=57) is True
+        assert await throttle.user_refusal(user_id=2002, rate=rate) == 10.0
+        assert await limiter.hit(item, "frames", "2002", cost=3) is True
+        await throttle.reset()
 
 
 @pytest.mark.redis
