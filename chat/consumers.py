@@ -418,9 +418,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await presence.connection_rooms_changed(self)
         room = await db(selectors.room_get)(slug=slug)
         self.rooms[slug] = room
-        online = await presence.room_online(room)
+        online, online_count = await presence.room_online(room)
         await self.send_frame(
-            protocol.joined(room=room, online=online, read_seq=read_seq, ref=frame.ref)
+            protocol.joined(
+                room=room,
+                online=online,
+                online_count=online_count,
+                read_seq=read_seq,
+                ref=frame.ref,
+            )
         )
         since = frame.since
         if since is not None:

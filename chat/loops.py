@@ -6,11 +6,14 @@ store, the writer, the keeper tasks) is kept per loop, and dropped with it.
 """
 
 import asyncio
+import logging
 import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 
 class PerLoop(Generic[T]):
@@ -64,3 +67,36 @@ async def cancel_and_wait(task: asyncio.Task) -> None:
         await task
     except asyncio.CancelledError:
         pass
+
+
+class RoomTasks:
+    """Short tasks started per room, kept once per event loop until they end.
+
+    Each runs ``coroutine_function(room)``; an exception is logged, not lost.
+    ``stop`` cancels those still running (tests, between two).
+    """
+
+    def __init__(
+        self, coroutine_function: Callable[..., Coroutine[Any, Any, Any]], what: str
+    ) -> None:
+        self.coroutine_function = coroutine_function
+        self.what = what
+        self.running: PerLoop[set[asyncio.Task[Any]]] = PerLoop(set)
+
+    def start(self, room: Any) -> None:
+        running = self.running.get()
+        task = asyncio.get_running_loop().create_task(self._run(room))
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    async def _run(self, room: Any) -> None:
+        try:
+            await self.coroutine_function(room)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("%s for %s failed", self.what, room)
+
+    async def stop(self) -> None:
+        for task in list(self.running.pop() or ()):
+            await cancel_and_wait(task)

@@ -86,6 +86,7 @@ FRAME_CODES: Final = {
     "read": 21,
     "recovered": 22,
     "removed": 23,
+    "presence_batch": 24,
 }
 FRAME_TYPES: Final = {code: name for name, code in FRAME_CODES.items()}
 
@@ -322,7 +323,8 @@ class Joined(Reply, tag="joined"):
     room: str
     title: str
     last_seq: int
-    online: list[str]
+    online: list[str]  # at most presence.ONLINE_LISTED of them
+    online_count: int
     read_seq: int
     private: bool
     direct: bool
@@ -364,6 +366,13 @@ class Presence(ServerFrame, tag="presence"):
     room: str
     user: str
     status: str
+
+
+class PresenceBatch(ServerFrame, tag="presence_batch"):
+    room: str
+    online: list[str]
+    offline: list[str]
+    online_count: int
 
 
 class MessageEdited(ServerFrame, tag="message_edited"):
@@ -461,12 +470,20 @@ def hello(*, connection_id: str, user: Any, heartbeat: int) -> Hello:
     )
 
 
-def joined(*, room: Any, online: list[str], read_seq: int, ref: str | None) -> Joined:
+def joined(
+    *,
+    room: Any,
+    online: list[str],
+    online_count: int,
+    read_seq: int,
+    ref: str | None,
+) -> Joined:
     return Joined(
         room=room.slug,
         title=room.title,
         last_seq=room.last_seq,
         online=online,
+        online_count=online_count,
         read_seq=read_seq,
         private=room.is_private,
         direct=room.is_direct,
@@ -512,6 +529,18 @@ def typing(*, room_slug: str, username: str) -> TypingFrame:
 
 def presence(*, room_slug: str, username: str, status: str) -> Presence:
     return Presence(room=room_slug, user=username, status=status)
+
+
+def presence_batch(
+    *, room_slug: str, changes: dict[str, str], online_count: int
+) -> PresenceBatch:
+    """Who came online and who went offline (``changes``: username -> status)."""
+    return PresenceBatch(
+        room=room_slug,
+        online=sorted(u for u, status in changes.items() if status == "online"),
+        offline=sorted(u for u, status in changes.items() if status == "offline"),
+        online_count=online_count,
+    )
 
 
 def message_edited(*, room_slug: str, message: Any) -> MessageEdited:

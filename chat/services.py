@@ -8,6 +8,7 @@ for the async services that store nothing (typing, presence, push).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import Iterable, Sequence
@@ -26,6 +27,7 @@ from django.db import (
 from django.utils import timezone
 
 from chat import fanout, presence, protocol, selectors
+from chat.loops import RoomTasks
 from chat.models import (
     ApiToken,
     Ban,
@@ -794,21 +796,34 @@ def _presence_frame(room: Room, username: str, status: str) -> protocol.Presence
     return protocol.presence(room_slug=room.slug, username=username, status=status)
 
 
+# Up to this many users online, each change is a presence frame; above, the
+# room's changes go out together, one presence_batch a second at most.
+PRESENCE_BATCH_ABOVE = 50
+PRESENCE_BATCH_SECONDS = 1.0
+
+
 async def room_presence_enter(*, room: Room, connection_id: str, user: User) -> None:
     """Record a socket in ``room``; tell the others if the user just came online."""
-    first = await presence.room_enter(room=room, connection_id=connection_id, user=user)
+    first, online_count = await presence.room_enter(
+        room=room, connection_id=connection_id, user=user
+    )
     if first:
-        frame = _presence_frame(room, user.get_username(), "online")
-        await _emit_now(_to_room(room, frame, exclude_user=user.pk))
+        await _presence_change(
+            room, user.get_username(), "online", online_count, exclude_user=user.pk
+        )
 
 
 async def room_presence_exit(*, room: Room, connection_id: str, user: User) -> None:
     """Forget a socket in ``room``; tell the others if it was the user's last."""
-    if await presence.room_exit_begin(
+    last, online_count = await presence.room_exit_begin(
         room=room, connection_id=connection_id, user=user
-    ):
-        frame = _presence_frame(room, user.get_username(), "offline")
-        await _emit_now(_to_room(room, frame, exclude_user=user.pk))
+    )
+    if last:
+        # Counted as it was, the user still in: a room at the threshold
+        # batches both ways.
+        await _presence_change(
+            room, user.get_username(), "offline", online_count + 1, exclude_user=user.pk
+        )
     # Not reached when emitting fails or the process dies first: the entry
     # stays leaving, and a sweep reports the user gone a heartbeat later.
     await presence.room_exit_end(room=room, connection_id=connection_id, user=user)
@@ -819,7 +834,44 @@ async def room_presence_sweep_report(*, gone: Iterable[tuple[int, str]]) -> None
     for room_id, username in gone:
         room = await selectors.room_get_by_id_async(room_id)
         if room is not None:
-            await _emit_now(_to_room(room, _presence_frame(room, username, "offline")))
+            online_count = await presence.room_online_count(room)
+            await _presence_change(room, username, "offline", online_count + 1)
+
+
+async def _presence_change(
+    room: Room,
+    username: str,
+    status: str,
+    online_count: int,
+    *,
+    exclude_user: int | None = None,
+) -> None:
+    """One user's change of presence, told to the room.
+
+    ``online_count`` is the room's, the user counted. Up to the threshold it
+    is a presence frame now; above, it waits for the room's next
+    presence_batch, which the process that found none due sends a second
+    later, built once for every member on every process.
+    """
+    if online_count <= PRESENCE_BATCH_ABOVE:
+        frame = _presence_frame(room, username, status)
+        await _emit_now(_to_room(room, frame, exclude_user=exclude_user))
+        return
+    if await presence.room_batch_add(room=room, username=username, status=status):
+        presence_batches.start(room)
+
+
+async def _presence_batch_send(room: Room) -> None:
+    await asyncio.sleep(PRESENCE_BATCH_SECONDS)
+    changes, online_count = await presence.room_batch_take(room=room)
+    if changes:
+        frame = protocol.presence_batch(
+            room_slug=room.slug, changes=changes, online_count=online_count
+        )
+        await _emit_now(_to_room(room, frame))
+
+
+presence_batches = RoomTasks(_presence_batch_send, "presence batch")
 
 
 async def _push(delivery: fanout.Delivery, event: str, count: int) -> int:

@@ -24,6 +24,7 @@ async def fresh_hub():
         "the test left CHANNEL_LAYERS or REDIS_URL overridden"
     )
     await presence.stop_keeper()
+    await services.presence_batches.stop()
     await policies.stop_idle_watch()
     await fanout.stop_hub()
     await presence.reset_store()

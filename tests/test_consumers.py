@@ -106,6 +106,7 @@ async def test_join_replies_joined_with_room_state(connect, alice, lobby):
         "title": "The Lobby",
         "last_seq": 0,
         "online": ["alice"],
+        "online_count": 1,
         "read_seq": 0,
         "private": False,
         "direct": False,
@@ -146,6 +147,7 @@ async def test_join_private_room_as_member_works(connect, alice, bob):
         "title": "Staff",
         "last_seq": 0,
         "online": ["bob"],
+        "online_count": 1,
         "read_seq": 0,
         "private": True,
         "direct": False,
@@ -175,6 +177,7 @@ async def test_join_since_recovers_missed_messages_in_order(connect, alice, bob,
         "title": "The Lobby",
         "last_seq": 5,
         "online": ["alice", "bob"],
+        "online_count": 2,
         "read_seq": 0,
         "private": False,
         "direct": False,
@@ -256,6 +259,7 @@ async def test_presence_online_once_per_user_and_offline_after_last_socket(
         "title": "The Lobby",
         "last_seq": 0,
         "online": ["alice", "bob"],
+        "online_count": 2,
         "read_seq": 0,
         "private": False,
         "direct": False,
@@ -672,6 +676,7 @@ async def test_read_stores_the_marker_without_reply(connect, alice, lobby):
         "title": "The Lobby",
         "last_seq": 3,
         "online": ["alice"],
+        "online_count": 1,
         "read_seq": 3,
         "private": False,
         "direct": False,
@@ -708,6 +713,7 @@ async def test_dm_reaches_the_other_user_without_a_join(connect, alice, bob):
         "title": "alice & bob",
         "last_seq": 1,
         "online": ["bob"],
+        "online_count": 1,
         "read_seq": 0,
         "private": True,
         "direct": True,
@@ -768,6 +774,7 @@ async def test_binary_subprotocol_frames_carry_a_4_byte_action_code(
         "title": "The Lobby",
         "last_seq": 0,
         "online": ["alice"],
+        "online_count": 1,
         "read_seq": 0,
         "private": False,
         "direct": False,
@@ -797,6 +804,63 @@ async def test_same_device_key_replaces_the_older_connection(connect, bob, token
     }
     assert await new.request(type="ping") == {"type": "pong"}
     assert await laptop.request(type="ping") == {"type": "pong"}
+
+
+# --- presence in big rooms ------------------------------------------------------
+
+
+async def test_past_50_online_a_room_gets_one_presence_batch_a_second(
+    connect, make_user, lobby
+):
+    from chat import services
+
+    users = [await adb(make_user)(f"u{n:02}") for n in range(55)]
+    watcher = await connect(users[0])
+    await watcher.join("lobby")
+    clients = [watcher]
+    for user in users[1:]:
+        client = await connect(user)
+        joined = await client.join("lobby")
+        clients.append(client)
+    assert (joined["online_count"], len(joined["online"])) == (55, 55)
+    # Up to 50 online, each arrival is a frame of its own...
+    presence_of = {"type": "presence", "room": "lobby", "status": "online"}
+    assert [await watcher.recv() for _ in range(49)] == [
+        {**presence_of, "user": f"u{n:02}"} for n in range(1, 50)
+    ]
+    # ...past it, the room's changes come together, a second later at most.
+    batch = await watcher.recv(timeout=services.PRESENCE_BATCH_SECONDS + 2)
+    assert batch == {
+        "type": "presence_batch",
+        "room": "lobby",
+        "online": [f"u{n:02}" for n in range(50, 55)],
+        "offline": [],
+        "online_count": 55,
+    }
+    assert await watcher.nothing(timeout=0.5)
+    # Every member gets the same batch, the newcomers too.
+    assert await clients[54].recv(timeout=3) == batch
+    await clients[54].close()
+    clients[54].connected = False
+    await clients[53].request(type="leave", room="lobby")
+    assert await watcher.recv(timeout=services.PRESENCE_BATCH_SECONDS + 2) == {
+        "type": "presence_batch",
+        "room": "lobby",
+        "online": [],
+        "offline": ["u53", "u54"],
+        "online_count": 53,
+    }
+
+
+async def test_joined_lists_100_of_the_users_online_and_counts_them_all(
+    connect, make_user, lobby
+):
+    users = [await adb(make_user)(f"u{n:03}") for n in range(102)]
+    for user in users[:101]:
+        await (await connect(user)).join("lobby")
+    joined = await (await connect(users[101])).join("lobby")
+    assert joined["online"] == [f"u{n:03}" for n in range(100)]
+    assert joined["online_count"] == 102
 
 
 # --- however a socket ends -----------------------------------------------------
@@ -839,11 +903,11 @@ async def test_sockets_that_end_every_way_leave_nothing_behind(
     await until(presence.live_count, lambda n: n == 1, timeout=3, what="live")
     online = await until(
         lambda: presence.room_online(lobby),
-        lambda o: o == ["bob"],
+        lambda o: o == (["bob"], 1),
         timeout=3,
         what="online",
     )
-    assert online == ["bob"]
+    assert online == (["bob"], 1)
     hub = await fanout.get_hub()
     assert [c.connection_id for c in hub.connections] == [
         watcher.hello["connection_id"]
@@ -901,7 +965,7 @@ async def test_a_handler_raising_even_while_answering_an_error_leaves_no_ghost(
     assert (
         await until(presence.live_count, lambda n: n == 1, timeout=3, what="live") == 1
     )
-    assert await presence.room_online(lobby) == ["bob"]
+    assert await presence.room_online(lobby) == (["bob"], 1)
     hub = await fanout.get_hub()
     assert [c.connection_id for c in hub.connections] == [
         watcher.hello["connection_id"]

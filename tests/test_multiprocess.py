@@ -152,6 +152,7 @@ def joined_frame(slug, *, online, last_seq=0, read_seq=0, **extra):
         "title": f"Room {slug}",
         "last_seq": last_seq,
         "online": online,
+        "online_count": len(online),
         "read_seq": read_seq,
         "private": False,
         "direct": False,
@@ -373,6 +374,47 @@ async def test_presence_crosses_processes_on_join_leave_and_disconnect(
     assert await alice.recv() == presence("hall", "bob", "offline")
     await alice.nothing()
     await carol_again.nothing()
+
+
+async def test_a_big_room_gets_one_presence_batch_a_second_across_processes(
+    server_a, server_b, open_client
+):
+    # 56 users online in "arena", joining on both processes: past 50, a
+    # watcher on each process gets the changes of the last 6 in one batch,
+    # although half of them joined on the other process.
+    await room_create("arena")
+    servers = [server_a, server_b]
+    clients = []
+    for n in range(56):
+        _, key = await user_with_key(f"a{n:02}")
+        client = await open_client(servers[n % 2], key, f"a{n:02}")
+        joined = await client.join("arena")
+        clients.append(client)
+    assert joined["online_count"] == 56
+    for watcher in clients[:2]:
+        frames = [await watcher.expect("presence_batch", skip=("presence",))]
+        assert frames == [
+            {
+                "type": "presence_batch",
+                "room": "arena",
+                "online": [f"a{n:02}" for n in range(50, 56)],
+                "offline": [],
+                "online_count": 56,
+            }
+        ]
+    # One batch for the room, not one per process: nothing else comes.
+    for watcher in clients[:2]:
+        await watcher.nothing()
+    await clients[55].send(type="leave", room="arena")
+    await clients[54].send(type="leave", room="arena")
+    for watcher in clients[:2]:
+        assert await watcher.expect("presence_batch", skip=("presence",)) == {
+            "type": "presence_batch",
+            "room": "arena",
+            "online": [],
+            "offline": ["a54", "a55"],
+            "online_count": 54,
+        }
 
 
 async def test_users_of_a_killed_process_go_offline_within_twice_the_heartbeat(

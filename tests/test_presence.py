@@ -53,13 +53,13 @@ async def stores(redis_url):
 
 async def test_a_leaving_entry_is_out_of_the_online_list_at_once(stores):
     x, y = stores
-    assert await x.enter(ROOM, "c1", 1, "alice") is True
+    assert await x.enter(ROOM, "c1", 1, "alice") == (True, 1)
     bob_entered = time.time()  # the store scores entries by this clock
-    assert await y.enter(ROOM, "c2", 2, "bob") is True
-    assert await y.online(ROOM) == ["alice", "bob"]
+    assert await y.enter(ROOM, "c2", 2, "bob") == (True, 2)
+    assert await y.online(ROOM, 100) == (["alice", "bob"], 2)
 
-    assert await x.exit_begin(ROOM, "c1", 1, "alice") is True
-    assert await y.online(ROOM) == ["bob"]
+    assert await x.exit_begin(ROOM, "c1", 1, "alice") == (True, 1)
+    assert await y.online(ROOM, 100) == (["bob"], 1)
     assert await y.count(room_id=ROOM) == 1
     # A fresh leaving entry is its own process's to report, not the sweep's.
     assert await y.sweep() == []
@@ -69,7 +69,7 @@ async def test_a_leaving_entry_is_out_of_the_online_list_at_once(stores):
     gone, reported = await first_report(y, "bob never reported offline")
     assert gone == [(ROOM, "bob")]
     assert reported - bob_entered > HEARTBEAT
-    assert await y.online(ROOM) == []
+    assert await y.online(ROOM, 100) == ([], 0)
 
 
 async def test_a_process_killed_while_its_user_leaves_still_reports_them_offline(
@@ -80,7 +80,7 @@ async def test_a_process_killed_while_its_user_leaves_still_reports_them_offline
     # X marks alice's socket as leaving, then dies before publishing "offline"
     # and before removing the entry.
     began_leaving = time.time()  # the store scores entries by this clock
-    assert await x.exit_begin(ROOM, "c1", 1, "alice") is True
+    assert await x.exit_begin(ROOM, "c1", 1, "alice") == (True, 0)
     assert await y.sweep() == []
 
     # Left leaving for a heartbeat, the entry is the sweep's to report.
@@ -88,21 +88,21 @@ async def test_a_process_killed_while_its_user_leaves_still_reports_them_offline
     assert gone == [(ROOM, "alice")]
     assert reported - began_leaving > HEARTBEAT
     assert await y.sweep() == []  # reported once
-    assert await y.online(ROOM) == []
+    assert await y.online(ROOM, 100) == ([], 0)
 
 
 async def test_leaving_one_of_two_sockets_is_not_the_last(stores):
     x, y = stores
-    assert await x.enter(ROOM, "c1", 1, "alice") is True
-    assert await y.enter(ROOM, "c2", 1, "alice") is False
-    assert await x.exit_begin(ROOM, "c1", 1, "alice") is False
+    assert await x.enter(ROOM, "c1", 1, "alice") == (True, 1)
+    assert await y.enter(ROOM, "c2", 1, "alice") == (False, 1)
+    assert await x.exit_begin(ROOM, "c1", 1, "alice") == (False, 1)
     await x.exit_end(ROOM, "c1", 1, "alice")
-    assert await y.online(ROOM) == ["alice"]
-    assert await y.exit_begin(ROOM, "c2", 1, "alice") is True
+    assert await y.online(ROOM, 100) == (["alice"], 1)
+    assert await y.exit_begin(ROOM, "c2", 1, "alice") == (True, 0)
     # Leaving twice (a retry) reports nothing the second time.
-    assert await y.exit_begin(ROOM, "c2", 1, "alice") is False
+    assert await y.exit_begin(ROOM, "c2", 1, "alice") == (False, 0)
     await y.exit_end(ROOM, "c2", 1, "alice")
-    assert await x.online(ROOM) == []
+    assert await x.online(ROOM, 100) == ([], 0)
 
 
 async def _no_groups_to_restore():
@@ -152,7 +152,46 @@ async def test_the_keeper_reports_the_user_of_a_dead_process_through_the_layer(
 
 async def test_leaving_twice_in_memory_reports_the_user_offline_once():
     store = presence.MemoryPresence()
-    assert await store.enter(1, "p-1", 7, "alice") is True
-    assert await store.exit_begin(1, "p-1", 7, "alice") is True
-    assert await store.exit_begin(1, "p-1", 7, "alice") is False
-    assert await store.online(1) == []
+    assert await store.enter(1, "p-1", 7, "alice") == (True, 1)
+    assert await store.exit_begin(1, "p-1", 7, "alice") == (True, 0)
+    assert await store.exit_begin(1, "p-1", 7, "alice") == (False, 0)
+    assert await store.online(1, 100) == ([], 0)
+
+
+# --- big rooms: counts without reading entries, batches ---------------------------
+
+
+async def test_a_room_counts_its_users_not_their_sockets(stores):
+    x, y = stores
+    for n in range(150):
+        assert await (x if n % 2 else y).enter(ROOM, f"c{n}", n, f"u{n:03}") == (
+            True,
+            n + 1,
+        )
+    assert await y.enter(ROOM, "c-second", 3, "u003") == (False, 150)
+    names, count = await x.online(ROOM, 100)
+    assert count == 150
+    assert len(names) == 100 and names == sorted(names)
+    assert set(names) <= {f"u{n:03}" for n in range(150)}
+    assert await y.online_count(ROOM) == 150
+    assert await x.exit_begin(ROOM, "c3", 3, "u003") == (False, 150)
+    assert await y.exit_begin(ROOM, "c-second", 3, "u003") == (True, 149)
+
+
+async def test_the_memory_store_lists_the_first_100_names_and_counts_all():
+    store = presence.MemoryPresence()
+    for n in range(150):
+        await store.enter(ROOM, f"c{n}", n, f"u{n:03}")
+    assert await store.online(ROOM, 100) == ([f"u{n:03}" for n in range(100)], 150)
+
+
+@pytest.mark.parametrize("kind", ["redis", "memory"])
+async def test_one_process_sends_a_rooms_next_batch_whoever_adds_to_it(stores, kind):
+    x, y = stores if kind == "redis" else (presence.MemoryPresence(),) * 2
+    await x.enter(ROOM, "c1", 1, "alice")
+    assert await x.batch_add(ROOM, "alice", "online") is True  # x sends it
+    assert await y.batch_add(ROOM, "bob", "online") is False
+    assert await y.batch_add(ROOM, "bob", "offline") is False  # the last one holds
+    assert await x.batch_take(ROOM) == ({"alice": "online", "bob": "offline"}, 1)
+    assert await y.batch_take(ROOM) == ({}, 1)
+    assert await y.batch_add(ROOM, "carol", "online") is True  # the next one

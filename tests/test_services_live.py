@@ -130,7 +130,7 @@ async def test_room_presence_enter_tells_the_room_of_the_first_socket_only(
 
     assert first == frame_event(group, presence_frame("online"), exclude_user=alice.pk)
     assert await listener.nothing_more()
-    assert await presence.room_online(lobby) == ["alice"]
+    assert await presence.room_online(lobby) == (["alice"], 1)
 
 
 async def test_room_presence_exit_tells_the_room_of_the_last_socket_only(
@@ -151,7 +151,7 @@ async def test_room_presence_exit_tells_the_room_of_the_last_socket_only(
         group, presence_frame("offline"), exclude_user=alice.pk
     )
     assert await listener.nothing_more()
-    assert await presence.room_online(lobby) == []
+    assert await presence.room_online(lobby) == ([], 0)
 
 
 async def test_room_presence_sweep_report_tells_each_room_its_users_went_offline(

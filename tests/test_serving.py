@@ -294,6 +294,7 @@ def joined(slug, online, ref):
         "title": f"Room {slug}",
         "last_seq": 0,
         "online": online,
+        "online_count": len(online),
         "read_seq": 0,
         "private": False,
         "direct": False,
