@@ -19,6 +19,7 @@
   const GAP_WAIT_MS = 500;
   const BACKOFF_FIRST_MS = 500;
   const BACKOFF_MAX_MS = 10000;
+  const FIRST_AFTER_1001_MS = 2000; // a deploy: every tab's first retry spread over this
   const TYPING_EVERY_MS = 3000;
   const TYPING_SHOWN_MS = 4000;
   const READ_DEBOUNCE_MS = 1000;
@@ -45,6 +46,7 @@
   let attempt = 0; // reconnect attempts since the last good join
   let reconnectTimer = null;
   let countdownTimer = null;
+  let closeCode = null; // of the socket that closed last
   let stopped = false; // no more reconnects: page left, banned, replaced
   let joined = false;
   let snapshotLoaded = false; // the first history page is on screen
@@ -117,7 +119,17 @@
       showStatus("This page was opened elsewhere.", 0);
       return;
     }
+    closeCode = event.code;
     scheduleReconnect();
+  }
+
+  // Full jitter: anywhere in [0, ceiling), so tabs dropped together come back
+  // apart. After a 1001 (server going away) the first retry is spread over
+  // FIRST_AFTER_1001_MS: another process is up already. `random` is in [0, 1).
+  function reconnectDelay(attempt, closeCode, random) {
+    if (attempt === 0 && closeCode === 1001) return Math.floor(random * FIRST_AFTER_1001_MS);
+    const ceiling = Math.min(BACKOFF_MAX_MS, BACKOFF_FIRST_MS * 2 ** attempt);
+    return Math.floor(random * ceiling);
   }
 
   function scheduleReconnect() {
@@ -126,9 +138,7 @@
       setState("offline", "offline");
       return; // the browser's "online" event reconnects
     }
-    const ceiling = Math.min(BACKOFF_MAX_MS, BACKOFF_FIRST_MS * 2 ** attempt);
-    // Jitter spreads the reconnects of many tabs after a server restart.
-    const delay = ceiling / 2 + Math.random() * (ceiling / 2);
+    const delay = reconnectDelay(attempt, closeCode, Math.random());
     attempt += 1;
     const due = Date.now() + delay;
     const tick = () => {
@@ -657,6 +667,9 @@
       reconnectNow();
     }
   });
+
+  // For tests: the pure parts, and the constants they use.
+  window.chatsite = { reconnectDelay, BACKOFF_FIRST_MS, BACKOFF_MAX_MS, FIRST_AFTER_1001_MS };
 
   connect();
 })();
