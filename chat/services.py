@@ -831,11 +831,19 @@ async def room_presence_exit(*, room: Room, connection_id: str, user: User) -> N
 
 async def room_presence_sweep_report(*, gone: Iterable[tuple[int, str]]) -> None:
     """Report offline the users a presence sweep found gone: (room_id, username)."""
+    by_room: dict[int, list[str]] = {}
     for room_id, username in gone:
+        by_room.setdefault(room_id, []).append(username)
+    # One read of the room and of its count per room, however many went: a
+    # dead process may leave a thousand users of one room behind.
+    for room_id, usernames in by_room.items():
         room = await selectors.room_get_by_id_async(room_id)
-        if room is not None:
-            online_count = await presence.room_online_count(room)
-            await _presence_change(room, username, "offline", online_count + 1)
+        if room is None:
+            continue
+        # Counted as it was, all of them still in.
+        online_count = await presence.room_online_count(room) + len(usernames)
+        for username in usernames:
+            await _presence_change(room, username, "offline", online_count)
 
 
 async def _presence_change(
