@@ -1,7 +1,7 @@
 """Benchmark chatsite (and the tutorial's plain Channels chat): ``make bench``.
 
     python -m bench [--servers N] [--clients K] [--baseline | --compare]
-                    [--scenario fanout100,fanout1000,rooms,idle,persist] [--quick]
+                    [--scenario fanout100,...,joinstorm,reconnectstorm] [--quick]
                     [--fast-path on|off]
 
 Starts its own redis-server and N daphne processes (pinned to the first core),
@@ -97,10 +97,19 @@ def seed_spec(durations):
     members = scenarios.ROOM_MEMBERS
     for k in range(scenarios.ROOMS):
         rooms[f"r{k:03d}"] = list(range(k * members, (k + 1) * members))
+    rooms[scenarios.JOINSTORM_ROOM] = list(range(durations.storm_sockets))
+    # The reconnect storm: members already, as after a deploy.
+    big = durations.reconnect_big
+    rooms[scenarios.RECONNECT_BIG_ROOM] = list(range(big))
+    small = scenarios.RECONNECT_SMALL_USERS
+    for k in range(durations.reconnect_rooms):
+        rooms[f"rs{k:03d}"] = list(range(big + k * small, big + (k + 1) * small))
+    users = big + durations.reconnect_rooms * small
     per_room = scenarios.IDLE_PER_ROOM
     for k in range(durations.idle_sockets // per_room):
         rooms[f"idle{k:04d}"] = list(range(k * per_room, (k + 1) * per_room))
-    return {"users": max(durations.idle_sockets, 1000), "rooms": rooms}
+    users = max(durations.idle_sockets, 1000, durations.storm_sockets, users)
+    return {"users": users, "rooms": rooms}
 
 
 def versions():

@@ -21,6 +21,8 @@ from collections import Counter, defaultdict
 
 from picows import WSListener, WSMsgType, ws_connect
 
+from bench.members import StormCommands
+
 MARK = b"~"
 BODY_CHARS = 100
 HANDSHAKE_TIMEOUT = 60.0
@@ -129,7 +131,7 @@ class BenchSocket(WSListener):
         self.client.sent[step][self.room] += 1
 
 
-class Client:
+class Client(StormCommands):
     """One client process: its sockets and what they counted, per step."""
 
     def __init__(self, pipe, index, kind):
@@ -148,6 +150,7 @@ class Client:
         self.acks_in_window = Counter()  # step -> acks received before the end
         self.window_end_ns = 0
         self.window_step = None
+        self.storm_init()
 
     def latency(self, step):
         values = self.latencies.get(step)
@@ -180,7 +183,8 @@ class Client:
                 self.closing = True
                 for sock in self.sockets:
                     sock.transport.disconnect()
-                self.pipe.send({"closed": len(self.sockets)})
+                self.storm_close()
+                self.pipe.send({"closed": len(self.sockets) + len(self.members)})
                 return
             result = await getattr(self, f"do_{op}")(**command)
             self.pipe.send(result)

@@ -6,6 +6,8 @@ ROW_NAMES = {
     "rooms": "many rooms, 250 × 4, 1 msg/s each",
     "idle": "idle sockets",
     "persist": "persist, one busy room",
+    "joinstorm": "join storm, one room",
+    "reconnectstorm": "reconnect storm, SIGTERM one server",
 }
 
 
@@ -52,6 +54,14 @@ def fanout_rows(result):
         at = first
         where = " (lowest step, failed)"
     rows = [held]
+    if best is not None and best.get("server_us_per_delivery") is not None:
+        target = result.get("target_us_per_delivery")
+        rows[0] = (
+            HELD,
+            held[1],
+            f"{held[2]} at {number(best['server_us_per_delivery'], 1)} µs server CPU "
+            f"per delivery" + (f" (target ≤ {target:g})" if target else ""),
+        )
     if at is not None:
         rows.append(
             (
@@ -165,6 +175,87 @@ def persist_rows(result):
     ]
 
 
+def target(met):
+    return "met" if met else "MISSED"
+
+
+def joinstorm_rows(result):
+    if result is None:
+        return []
+    if "skipped" in result:
+        return [("sockets joined", None, "n/a")]
+    failed = f", {number(result['failed'])} failed" if result["failed"] else ""
+    idle = (
+        f"{result['idle_after_s']} s (target ≤ {result['target_idle_s']:g} s: "
+        f"{target(result['met_idle_target'])}); calming after the last joined "
+        f"{result['calm_s']} s"
+        if result["idle"]
+        else f"not idle within {result['cpu_measured_for_s']} s"
+    )
+    return [
+        (
+            "connects/s (connect + hello + join + joined, whole storm)",
+            result["connects_per_s"],
+            f"{number(result['connects_per_s'])} ({number(result['connected'])} "
+            f"sockets in {result['storm_s']} s{failed}; join p50 / p99 "
+            f"{result['join_p50_ms']} / {result['join_p99_ms']} ms)",
+        ),
+        ("storm start until the servers are idle", None, idle),
+        (
+            "server CPU-s, storm start until idle",
+            None,
+            f"{result['server_cpu_s']} (target ≤ {result['target_server_cpu_s']:g}: "
+            f"{target(result['met_cpu_target'])}); redis-server "
+            f"{result['redis_cpu_s']}",
+        ),
+        (
+            "presence frames delivered (names carried)",
+            None,
+            f"presence {number(result['presence'])} "
+            f"({number(result['presence_names'])}), presence_batch "
+            f"{number(result['presence_batch'])} "
+            f"({number(result['presence_batch_names'])}); last one after "
+            f"{result['last_presence_after_s']} s",
+        ),
+    ]
+
+
+def reconnectstorm_rows(result):
+    if result is None:
+        return []
+    if "skipped" in result:
+        return [("seconds until every socket recovered", None, "n/a")]
+    if result["all_recovered"]:
+        back = (
+            f"{result['reconnect_s']} s (target < {result['target_s']:g} s: "
+            f"{target(result['met_target'])}); per socket p50 / p99 "
+            f"{result['recover_p50_s']} / {result['recover_p99_s']} s"
+        )
+    else:
+        back = (
+            f"NOT ALL: {number(result['recovered_sockets'])} of "
+            f"{number(result['on_killed_server'])}"
+        )
+    return [
+        (
+            "sockets, of them on the SIGTERMed server",
+            None,
+            f"{number(result['connected'])} of {number(result['sockets'])}, "
+            f"{number(result['on_killed_server'])}; "
+            f"{number(result['reconnect_attempts'])} reconnect attempts",
+        ),
+        ("SIGTERM until every socket rejoined and recovered", None, back),
+        (
+            "acked msgs missed by a socket (target 0)",
+            result["missed"],
+            f"{number(result['missed'])} of {number(result['expected_deliveries'])}"
+            f" ({number(result['acked'])} acked msgs, "
+            f"{number(result['unacked'])} unacked at the end); duplicates "
+            f"{number(result['duplicates'])}",
+        ),
+    ]
+
+
 def health_rows(result):
     """Server errors and deaths, when there were any."""
     health = (result or {}).get("server_health") or {}
@@ -186,6 +277,8 @@ ROWS = {
     "rooms": rooms_rows,
     "idle": idle_rows,
     "persist": persist_rows,
+    "joinstorm": joinstorm_rows,
+    "reconnectstorm": reconnectstorm_rows,
 }
 
 # Whether a bigger value is better, by row, for the ratio column.
@@ -199,6 +292,7 @@ HIGHER_IS_BETTER = {
     "connects/s (handshake + join)": True,
     "server CPU per connect + join (ms)": False,
     "acked msgs/s": True,
+    "connects/s (connect + hello + join + joined, whole storm)": True,
 }
 
 

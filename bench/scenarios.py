@@ -1,4 +1,4 @@
-"""The four scenarios, driven from the harness process.
+"""The scenarios, driven from the harness process.
 
 A ``Session`` is one scenario's servers (a fresh redis-server and daphne
 processes) and client processes. It connects sockets round-robin over the
@@ -11,11 +11,18 @@ import multiprocessing
 import sys
 import time
 from array import array
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import loadgen, profile
-from bench.stack import CoreWatch, Stack, core_busy_seconds, postgres_cpu_seconds
+from bench.stack import (
+    CoreWatch,
+    Stack,
+    core_busy_seconds,
+    cpu_seconds,
+    postgres_cpu_seconds,
+)
 
 FANOUT_SENDERS = 4
 # At low rates a step lasts longer, so its p99 is not one message's worst case.
@@ -40,6 +47,29 @@ NOISY_RETRIES = 2
 MAX_DELIVERIES_PER_SECOND = 256_000
 REFINE_STEPS = 2  # fan-out: bisection steps after the first failing doubling
 CONNECT_CONCURRENCY = 64
+# Fan-out: the issue's target for the server CPU per delivery at the held rate.
+FANOUT_TARGET_US_PER_DELIVERY = 10.0
+# Storms. The servers are idle again at the first IDLE_WINDOW (after the last
+# joined, or the last recovered) that starts IDLE_QUIET seconds of windows in
+# each of which the daphne processes and redis-server together ran less than
+# IDLE_SHARE of one core (schedstat, ns). Presence batches go out once a second
+# at most, so a quiet second cannot fall between two of them.
+IDLE_WINDOW = 0.2
+IDLE_SHARE = 0.05
+IDLE_QUIET = 1.0
+CALM_TIMEOUT = 60.0
+JOINSTORM_ROOM = "jstorm"
+JOINSTORM_TARGET_S = 2.0  # the issue: idle again within 2 s of the storm's start
+JOINSTORM_TARGET_CPU_S = 2.0  # and at most 2 CPU-seconds of the daphne processes
+RECONNECT_BIG_ROOM = "rbig"
+RECONNECT_SMALL_USERS = 4  # users per small room
+RECONNECT_SOCKETS_PER_USER = 4  # sockets per user in the small rooms
+RECONNECT_BIG_SENDERS = 4
+RECONNECT_SMALL_SENDER_EVERY = 10  # one sender in every 10th small room
+RECONNECT_RATE = 1.0  # msgs/s per sender
+RECONNECT_KILLED = 0  # the server that gets SIGTERM
+RECONNECT_TARGET_S = 10.0
+RECONNECT_TIMEOUT = 90.0
 
 
 @dataclass
@@ -52,6 +82,10 @@ class Durations:
     persist: float
     idle_sockets: int
     refine: bool
+    storm_sockets: int  # join storm: sockets joining one room
+    reconnect_big: int  # reconnect storm: sockets (one per user) in the big room
+    reconnect_rooms: int  # reconnect storm: small rooms of 4 users × 4 sockets
+    reconnect_lead: float  # seconds of steady sending before the SIGTERM
 
     @classmethod
     def for_run(cls, quick):
@@ -63,6 +97,10 @@ class Durations:
                 persist=3.0,
                 idle_sockets=1000,
                 refine=False,
+                storm_sockets=250,
+                reconnect_big=250,
+                reconnect_rooms=50,
+                reconnect_lead=2.0,
             )
         return cls(
             fanout_start=250,
@@ -71,6 +109,10 @@ class Durations:
             persist=10.0,
             idle_sockets=5000,
             refine=True,
+            storm_sockets=1000,
+            reconnect_big=1000,
+            reconnect_rooms=250,
+            reconnect_lead=3.0,
         )
 
 
@@ -254,6 +296,27 @@ class Session:
                 max(r["cpu"] / max(r["seconds"], 1e-9) for r in results), 3
             ),
         }
+
+    def member_specs(self, sockets, failover=None):
+        """Per client process, the specs of ``(room, user, sender)`` Members.
+
+        Placed as ``connect`` places sockets; ``failover(i)`` is the index of the
+        server socket i reconnects to (its own server when not given).
+        """
+        ports = self.stack.ports()
+        per_client = [[] for _ in range(len(self.clients))]
+        for room, user, sender in sockets:
+            i = self.socket_count
+            self.socket_count += 1
+            server = i % len(ports)
+            spec = self.target.socket(ports[server], user, room, sender)
+            other = server if failover is None else failover(i)
+            spec["failover"] = self.target.socket(ports[other], user, room, sender)[
+                "url"
+            ]
+            spec["server"] = server
+            per_client[(i // len(ports)) % len(self.clients)].append(spec)
+        return per_client
 
     def settle(self, timeout=60.0):
         return self.stack.settle(timeout=timeout)
@@ -460,7 +523,8 @@ def step_line(name, figures):
         f"{figures['deliveries_per_s']:,.0f} deliveries/s, "
         f"p50 {figures['p50_ms']} ms, p99 {figures['p99_ms']} ms, "
         f"lost {figures['lost']}, unacked {figures['unacked']}, "
-        f"server cpu {figures['server_cpu_share']:.0%}, "
+        f"server cpu {figures['server_cpu_share']:.0%} "
+        f"({figures['server_us_per_delivery']} µs/delivery), "
         f"client cpu {figures['client_cpu_share']:.0%}, "
         f"others on server core {figures.get('other_on_server_cores', 0):.0%}"
         f"{' NOISY' if figures['noisy'] else ''}"
@@ -531,6 +595,9 @@ def fanout(session, receivers):
         "first_failure": failed,
         "first_step": steps[0] if steps else None,
         "client_limited": any(s["client_limited"] for s in steps),
+        # Daphne CPU-s in the held step's send window / that step's deliveries.
+        "held_us_per_delivery": best["server_us_per_delivery"] if best else None,
+        "target_us_per_delivery": FANOUT_TARGET_US_PER_DELIVERY,
     }
 
 
@@ -616,12 +683,389 @@ def persist(session):
     }
 
 
+class Calm:
+    """Server CPU sampled every IDLE_WINDOW, to tell when a storm has calmed.
+
+    Each sample is (monotonic s, daphne CPU-s, redis CPU-s, daphne + redis run
+    ns): the CPU-seconds come from ``/proc/<pid>/stat`` (utime + stime), the
+    idle test from schedstat, which is finer than the stat file's 10 ms ticks.
+    """
+
+    def __init__(self, stack):
+        self.stack = stack
+        self.samples = []
+        self.sample()
+
+    def sample(self):
+        stack = self.stack
+        self.samples.append(
+            (time.monotonic(), stack.server_cpu(), stack.redis_cpu(), stack.busy_ns())
+        )
+
+    def tick(self):
+        """Sleep until the next window boundary, then sample."""
+        time.sleep(max(0.0, self.samples[-1][0] + IDLE_WINDOW - time.monotonic()))
+        self.sample()
+
+    def replies(self, clients):
+        """Sample while waiting for every client process to answer."""
+        answers = [None] * len(clients.pipes)
+        while any(a is None for a in answers):
+            for i, pipe in enumerate(clients.pipes):
+                if answers[i] is None and pipe.poll():
+                    answers[i] = pipe.recv()
+            if any(a is None for a in answers):
+                self.tick()
+        return answers
+
+    def quiet(self, j):
+        (t0, _, _, busy0), (t1, _, _, busy1) = self.samples[j], self.samples[j + 1]
+        return (busy1 - busy0) / 1e9 < IDLE_SHARE * (t1 - t0)
+
+    def until_idle(self, after, timeout=CALM_TIMEOUT):
+        """The first sample at or after ``after`` that starts a quiet stretch.
+
+        Returns its index, or None when the servers were not idle by
+        ``after + timeout``.
+        """
+        need = round(IDLE_QUIET / IDLE_WINDOW)
+        j = 0
+        while True:
+            while j < len(self.samples) and self.samples[j][0] < after:
+                j += 1
+            while j + need < len(self.samples):
+                if all(self.quiet(k) for k in range(j, j + need)):
+                    return j
+                j += 1
+            if time.monotonic() > after + timeout:
+                return None
+            self.tick()
+
+    def since(self, start, end):
+        """(daphne CPU-s, redis CPU-s) between sample indices."""
+        a, b = self.samples[start], self.samples[end]
+        return b[1] - a[1], b[2] - a[2]
+
+    def shares(self, start, end):
+        """Each window's share of one core (daphne + redis), rounded."""
+        out = []
+        for k in range(start, min(end, len(self.samples) - 1)):
+            (t0, _, _, b0), (t1, _, _, b1) = self.samples[k], self.samples[k + 1]
+            out.append(round((b1 - b0) / 1e9 / max(t1 - t0, 1e-9), 3))
+        return out
+
+
+def unpack_us(blobs):
+    values = array("q")
+    for blob in blobs:
+        values.frombytes(blob)
+    return sorted(values)
+
+
+def calm_figures(calm, start, ready_at, idle):
+    """Seconds and CPU-seconds from sample ``start`` until idle (sample ``idle``)."""
+    t_start = calm.samples[start][0]
+    if idle is None:
+        last = len(calm.samples) - 1
+        daphne, redis = calm.since(start, last)
+        return {
+            "idle": False,
+            "idle_after_s": None,
+            "calm_s": None,
+            "server_cpu_s": round(daphne, 2),
+            "redis_cpu_s": round(redis, 2),
+            "cpu_measured_for_s": round(calm.samples[last][0] - t_start, 2),
+        }
+    t_idle = calm.samples[idle][0]
+    daphne, redis = calm.since(start, idle)
+    # The windows from the last joined (or recovered) to the idle point.
+    first = next(k for k, x in enumerate(calm.samples) if x[0] >= ready_at)
+    return {
+        "idle": True,
+        "idle_after_s": round(t_idle - t_start, 2),
+        "calm_s": round(max(0.0, t_idle - ready_at), 2),
+        "server_cpu_s": round(daphne, 2),
+        "redis_cpu_s": round(redis, 2),
+        "calm_window_shares": calm.shares(
+            first, idle + round(IDLE_QUIET / IDLE_WINDOW)
+        ),
+    }
+
+
+def joinstorm(session):
+    """1,000 sockets connect and join one room at once; time it until idle."""
+    if not session.target.acknowledges:
+        return {"skipped": "the tutorial consumer has no join, presence or since"}
+    count = session.options.durations.storm_sockets
+    specs = session.member_specs([(JOINSTORM_ROOM, i, False) for i in range(count)])
+    session.settle()
+    calm = Calm(session.stack)
+    began = calm.samples[0][0]
+    # As fast as the load generator can: every socket of a process at once.
+    session.clients.send(
+        [
+            {"op": "storm_connect", "sockets": s, "concurrency": max(1, len(s))}
+            for s in specs
+        ]
+    )
+    results = calm.replies(session.clients)
+    joined_at = max(r["end_ns"] for r in results) / 1e9
+    idle = calm.until_idle(joined_at)
+    presence = session.clients.call_all(op="storm_presence")
+    connected = sum(r["connected"] for r in results)
+    storm_s = joined_at - began
+    joins = unpack_us(r["join_us"] for r in results)
+    figures = calm_figures(calm, 0, joined_at, idle)
+    totals = {
+        key: sum(p[key] for p in presence)
+        for key in ("presence", "presence_names", "presence_batch")
+    }
+    totals["presence_batch_names"] = sum(p["presence_batch_names"] for p in presence)
+    last_presence = max(p["last_presence_ns"] for p in presence) / 1e9
+    errors = Counter()
+    for p in presence:
+        errors.update(p["errors"])
+    result = {
+        "sockets": count,
+        "connected": connected,
+        "failed": sum(r["failed"] for r in results),
+        "failures": [f for r in results for f in r["failures"]][:3],
+        "storm_s": round(storm_s, 2),
+        "connects_per_s": round(connected / storm_s, 1) if storm_s else None,
+        "join_p50_ms": ms(percentile(joins, 0.5)),
+        "join_p99_ms": ms(percentile(joins, 0.99)),
+        **figures,
+        **totals,
+        "presence_frames_per_socket": round(
+            (totals["presence"] + totals["presence_batch"]) / max(connected, 1), 1
+        ),
+        "last_presence_after_s": (
+            round(last_presence - began, 2) if last_presence else None
+        ),
+        "error_frames": dict(errors),
+        "client_cpu_share": round(
+            max(r["cpu"] for r in results) / max(storm_s, 1e-9), 3
+        ),
+        "target_idle_s": JOINSTORM_TARGET_S,
+        "target_server_cpu_s": JOINSTORM_TARGET_CPU_S,
+        "idle_definition": (
+            f"daphne + redis-server under {IDLE_SHARE:.0%} of one core in every "
+            f"{IDLE_WINDOW * 1000:.0f} ms window for {IDLE_QUIET:g} s, "
+            "from the last joined on"
+        ),
+    }
+    result["met_idle_target"] = bool(
+        figures["idle"] and figures["idle_after_s"] <= JOINSTORM_TARGET_S
+    )
+    result["met_cpu_target"] = figures["server_cpu_s"] <= JOINSTORM_TARGET_CPU_S
+    log(
+        f"  join storm: {connected}/{count} joined in {storm_s:.2f}s "
+        f"({result['connects_per_s']}/s), idle after {figures['idle_after_s']}s "
+        f"(calming {figures['calm_s']}s), server {figures['server_cpu_s']} CPU-s, "
+        f"redis {figures['redis_cpu_s']} CPU-s; presence {totals['presence']}, "
+        f"batches {totals['presence_batch']} "
+        f"({totals['presence_batch_names']} names)"
+    )
+    return result
+
+
+def reconnect_sockets(durations):
+    """The reconnect storm's ``(room, user, sender)`` sockets, in connect order.
+
+    The big room: one socket per user, the first RECONNECT_BIG_SENDERS send.
+    The small rooms: 4 users each, every user with 4 sockets; one socket sends
+    in every 10th room.
+    """
+    big = durations.reconnect_big
+    sockets = [(RECONNECT_BIG_ROOM, i, i < RECONNECT_BIG_SENDERS) for i in range(big)]
+    per_room = RECONNECT_SMALL_USERS * RECONNECT_SOCKETS_PER_USER
+    for k in range(durations.reconnect_rooms):
+        # Sender sockets alternate between the killed server and the other.
+        sender = (k // RECONNECT_SMALL_SENDER_EVERY) % 2
+        for n in range(per_room):
+            user = big + k * RECONNECT_SMALL_USERS + n // RECONNECT_SOCKETS_PER_USER
+            sending = k % RECONNECT_SMALL_SENDER_EVERY == 0 and n == sender
+            sockets.append((f"rs{k:03d}", user, sending))
+    return sockets
+
+
+def storm_status(session, acked=None):
+    """Every client process's Members, summed."""
+    replies = session.clients.call_all(op="storm_status", acked=acked)
+    total = {"close_codes": Counter(), "reconnect_failures": Counter()}
+    for key in ("members", "live", "lost", "recovered", "attempts", "sent"):
+        total[key] = sum(r[key] for r in replies)
+    total["unacked"] = sum(r["unacked"] for r in replies)
+    total["last_recovered_ns"] = max(r["last_recovered_ns"] for r in replies)
+    total["recover_us"] = unpack_us(r["recover_us"] for r in replies)
+    union = {}
+    for r in replies:
+        total["close_codes"].update({str(k): v for k, v in r["close_codes"].items()})
+        total["reconnect_failures"].update(r["reconnect_failures"])
+        for room, seqs in r["acked"].items():
+            union.setdefault(room, set()).update(seqs)
+    total["acked"] = {room: sorted(seqs) for room, seqs in union.items()}
+    if acked is not None:
+        for key in (
+            "expected",
+            "received",
+            "missed",
+            "missed_at_or_below_since",
+            "duplicates",
+            "incomplete_recoveries",
+        ):
+            total[key] = sum(r[key] for r in replies)
+        total["missed_examples"] = [e for r in replies for e in r["missed_examples"]]
+    return total
+
+
+def reconnectstorm(session):
+    """SIGTERM one of two servers under 5,000 sockets; time the way back."""
+    if not session.target.acknowledges:
+        return {"skipped": "the tutorial consumer has no acks and no since"}
+    servers = len(session.stack.servers)
+    if servers < 2:
+        return {"skipped": "needs two server processes or more (--servers)"}
+    durations = session.options.durations
+    sockets = reconnect_sockets(durations)
+
+    # Sockets of the killed server reconnect to the next one; the others to their own.
+    survivors = [k for k in range(servers) if k != RECONNECT_KILLED]
+
+    def failover(i):
+        if i % servers != RECONNECT_KILLED:
+            return i % servers
+        return survivors[(i // servers) % len(survivors)]
+
+    specs = session.member_specs(sockets, failover=failover)
+    on_killed = sum(
+        1
+        for per_client in specs
+        for spec in per_client
+        if spec["server"] == RECONNECT_KILLED
+    )
+    wall = time.monotonic()
+    results = session.clients.call(
+        [
+            {"op": "storm_connect", "sockets": s, "concurrency": CONNECT_CONCURRENCY}
+            for s in specs
+        ]
+    )
+    connect_s = time.monotonic() - wall
+    connected = sum(r["connected"] for r in results)
+    log(f"  connected {connected}/{len(sockets)} in {connect_s:.1f}s")
+    on_killed = sum(r["by_server"].get(RECONNECT_KILLED, 0) for r in results)
+    session.settle()
+    senders = sum(
+        r["senders"]
+        for r in session.clients.call_all(op="storm_senders", rate=RECONNECT_RATE)
+    )
+    time.sleep(durations.reconnect_lead)
+    before = storm_status(session)
+    others = [s for s in session.stack.servers if s is not killed_server(session)]
+    others_cpu = sum(cpu_seconds(s.pid) for s in others)
+    killed = session.stack.terminate(RECONNECT_KILLED)
+    kill_at = time.monotonic()
+    exited_at = None
+    status = before
+    while time.monotonic() - kill_at < RECONNECT_TIMEOUT:
+        time.sleep(0.2)
+        if exited_at is None and not killed.alive():
+            exited_at = time.monotonic()
+        status = storm_status(session)
+        if status["lost"] >= on_killed and status["recovered"] >= status["lost"]:
+            break
+    all_back = status["lost"] >= on_killed and status["recovered"] >= status["lost"]
+    recovered_at = status["last_recovered_ns"] / 1e9
+    others_cpu = sum(cpu_seconds(s.pid) for s in others) - others_cpu
+    # Steady sending goes on a little after the last recovery, then stops.
+    time.sleep(durations.reconnect_lead)
+    session.clients.call_all(op="storm_senders", rate=0)
+    final = drain_storm(session)
+    if exited_at is None and not killed.alive():
+        exited_at = time.monotonic()
+    recover = final["recover_us"]
+    acked = sum(len(seqs) for seqs in final["acked"].values())
+    result = {
+        "sockets": len(sockets),
+        "connected": connected,
+        "failed": sum(r["failed"] for r in results),
+        "failures": [f for r in results for f in r["failures"]][:3],
+        "connect_s": round(connect_s, 1),
+        "rooms": 1 + durations.reconnect_rooms,
+        "big_room_sockets": durations.reconnect_big,
+        "small_rooms": durations.reconnect_rooms,
+        "senders": senders,
+        "rate_per_sender": RECONNECT_RATE,
+        "on_killed_server": on_killed,
+        "killed_server": killed.name,
+        "killed_exited_after_s": (
+            round(exited_at - kill_at, 2) if exited_at is not None else None
+        ),
+        "lost_sockets": final["lost"],
+        "recovered_sockets": final["recovered"],
+        "all_recovered": all_back,
+        "reconnect_s": round(recovered_at - kill_at, 2) if all_back else None,
+        "recover_p50_s": round(percentile(recover, 0.5) / 1e6, 2) if recover else None,
+        "recover_p99_s": round(percentile(recover, 0.99) / 1e6, 2) if recover else None,
+        "other_servers_cpu_s": round(others_cpu, 2),
+        "reconnect_attempts": final["attempts"],
+        "reconnect_failures": dict(final["reconnect_failures"]),
+        "close_codes": dict(final["close_codes"]),
+        "sent": final["sent"],
+        "acked": acked,
+        "unacked": final["unacked"],
+        "expected_deliveries": final["expected"],
+        "delivered": final["received"],
+        "missed": final["missed"],
+        "missed_at_or_below_since": final["missed_at_or_below_since"],
+        "missed_examples": final["missed_examples"][:3],
+        "duplicates": final["duplicates"],
+        "incomplete_recoveries": final["incomplete_recoveries"],
+        "target_s": RECONNECT_TARGET_S,
+        "met_target": bool(all_back and recovered_at - kill_at < RECONNECT_TARGET_S),
+    }
+    result["passed"] = result["met_target"] and final["missed"] == 0
+    log(
+        f"  reconnect storm: {final['recovered']}/{on_killed} sockets of "
+        f"{killed.name} back in {result['reconnect_s']}s (p50 "
+        f"{result['recover_p50_s']}s); acked {acked}, missed {final['missed']}, "
+        f"duplicates {final['duplicates']}, unacked {final['unacked']}"
+    )
+    return result
+
+
+def killed_server(session):
+    return session.stack.servers[RECONNECT_KILLED]
+
+
+def drain_storm(session, timeout=10.0, quiet=2.0):
+    """Wait until every acked message reached every socket, or nothing moves."""
+    deadline = time.monotonic() + timeout
+    last, last_change = None, time.monotonic()
+    while True:
+        status = storm_status(session)
+        status = storm_status(session, acked=status["acked"])
+        moved = (status["received"], status["unacked"])
+        if status["missed"] == 0 and status["unacked"] == 0:
+            return status
+        if moved != last:
+            last, last_change = moved, time.monotonic()
+        elif time.monotonic() - last_change > quiet:
+            return status
+        if time.monotonic() > deadline:
+            return status
+        time.sleep(0.2)
+
+
 SCENARIOS = {
     "fanout100": lambda session: fanout(session, 100),
     "fanout1000": lambda session: fanout(session, 1000),
     "rooms": rooms,
     "idle": idle,
     "persist": persist,
+    "joinstorm": joinstorm,
+    "reconnectstorm": reconnectstorm,
 }
 
 

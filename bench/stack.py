@@ -58,6 +58,25 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def run_ns(pid):
+    """Nanoseconds a process's threads (the live ones) have run, from schedstat.
+
+    Finer than ``/proc/<pid>/stat`` (clock ticks, 10 ms): what the idle test of
+    the storm scenarios reads over its 200 ms windows.
+    """
+    total = 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return 0
+    for task in tasks:
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            pass
+    return total
+
+
 def core_busy_seconds():
     """CPU seconds each core has been busy since boot, from ``/proc/stat``."""
     busy = {}
@@ -279,6 +298,7 @@ class Stack:
         self.cpus = cpus
         self.redis = None
         self.servers = []
+        self.terminated = []  # servers a scenario sent SIGTERM on purpose
 
     @property
     def redis_url(self):
@@ -320,6 +340,18 @@ class Stack:
     def redis_cpu(self):
         return cpu_seconds(self.redis.pid)
 
+    def busy_ns(self):
+        """Run time of the servers and redis-server so far, in ns (schedstat)."""
+        pids = [server.pid for server in self.servers] + [self.redis.pid]
+        return sum(run_ns(pid) for pid in pids)
+
+    def terminate(self, index):
+        """SIGTERM server ``index`` (a deploy); it is not restarted."""
+        server = self.servers[index]
+        self.terminated.append(server.name)
+        server.process.terminate()
+        return server
+
     def server_rss_kib(self):
         return [rss_kib(server.pid) for server in self.servers]
 
@@ -328,7 +360,11 @@ class Stack:
 
     def health(self):
         """Dead servers and logged errors: a run reports them, never hides them."""
-        dead = [s.name for s in self.servers if not s.alive()]
+        dead = [
+            s.name
+            for s in self.servers
+            if not s.alive() and s.name not in self.terminated
+        ]
         errors = Counter()
         for server in self.servers:
             errors.update(logged_errors(server.log()))
@@ -340,6 +376,7 @@ class Stack:
             "errors": sum(errors.values()),
             "kinds": [f"{n}× {line}" for line, n in errors.most_common(5)],
             "serving": sorted(serving),
+            "terminated": list(self.terminated),
         }
 
     def settle(self, *, idle_share=0.05, window=0.5, timeout=60.0):
