@@ -32,6 +32,8 @@
     messages: $("messages"),
     older: $("load-older"),
     online: $("online"),
+    onlineCount: $("online-count"),
+    onlineMore: $("online-more"),
     typing: $("typing"),
     status: $("status"),
     form: $("composer"),
@@ -58,7 +60,11 @@
   const pending = new Map(); // client_msg_id -> {body, ref, el, sent}
   const refs = new Map(); // ref of a pending send -> client_msg_id
   const gaps = new Map(); // ref of a history that fills a gap -> {low, before, limit}
+  // Who is online in the room: the names we know, and how many there are. In
+  // a big room joined lists at most 100 names, so onlineCount can be higher
+  // than online.size; presence_batch brings the exact count each time.
   const online = new Set();
+  let onlineCount = null; // null: not joined
   const typers = new Map(); // username -> timer
   let lastTypingAt = 0;
   let readSent = 0;
@@ -101,6 +107,7 @@
       socket = null;
       joined = false;
       online.clear();
+      onlineCount = null;
       renderOnline();
       onClosed(event);
     };
@@ -195,6 +202,8 @@
       setState("online", "online");
       online.clear();
       for (const name of frame.online || []) online.add(name);
+      online.add(ME); // a big room's list may leave us out; we are counted
+      onlineCount = Math.max(countOr(frame.online_count, 0), online.size);
       renderOnline();
       ui.input.disabled = Boolean(frame.closed);
       ui.send.disabled = Boolean(frame.closed);
@@ -292,12 +301,32 @@
       if (el) markDeleted(el);
     },
 
+    // Up to 50 users online: one frame per change; the count follows it.
     presence(frame) {
-      if (frame.room !== ROOM) return;
-      if (frame.status === "online") online.add(frame.user);
-      else online.delete(frame.user);
+      if (frame.room !== ROOM || onlineCount === null) return; // joined lists it
+      if (frame.status === "online") {
+        if (!online.has(frame.user)) {
+          online.add(frame.user);
+          onlineCount += 1;
+        }
+      } else if (online.delete(frame.user) || onlineCount > online.size) {
+        onlineCount -= 1; // a user we knew, or one of those we had no name for
+      }
+      onlineCount = Math.max(onlineCount, online.size);
       renderOnline();
       if (frame.status === "offline") stopTyping(frame.user);
+    },
+
+    // Above 50: who came and who went in the last second, and the exact count.
+    presence_batch(frame) {
+      if (frame.room !== ROOM || onlineCount === null) return;
+      for (const name of frame.online || []) online.add(name);
+      for (const name of frame.offline || []) {
+        online.delete(name);
+        stopTyping(name);
+      }
+      onlineCount = countOr(frame.online_count, Math.max(onlineCount, online.size));
+      renderOnline();
     },
 
     typing(frame) {
@@ -603,6 +632,11 @@
 
   // --- presence, typing, read marker, status ---------------------------------
 
+  function countOr(value, fallback) {
+    return Number.isSafeInteger(value) && value >= 0 ? value : fallback;
+  }
+
+  // The names we know, sorted, then "and N more" for those we have no name for.
   function renderOnline() {
     const names = [...online].sort((a, b) => a.localeCompare(b));
     ui.online.replaceChildren(
@@ -612,6 +646,10 @@
         return item;
       }),
     );
+    const unnamed = onlineCount === null ? 0 : Math.max(0, onlineCount - names.length);
+    ui.onlineCount.textContent = onlineCount === null ? "" : String(onlineCount);
+    ui.onlineMore.textContent = unnamed ? `and ${unnamed} more` : "";
+    ui.onlineMore.hidden = !unnamed;
   }
 
   function stopTyping(name) {
