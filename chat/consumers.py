@@ -49,6 +49,11 @@ SLOW_READER_SECONDS = 30
 
 db = database_sync_to_async
 
+# slug -> the room's layer group, for the rooms joined on this process (see
+# ChatConsumer._listen_and_join); forgotten all at once past this many.
+_room_groups: dict[str, str] = {}
+ROOM_GROUPS_KEPT = 10_000
+
 
 def choose_subprotocol(offered: Iterable[str]) -> str | None:
     """The first subprotocol the client offered that we speak, or None."""
@@ -152,9 +157,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
         presence.start_keeper(self.hub)
         policies.start_idle_watch(self.hub)
         self.hub.connections.add(self)
-        await presence.connection_register(self.info())
+        live = await presence.connection_register(self.info())
         refusal = await policies.connection_refusal(
-            user_id=self.user_id, connection_id=self.connection_id, device=self.device
+            user_id=self.user_id,
+            connection_id=self.connection_id,
+            device=self.device,
+            live=live,
         )
         if refusal is not None:
             await self.close_with(protocol.CLOSE_TRY_AGAIN, refusal)
@@ -405,20 +413,21 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def on_join(self, frame: protocol.Join) -> None:
         slug = frame.room
-        room, read_seq = await db(services.room_join)(slug=slug, user=self.user)
-        if slug not in self.rooms:
-            # Listen before reading last_seq, so nothing falls between the two.
-            if not room.is_direct:
-                assert self.hub is not None  # connect() set it, before any frame
-                await self.hub.add(fanout.room_group(room.pk), self)
+        if slug in self.rooms:
+            # Joined already: a fresh look at the room (its last_seq) and who
+            # is online; the socket listens to it already.
+            room, read_seq = await db(services.room_join)(slug=slug, user=self.user)
             self.rooms[slug] = room
-            await services.room_presence_enter(
-                room=room, connection_id=self.connection_id, user=self.user
+            online, online_count = await presence.room_online(room)
+        else:
+            room, read_seq = await self._listen_and_join(slug)
+            self.rooms[slug] = room
+            online, online_count = await services.room_presence_enter(
+                room=room,
+                connection_id=self.connection_id,
+                user=self.user,
+                rooms=list(self.rooms),
             )
-            await presence.connection_rooms_changed(self)
-        room = await db(selectors.room_get)(slug=slug)
-        self.rooms[slug] = room
-        online, online_count = await presence.room_online(room)
         await self.send_frame(
             protocol.joined(
                 room=room,
@@ -431,6 +440,45 @@ class ChatConsumer(AsyncWebsocketConsumer):
         since = frame.since
         if since is not None:
             await self._recover(room, since)
+
+    async def _listen_and_join(self, slug: str) -> tuple[Room, int]:
+        """Check the join and read the room, listening to it since before the read.
+
+        So that nothing stored after the read of ``last_seq`` can be missed, the
+        socket listens to the room's group before it: ``Hub.hold`` keeps what
+        comes meanwhile until the read has said the socket may have it. The
+        group is known from an earlier join of the room on this process; the
+        first join (or a slug that now names another room) reads twice.
+        """
+        assert self.hub is not None  # connect() set it, before any frame
+        known = _room_groups.get(slug)
+        if known is not None:
+            await self.hub.hold(known, self)
+        try:
+            room, read_seq = await db(services.room_join)(slug=slug, user=self.user)
+        except BaseException:
+            if known is not None:
+                await self.hub.release(known, self, keep=False)
+            raise
+        group = None if room.is_direct else fanout.room_group(room.pk)
+        if group == known:
+            if known is not None:
+                await self.hub.release(known, self, keep=True)
+            return room, read_seq
+        if known is not None:
+            await self.hub.release(known, self, keep=False)
+        if len(_room_groups) >= ROOM_GROUPS_KEPT:
+            _room_groups.clear()
+        if group is None:  # a direct room: its users' groups reach the socket
+            _room_groups.pop(slug, None)
+            return room, read_seq
+        _room_groups[slug] = group
+        await self.hub.add(group, self)
+        try:
+            return await db(selectors.room_get)(slug=slug), read_seq
+        except BaseException:
+            await self.hub.discard(group, self)
+            raise
 
     async def _recover(self, room: Room, since: int) -> None:
         payloads, complete = await db(selectors.messages_since)(room=room, since=since)

@@ -183,6 +183,9 @@ class Hub:
         # every open socket of this process (the presence keeper vouches for them)
         self.connections: set[ChatConsumer] = set()
         self._subscribed: set[str] = set()
+        # group -> sockets joining it -> the events that came for it meanwhile
+        # (see hold)
+        self.holding: dict[str, dict[ChatConsumer, list[HubEvent]]] = {}
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._started: asyncio.Future[None] | None = None
@@ -218,6 +221,51 @@ class Hub:
                 del self.members[group]
         await self._sync(group)
 
+    async def hold(self, group: str, connection: ChatConsumer) -> None:
+        """Listen to ``group`` for ``connection`` without delivering to it yet.
+
+        What comes for the group meanwhile is kept for it: ``release`` hands it
+        over once the socket may have it (a join checked), or drops it.
+        """
+        self.holding.setdefault(group, {})[connection] = []
+        await self._sync(group)
+
+    async def release(
+        self, group: str, connection: ChatConsumer, *, keep: bool
+    ) -> None:
+        """Stop holding ``group`` for ``connection``.
+
+        With ``keep`` the socket gets what was kept, in order, and becomes a
+        member; without, what was kept is dropped.
+        """
+        kept = self.holding.get(group, {}).get(connection, [])
+        while keep and kept:
+            # Until the list is empty, newer events keep joining it: nothing
+            # overtakes what waits.
+            event = kept.pop(0)
+            if "multi" in event:
+                for part_group, batch in event["multi"]:
+                    if part_group == group:
+                        await self._deliver_frames(group, batch, [connection])
+            else:
+                await self._deliver_one(event, [connection])
+        holders = self.holding.get(group, {})
+        holders.pop(connection, None)
+        if not holders:
+            self.holding.pop(group, None)
+        if keep:
+            self.members.setdefault(group, set()).add(connection)
+        await self._sync(group)
+
+    def _hold(self, event: HubEvent) -> None:
+        if "multi" in event:
+            groups = {group for group, _ in event["multi"]}
+        else:
+            groups = {event["group"]}
+        for group in groups & self.holding.keys():
+            for kept in self.holding[group].values():
+                kept.append(event)
+
     def local_members(self, group: str) -> Collection[ChatConsumer]:
         return self.members.get(group, ())
 
@@ -225,7 +273,7 @@ class Hub:
         # Group membership changes await Redis; the lock and the re-check make
         # concurrent add/discard of one group end in the state the sockets need.
         async with self._lock:
-            wanted = group in self.members
+            wanted = group in self.members or group in self.holding
             if wanted and group not in self._subscribed:
                 await self.layer.group_add(group, self.channel_name)
                 self._subscribed.add(group)
@@ -275,14 +323,21 @@ class Hub:
         ``text`` is a frame to send, ``control`` an order for the socket itself
         (close, leave a room).
         """
+        if self.holding:
+            self._hold(event)
         if "multi" in event:
             for group, batch in event["multi"]:
                 await self._deliver_frames(group, batch)
             return
         await self._deliver_one(event)
 
-    async def _deliver_frames(self, group: str, batch: EncodedBatch) -> None:
-        members = self.members.get(group)
+    async def _deliver_frames(
+        self,
+        group: str,
+        batch: EncodedBatch,
+        connections: Collection[ChatConsumer] | None = None,
+    ) -> None:
+        members = self.members.get(group) if connections is None else connections
         if not members:
             return
         frames = [protocol.Encoded(kind, text) for kind, text in batch]
@@ -290,13 +345,18 @@ class Hub:
             for encoded in frames:
                 await connection.deliver(encoded)
 
-    async def _deliver_one(self, event: GroupEvent) -> None:
+    async def _deliver_one(
+        self, event: GroupEvent, connections: Collection[ChatConsumer] | None = None
+    ) -> None:
+        """``event`` to its group's sockets here (or to ``connections``)."""
         exclude_user = event.get("exclude_user")
         match = event.get("match")
         frames = None
         if "text" in event:
             frames = [protocol.Encoded(event["frame_type"], event["text"])]
-        for connection in list(self.members.get(event["group"], ())):
+        if connections is None:
+            connections = self.members.get(event["group"], ())
+        for connection in list(connections):
             if exclude_user is not None and connection.user_id == exclude_user:
                 continue
             if match and not connection.matches(match):

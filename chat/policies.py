@@ -34,18 +34,19 @@ SHUTDOWN_GRACE_SECONDS = 1.0
 
 
 async def connection_refusal(
-    *, user_id: int, connection_id: str, device: str | None
+    *, user_id: int, connection_id: str, device: str | None, live: int
 ) -> str | None:
     """Why the new socket ``connection_id`` may not stay open (close 1013), or None.
 
     At most ``CHAT_MAX_CONNECTIONS_PER_USER`` live sockets per user, across
     processes; a socket whose device key replaces a live one takes its place.
-    Asked once the socket is registered, so that it counts itself: sockets
-    opened at the same moment cannot all see room for one more (two at the
-    limit may both be refused; never is one let in past it).
+    ``live`` is the user's live sockets as ``presence.connection_register``
+    answered: counted once the socket is registered, itself included, so that
+    sockets opened at the same moment cannot all see room for one more (two at
+    the limit may both be refused; never is one let in past it).
     """
     limit = settings.CHAT_MAX_CONNECTIONS_PER_USER
-    if not limit or await presence.live_count(user_id=user_id) <= limit:
+    if not limit or live <= limit:
         return None
     if device is not None and device in await presence.live_devices(
         user_id=user_id, excluding=connection_id

@@ -101,8 +101,9 @@ class MemoryPresence:
         self.batching: set[int] = set()  # rooms whose next batch is due
         self.connections: dict[str, ConnectionInfo] = {}
 
-    async def connection_add(self, info: ConnectionInfo) -> None:
+    async def connection_add(self, info: ConnectionInfo) -> int:
         self.connections[info["id"]] = info.copy()
+        return await self.count(user_id=info["user_id"])
 
     async def connection_set_rooms(
         self, connection_id: str, user_id: int, rooms: Iterable[str]
@@ -151,6 +152,22 @@ class MemoryPresence:
         members.add(member)
         users[username] = users.get(username, 0) + 1
         return users[username] == 1, len(users)
+
+    async def join(
+        self,
+        room_id: int,
+        connection_id: str,
+        user_id: int,
+        username: str,
+        *,
+        rooms: Iterable[str] | None,
+        limit: int,
+    ) -> tuple[bool, list[str], int]:
+        first, _ = await self.enter(room_id, connection_id, user_id, username)
+        if rooms is not None:
+            await self.connection_set_rooms(connection_id, user_id, rooms)
+        names, count = await self.online(room_id, limit)
+        return first, names, count
 
     async def exit_begin(
         self, room_id: int, connection_id: str, user_id: int, username: str
@@ -222,6 +239,41 @@ if not old or tonumber(old) < 0 then
 end
 return {first, redis.call('HLEN', KEYS[3])}
 """
+
+# A socket joins a room: _ENTER, its registry hash's rooms field, and what
+# _ONLINE answers, in one round trip (KEYS: entries, rooms, users, the
+# socket's hash; ARGV: _ENTER's, the rooms field, the names' limit, 1 to write
+# the rooms field): {1 when the user just came online, users online, up to
+# limit names...}.
+_JOIN = (
+    """
+local function enter()
+"""
+    + _ENTER
+    + """
+end
+local entered = enter()
+if ARGV[7] == '1' and redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('HSET', KEYS[4], 'rooms', ARGV[5])
+end
+local n = entered[2]
+local limit = tonumber(ARGV[6])
+local answer = {entered[1], n}
+if n <= limit then
+  for _, name in ipairs(redis.call('HKEYS', KEYS[3])) do answer[#answer + 1] = name end
+  return answer
+end
+local cursor = '0'
+repeat
+  local page = redis.call('HSCAN', KEYS[3], cursor, 'COUNT', limit)
+  cursor = page[1]
+  for i = 1, #page[2], 2 do
+    if #answer - 2 < limit then answer[#answer + 1] = page[2][i] end
+  end
+until cursor == '0' or #answer - 2 >= limit
+return answer
+"""
+)
 
 # One live entry fewer for user ARGV[2] in the users hash KEYS[2]; 1 when it
 # was their last.
@@ -336,6 +388,7 @@ class RedisPresence:
         self._epoch: bytes | None = None
         self._restoring = False
         self._enter = self.redis.register_script(_ENTER)
+        self._join = self.redis.register_script(_JOIN)
         self._leave = self.redis.register_script(_LEAVE)
         self._exit = self.redis.register_script(_EXIT)
         self._online = self.redis.register_script(_ONLINE)
@@ -391,16 +444,21 @@ class RedisPresence:
         pipe.zadd(self._conns_key, {info["id"]: now})
         pipe.zadd(self._user_conns_key(info["user_id"]), {info["id"]: now})
 
-    async def connection_add(self, info: ConnectionInfo) -> None:
+    async def connection_add(self, info: ConnectionInfo) -> int:
+        """Register the socket; answer its user's live sockets, itself counted."""
+        now = time.time()
         async with self.redis.pipeline(transaction=False) as pipe:
-            self._queue_connection(pipe, info, time.time())
+            self._queue_connection(pipe, info, now)
+            user_key = self._user_conns_key(info["user_id"])
+            pipe.zcount(user_key, now - self.stale_after, "+inf")
             if self._epoch is None:
                 self._epoch_queue(pipe)
-            *_, epoch = await pipe.execute()
+            answers = await pipe.execute()
         if self._epoch is None:
             # Known from the first socket on: a Redis that loses its data
             # before the keeper's first tick is noticed too.
-            self._epoch = epoch
+            self._epoch = answers[-1]
+        return int(answers[3])
 
     async def connection_set_rooms(
         self, connection_id: str, user_id: int, rooms: Iterable[str]
@@ -476,6 +534,32 @@ class RedisPresence:
             args=[time.time(), member, username, room_id],
         )
         return bool(first), int(count)
+
+    async def join(
+        self,
+        room_id: int,
+        connection_id: str,
+        user_id: int,
+        username: str,
+        *,
+        rooms: Iterable[str] | None,
+        limit: int,
+    ) -> tuple[bool, list[str], int]:
+        """``enter``, the socket's rooms (unless None), ``online``: one round trip."""
+        if self._epoch is None:
+            self._epoch = await self._epoch_get()
+        member = _member(connection_id, user_id, username)
+        keys = [
+            self._key(room_id),
+            self._rooms_key,
+            self._users_key(room_id),
+            self._conn_key(connection_id),
+        ]
+        rooms_field = "" if rooms is None else ",".join(rooms)
+        args: list[EncodableT] = [time.time(), member, username, room_id]
+        args += [rooms_field, limit, int(rooms is not None)]
+        first, count, *names = await self._join(keys=keys, args=args)
+        return bool(first), sorted(name.decode() for name in names), int(count)
 
     async def exit_begin(
         self, room_id: int, connection_id: str, user_id: int, username: str
@@ -634,10 +718,32 @@ async def reset_store() -> None:
         await store.close()
 
 
-async def room_enter(*, room: Room, connection_id: str, user: User) -> tuple[bool, int]:
-    """Record a socket in ``room``: (the user just came online, users online)."""
-    username = user.get_username()
-    return await get_store().enter(room.pk, connection_id, user.pk, username)
+# joined lists at most this many of the users online (the contract's bound).
+ONLINE_LISTED = 100
+
+
+async def room_enter(
+    *,
+    room: Room,
+    connection_id: str,
+    user: User,
+    rooms: Iterable[str] | None = None,
+) -> tuple[bool, list[str], int]:
+    """Record a socket in ``room``.
+
+    ``rooms``: the slugs of every room the socket has joined now, for the
+    live-connection registry. Answer whether the user just came online, up to
+    ``ONLINE_LISTED`` names online (sorted) and how many are: one round trip
+    with Redis.
+    """
+    return await get_store().join(
+        room.pk,
+        connection_id,
+        user.pk,
+        user.get_username(),
+        rooms=None if rooms is None else list(rooms),
+        limit=ONLINE_LISTED,
+    )
 
 
 async def room_exit_begin(
@@ -652,10 +758,6 @@ async def room_exit_end(*, room: Room, connection_id: str, user: User) -> None:
     """Forget a leaving socket, once its ``offline`` frame (if any) went out."""
     username = user.get_username()
     await get_store().exit_end(room.pk, connection_id, user.pk, username)
-
-
-# joined lists at most this many of the users online (the contract's bound).
-ONLINE_LISTED = 100
 
 
 async def room_online(room: Room) -> tuple[list[str], int]:
@@ -677,9 +779,12 @@ async def room_batch_take(*, room: Room) -> tuple[dict[str, str], int]:
     return await get_store().batch_take(room.pk)
 
 
-async def connection_register(info: ConnectionInfo) -> None:
-    """Record a live socket: id, user_id, username, process, connected_at, device."""
-    await get_store().connection_add({**info, "rooms": []})
+async def connection_register(info: ConnectionInfo) -> int:
+    """Record a live socket: id, user_id, username, process, connected_at, device.
+
+    Answer how many live sockets its user has now, this one counted.
+    """
+    return await get_store().connection_add({**info, "rooms": []})
 
 
 async def connection_rooms_changed(connection: ChatConsumer) -> None:

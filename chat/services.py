@@ -802,15 +802,26 @@ PRESENCE_BATCH_ABOVE = 50
 PRESENCE_BATCH_SECONDS = 1.0
 
 
-async def room_presence_enter(*, room: Room, connection_id: str, user: User) -> None:
-    """Record a socket in ``room``; tell the others if the user just came online."""
-    first, online_count = await presence.room_enter(
-        room=room, connection_id=connection_id, user=user
+async def room_presence_enter(
+    *,
+    room: Room,
+    connection_id: str,
+    user: User,
+    rooms: Iterable[str] | None = None,
+) -> tuple[list[str], int]:
+    """Record a socket in ``room``; tell the others if the user just came online.
+
+    ``rooms``: every room the socket has joined now (see ``presence.room_enter``).
+    Answer the room's online names (up to ``presence.ONLINE_LISTED``) and count.
+    """
+    first, online, online_count = await presence.room_enter(
+        room=room, connection_id=connection_id, user=user, rooms=rooms
     )
     if first:
         await _presence_change(
             room, user.get_username(), "online", online_count, exclude_user=user.pk
         )
+    return online, online_count
 
 
 async def room_presence_exit(*, room: Room, connection_id: str, user: User) -> None:

@@ -192,7 +192,7 @@ def this_process_uses_redis(redis_url, *, heartbeat=None):
 
     layers = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "BACKEND": "chat.layers.RedisChannelLayer",
             "CONFIG": {
                 "hosts": [{"address": redis_url}],
                 "prefix": settings.CHAT_REDIS_PREFIX,

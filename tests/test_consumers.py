@@ -155,6 +155,55 @@ async def test_join_private_room_as_member_works(connect, alice, bob):
     }
 
 
+async def test_a_room_joined_before_on_this_process_is_read_once_per_join(
+    connect, alice, bob, lobby, monkeypatch
+):
+    from chat import selectors
+
+    reads = []
+    for name in ("room_access_get", "room_get"):
+        original = getattr(selectors, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            reads.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(selectors, name, counted)
+    first, second = await connect(alice), await connect(bob)
+
+    # The first join here listens, then reads the room again for last_seq.
+    await first.join("lobby")
+    assert reads == ["room_access_get", "room_get"]
+    reads.clear()
+    # The next knows the room's group: it listens before its one read.
+    joined = await second.join("lobby")
+    assert reads == ["room_access_get"]
+    assert (joined["last_seq"], joined["online"]) == (0, ["alice", "bob"])
+    await first.send(type="send", room="lobby", body="hi", client_msg_id="m1")
+    assert (await second.recv())["body"] == "hi"
+
+
+async def test_an_outsider_refused_a_room_known_here_gets_nothing_of_it(
+    connect, alice, bob
+):
+    staff = await adb(services.room_create)(
+        slug="staff", title="Staff", is_private=True, creator=bob
+    )
+    member = await connect(bob)
+    await member.join("staff")
+    outsider = await connect(alice)
+
+    assert await outsider.join("staff") == error_frame(
+        "forbidden", "room 'staff' is private"
+    )
+    await member.send(type="send", room="staff", body="secret", client_msg_id="s")
+    assert (await member.recv())["type"] in {"ack", "message"}
+    assert await outsider.nothing(0.3)
+    hub = await fanout.get_hub()
+    assert hub.holding == {}
+    assert [c.username for c in hub.members[f"room.{staff.pk}"]] == ["bob"]
+
+
 async def test_join_public_room_makes_a_membership(connect, alice, lobby):
     client = await connect(alice)
     await client.join("lobby")

@@ -1,0 +1,134 @@
+"""The fan-out hub holding a joining socket's group (``Hub.hold``/``release``).
+
+A socket that joins listens to the room before its room is read, so that nothing
+stored after the read is missed; until the read says it may have them, what
+comes for the room is kept for it, not delivered.
+"""
+
+import asyncio
+
+from channels.layers import get_channel_layer
+
+from chat import fanout
+
+
+class Socket:
+    """What the hub calls on a socket: it records what it was handed."""
+
+    def __init__(self, user_id):
+        self.user_id = user_id
+        self.got = []
+
+    async def deliver(self, encoded):
+        self.got.append(encoded.text)
+
+    async def control(self, order):
+        self.got.append(order)
+
+    def matches(self, match):
+        return all(getattr(self, key, None) == value for key, value in match.items())
+
+
+def frame_event(group, text):
+    return {"type": "hub.frame", "group": group, "frame_type": "message", "text": text}
+
+
+async def until_received(hub, count):
+    # The hub receives on its own task; give it the layer messages sent.
+    for _ in range(100):
+        if hub.layer_received >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the hub got {hub.layer_received} of {count} events")
+
+
+async def started_hub():
+    hub = await fanout.get_hub()
+    hub.layer_received = 0
+    deliver = hub.deliver
+
+    async def counting(event):
+        await deliver(event)
+        hub.layer_received += 1
+
+    hub.deliver = counting
+    return hub
+
+
+async def test_what_comes_while_held_is_delivered_first_in_order_once_kept():
+    hub = await started_hub()
+    joining, member = Socket(1), Socket(2)
+    await hub.add("room.1", member)
+    await hub.hold("room.1", joining)
+    layer = get_channel_layer()
+    await layer.group_send("room.1", frame_event("room.1", "m1"))
+    await layer.group_send("room.1", frame_event("room.1", "m2"))
+    await until_received(hub, 2)
+    assert joining.got == []
+
+    await hub.release("room.1", joining, keep=True)
+    await layer.group_send("room.1", frame_event("room.1", "m3"))
+    await until_received(hub, 3)
+
+    assert joining.got == ["m1", "m2", "m3"]
+    assert member.got == ["m1", "m2", "m3"]
+    assert hub.holding == {}
+
+
+async def test_what_comes_while_held_is_dropped_when_the_join_is_refused():
+    hub = await started_hub()
+    joining = Socket(1)
+    await hub.hold("room.1", joining)
+    layer = get_channel_layer()
+    await layer.group_send("room.1", frame_event("room.1", "private"))
+    await until_received(hub, 1)
+
+    await hub.release("room.1", joining, keep=False)
+
+    assert joining.got == []
+    assert hub.holding == {} and "room.1" not in hub.members
+    # Nobody here wants the room any more: the hub stopped listening to it.
+    assert "room.1" not in hub._subscribed
+    await layer.group_send("room.1", frame_event("room.1", "later"))
+    await asyncio.sleep(0.2)
+    assert hub.layer_received == 1 and joining.got == []
+
+
+async def test_a_held_socket_gets_orders_and_batches_of_its_group_only():
+    hub = await started_hub()
+    joining = Socket(1)
+    await hub.hold("room.1", joining)
+    layer = get_channel_layer()
+    order = {"action": "remove", "room": "lobby", "reason": "banned"}
+    await layer.group_send(
+        "room.1",
+        {"type": "hub.frame", "group": "room.1", "control": order, "match": None},
+    )
+    multi = [("room.1", [("message", "b1")]), ("room.2", [("message", "other")])]
+    await layer.group_send(
+        fanout.EVERYONE_GROUP, {"type": "hub.frame", "group": None, "multi": multi}
+    )
+    await until_received(hub, 1)
+    # The multi event goes to "everyone": this hub has no socket there.
+    await hub.add(fanout.EVERYONE_GROUP, Socket(9))
+    await layer.group_send(
+        fanout.EVERYONE_GROUP, {"type": "hub.frame", "group": None, "multi": multi}
+    )
+    await until_received(hub, 2)
+
+    await hub.release("room.1", joining, keep=True)
+
+    assert joining.got == [order, "b1"]
+
+
+async def test_exclude_user_applies_to_what_was_held():
+    hub = await started_hub()
+    joining = Socket(7)
+    await hub.hold("room.1", joining)
+    event = {**frame_event("room.1", "own presence"), "exclude_user": 7}
+    await get_channel_layer().group_send("room.1", event)
+    await until_received(hub, 1)
+
+    await hub.release("room.1", joining, keep=True)
+
+    assert joining.got == []

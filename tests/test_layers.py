@@ -1,0 +1,134 @@
+"""chat.layers: channels-redis' layer with batched group calls, on a real Redis.
+
+It must be channels-redis on the wire: a process with either layer reads what a
+process with the other sends, over-capacity channels drop as upstream does, and
+old messages still expire.
+"""
+
+import asyncio
+
+import pytest
+import redis.asyncio as redis
+from channels_redis.core import RedisChannelLayer as UpstreamLayer
+
+from chat.layers import RedisChannelLayer
+from tests.servers import RedisServer
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def layers(redis_server):
+    made = []
+
+    def make(kind, **config):
+        layer = kind(hosts=[redis_server.url], prefix="layertest", **config)
+        made.append(layer)
+        return layer
+
+    yield make
+    client = redis.Redis.from_url(redis_server.url)
+    await client.flushall()
+    await client.aclose()
+    for layer in made:
+        await layer.flush()
+        await layer.close_pools()
+
+
+@pytest.mark.parametrize(
+    ("sender_kind", "receiver_kind"),
+    [
+        (RedisChannelLayer, UpstreamLayer),
+        (UpstreamLayer, RedisChannelLayer),
+        (RedisChannelLayer, RedisChannelLayer),
+    ],
+)
+async def test_either_layer_reads_what_the_other_sends_to_a_group(
+    layers, sender_kind, receiver_kind
+):
+    sender, receiver = layers(sender_kind), layers(receiver_kind)
+    first = await receiver.new_channel("hub.")
+    second = await receiver.new_channel("hub.")
+    await receiver.group_add("room.1", first)
+    await receiver.group_add("room.1", second)
+    await receiver.group_add("room.2", second)
+
+    await sender.group_send("room.1", {"type": "hub.frame", "text": "one"})
+    await sender.group_send("room.2", {"type": "hub.frame", "text": "two"})
+
+    received = [
+        await asyncio.wait_for(receiver.receive(first), 2),
+        await asyncio.wait_for(receiver.receive(second), 2),
+        await asyncio.wait_for(receiver.receive(second), 2),
+    ]
+    assert received == [
+        {"type": "hub.frame", "text": "one"},
+        {"type": "hub.frame", "text": "one"},
+        {"type": "hub.frame", "text": "two"},
+    ]
+
+
+async def test_group_add_sets_the_groups_expiry_as_upstream_does(layers, redis_server):
+    layer = layers(RedisChannelLayer, group_expiry=1234)
+    await layer.group_add("room.9", "hub.abc!def")
+
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        key = layer._group_key("room.9")
+        assert await client.zrange(key, 0, -1) == [b"hub.abc!def"]
+        assert 1230 <= await client.ttl(key) <= 1234
+    finally:
+        await client.aclose()
+
+
+async def test_a_channel_over_capacity_drops_the_group_message_as_upstream_does(
+    layers,
+):
+    sender = layers(RedisChannelLayer, capacity=2)
+    receiver = layers(UpstreamLayer, capacity=2)
+    channel = await receiver.new_channel("hub.")
+    await receiver.group_add("room.1", channel)
+
+    for n in range(4):
+        await sender.group_send("room.1", {"type": "t", "n": n})
+
+    got = [await asyncio.wait_for(receiver.receive(channel), 2) for _ in range(2)]
+    assert got == [{"type": "t", "n": 0}, {"type": "t", "n": 1}]
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(receiver.receive(channel), 0.3)
+
+
+async def test_messages_older_than_the_expiry_are_dropped_on_the_next_send(
+    layers, redis_server
+):
+    layer = layers(RedisChannelLayer, expiry=5)
+    channel = await layer.new_channel("hub.")
+    await layer.group_add("room.1", channel)
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        key = layer.prefix + layer.non_local_name(channel)
+        # A message left unread long ago, scored as upstream scores them.
+        await client.zadd(key, {b"stale message": 1.0})
+        await layer.group_send("room.1", {"type": "t", "n": "fresh"})
+        assert await client.zcard(key) == 1
+    finally:
+        await client.aclose()
+    assert await asyncio.wait_for(layer.receive(channel), 2) == {
+        "type": "t",
+        "n": "fresh",
+    }
+
+
+async def test_on_another_channels_redis_version_it_is_upstream(layers, monkeypatch):
+    layer = layers(RedisChannelLayer)
+    monkeypatch.setattr(RedisChannelLayer, "batched", False)
+    channel = await layer.new_channel("hub.")
+    await layer.group_add("room.1", channel)
+    await layer.group_send("room.1", {"type": "t"})
+    assert await asyncio.wait_for(layer.receive(channel), 2) == {"type": "t"}
+    assert layer._group_send_scripts == {}
