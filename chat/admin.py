@@ -12,7 +12,7 @@ from django.template.response import TemplateResponse
 from django.urls import path
 from django.utils.html import format_html
 
-from chat import presence, services
+from chat import registry, services
 from chat.models import ApiToken, Ban, Membership, Message, ModerationAction, Mute, Room
 
 
@@ -118,7 +118,7 @@ class RoomAdmin(admin.ModelAdmin):
             )
             self.message_user(request, f"Disconnected {connection_id}.")
             return redirect("admin:chat_live_connections")
-        connections = async_to_sync(presence.live_connections)()
+        connections = async_to_sync(registry.live_connections)()
         per_room: dict[str, int] = {}
         for connection in connections:
             for slug in connection["rooms"]:

@@ -22,6 +22,7 @@ from chat import (
     policies,
     presence,
     protocol,
+    registry,
     selectors,
     services,
     serving,
@@ -157,7 +158,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         presence.start_keeper(self.hub)
         policies.start_idle_watch(self.hub)
         self.hub.connections.add(self)
-        live = await presence.connection_register(self.info())
+        live = await registry.connection_register(self.info())
         refusal = await policies.connection_refusal(
             user_id=self.user_id,
             connection_id=self.connection_id,
@@ -199,7 +200,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             user_id=self.user_id, device=device, connection_id=self.connection_id
         )
 
-    def info(self) -> presence.ConnectionInfo:
+    def info(self) -> registry.ConnectionInfo:
         """What the live-connection registry knows of this socket."""
         return {
             "id": self.connection_id,
@@ -255,7 +256,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         try:
             for group in self._own_groups():
                 await self.hub.discard(group, self)
-            await presence.connection_unregister(self)
+            await registry.connection_unregister(self)
         except Exception:
             logger.exception("forgetting the socket on disconnect failed")
         self.hub = None
@@ -504,7 +505,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             room=room, connection_id=self.connection_id, user=self.user
         )
         if not self.closing:
-            await presence.connection_rooms_changed(self)
+            await registry.connection_rooms_changed(self)
 
     async def on_send(self, frame: protocol.Send) -> None:
         room = self._joined_room(frame)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Required, TypedDict, final
@@ -183,6 +184,7 @@ class Hub:
         # every open socket of this process (the presence keeper vouches for them)
         self.connections: set[ChatConsumer] = set()
         self._subscribed: set[str] = set()
+        self.groups_refreshed_at = time.monotonic()
         # group -> sockets joining it -> the events that came for it meanwhile
         # (see hold)
         self.holding: dict[str, dict[ChatConsumer, list[HubEvent]]] = {}
@@ -283,6 +285,7 @@ class Hub:
 
     async def refresh_subscriptions(self) -> None:
         """Re-add every group before the layer's group expiry forgets it."""
+        self.groups_refreshed_at = time.monotonic()
         async with self._lock:
             # The groups that carry stored messages and orders come back first.
             groups = sorted(self._subscribed, key=lambda g: g.startswith("room."))
@@ -369,6 +372,28 @@ class Hub:
 
 
 _hubs: PerLoop[Hub] = PerLoop(lambda: Hub(get_channel_layer()))
+
+# The layer forgets a group it was not told of again within its group expiry
+# (a day by default): the hub re-adds its groups this often, or at a quarter of
+# that expiry if it is shorter. The presence keeper calls the upkeep.
+GROUPS_REFRESH_SECONDS = 3 * 3600.0
+
+
+async def groups_upkeep(hub: Hub) -> None:
+    """Re-add the hub's layer groups when they are due."""
+    expiry = getattr(hub.layer, "group_expiry", None)
+    every = (
+        GROUPS_REFRESH_SECONDS
+        if expiry is None
+        else min(GROUPS_REFRESH_SECONDS, expiry / 4)
+    )
+    if time.monotonic() - hub.groups_refreshed_at >= every:
+        await hub.refresh_subscriptions()
+
+
+async def groups_restore(hub: Hub) -> None:
+    """Put the hub's layer groups back now: Redis lost its data."""
+    await hub.refresh_subscriptions()
 
 
 async def get_hub() -> Hub:

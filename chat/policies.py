@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
-from chat import presence, protocol
+from chat import protocol, registry
 from chat.loops import BackgroundTask
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ async def connection_refusal(
 
     At most ``CHAT_MAX_CONNECTIONS_PER_USER`` live sockets per user, across
     processes; a socket whose device key replaces a live one takes its place.
-    ``live`` is the user's live sockets as ``presence.connection_register``
+    ``live`` is the user's live sockets as ``registry.connection_register``
     answered: counted once the socket is registered, itself included, so that
     sockets opened at the same moment cannot all see room for one more (two at
     the limit may both be refused; never is one let in past it).
@@ -48,7 +48,7 @@ async def connection_refusal(
     limit = settings.CHAT_MAX_CONNECTIONS_PER_USER
     if not limit or live <= limit:
         return None
-    if device is not None and device in await presence.live_devices(
+    if device is not None and device in await registry.live_devices(
         user_id=user_id, excluding=connection_id
     ):
         return None

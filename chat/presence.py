@@ -1,38 +1,42 @@
-"""Who is in which room now, across server processes.
+"""Who is in which room now, across server processes: room presence.
 
 Every joined socket is an entry (room, connection, user). With ``REDIS_URL`` set
 the entries live in one Redis sorted set per room, scored with the time their
-process last vouched for them; a process refreshes its own entries every third
-of the heartbeat and sweeps entries nobody refreshed for a heartbeat, so the
-users of a process that died go offline within twice the heartbeat. When Redis
-comes back empty (a restart, a flush), each process puts its entries and its
-hub's groups back at its next refresh. Without Redis the entries live in this
-process's memory.
+process last vouched for them, beside a hash of the room's users online (their
+username -> how many of their entries are live), so that joining, leaving and
+counting cost the same in a room of 5 and of 5,000. The presence keeper (at the
+end of this module) refreshes this process's entries and its live-connection
+registry entries (``chat.registry``) every third of the heartbeat, sweeps
+entries nobody refreshed for a heartbeat (so the users of a process that died go
+offline within twice the heartbeat), and when Redis comes back empty puts back
+the entries, the registry and the hub's layer groups (``chat.fanout``). Without
+Redis the entries live in this process's memory.
 
 ``presence`` frames go out (from ``chat.services``) when a user's first socket
-enters a room and when their last one leaves. Leaving takes two steps: the entry
-is first marked as leaving (scored with minus the time it left, which no live
-range includes), the ``offline`` frame goes out, then the entry is removed. A
-process killed between the steps leaves a leaving entry behind, which the other
-processes' sweep reports once it is a heartbeat old, so that frame is never lost.
+enters a room and when their last one leaves; above ``PRESENCE_BATCH_ABOVE``
+users online the changes wait for the room's next ``presence_batch``, kept here
+until then. Leaving takes two steps: the entry is first marked as leaving
+(scored with minus the time it left, which no live range includes), the
+``offline`` frame goes out, then the entry is removed. A process killed between
+the steps leaves a leaving entry behind, which the other processes' sweep
+reports once it is a heartbeat old, so that frame is never lost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypedDict, cast
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, cast
 
 from django.conf import settings
 
+from chat import fanout, registry
 from chat.loops import BackgroundTask, PerLoop
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
-    from redis.asyncio.client import Pipeline
     from redis.typing import EncodableT
 
     from chat.consumers import ChatConsumer
@@ -42,18 +46,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class ConnectionInfo(TypedDict):
-    """What the live-connection registry keeps of a socket (``ChatConsumer.info``)."""
-
-    id: str
-    user_id: int
-    username: str
-    process: str
-    connected_at: str
-    device: str | None
-    rooms: list[str]  # the slugs of the rooms it joined
-
-
 def _member(connection_id: str, user_id: int, username: str) -> str:
     return f"{connection_id}|{user_id}|{username}"
 
@@ -61,24 +53,6 @@ def _member(connection_id: str, user_id: int, username: str) -> str:
 def _room_members(conn: ChatConsumer) -> list[tuple[int, str]]:
     member = _member(conn.connection_id, conn.user_id, conn.username)
     return [(room_id, member) for room_id in conn.joined_room_ids()]
-
-
-def _encode_info(info: ConnectionInfo) -> dict[EncodableT, EncodableT]:
-    """The Redis hash of ``info``: None as "", the rooms comma-separated."""
-    fields: Mapping[str, Any] = info  # every field as it is, whatever its type
-    encoded: dict[EncodableT, EncodableT] = {
-        key: "" if value is None else value for key, value in fields.items()
-    }
-    encoded["rooms"] = ",".join(info.get("rooms", ()))
-    return encoded
-
-
-def _decode_info(row: dict[bytes, bytes]) -> ConnectionInfo:
-    info: dict[str, Any] = {key.decode(): value.decode() for key, value in row.items()}
-    info["user_id"] = int(info["user_id"])
-    info["rooms"] = [slug for slug in info.get("rooms", "").split(",") if slug]
-    info["device"] = info.get("device") or None
-    return cast(ConnectionInfo, info)
 
 
 def _parse(member: bytes | str) -> tuple[str, int, str]:
@@ -99,47 +73,9 @@ class MemoryPresence:
         # room id -> username -> status, for the room's next presence_batch
         self.changes: dict[int, dict[str, str]] = {}
         self.batching: set[int] = set()  # rooms whose next batch is due
-        self.connections: dict[str, ConnectionInfo] = {}
 
-    async def connection_add(self, info: ConnectionInfo) -> int:
-        self.connections[info["id"]] = info.copy()
-        return await self.count(user_id=info["user_id"])
-
-    async def connection_set_rooms(
-        self, connection_id: str, user_id: int, rooms: Iterable[str]
-    ) -> None:
-        if connection_id in self.connections:
-            self.connections[connection_id]["rooms"] = list(rooms)
-
-    async def connection_remove(self, connection_id: str, user_id: int) -> None:
-        self.connections.pop(connection_id, None)
-
-    async def connections_list(self) -> list[ConnectionInfo]:
-        return sorted(self.connections.values(), key=lambda c: c["connected_at"])
-
-    async def user_devices(
-        self, user_id: int, excluding: str | None = None
-    ) -> set[str]:
-        return {
-            c["device"]
-            for c in self.connections.values()
-            if c["user_id"] == user_id and c["device"] and c["id"] != excluding
-        }
-
-    async def count(
-        self,
-        *,
-        user_id: int | None = None,
-        room_id: int | None = None,
-        connection_id: str | None = None,
-    ) -> int:
-        if connection_id is not None:
-            return int(connection_id in self.connections)
-        if user_id is not None:
-            return sum(c["user_id"] == user_id for c in self.connections.values())
-        if room_id is not None:
-            return len(self.rooms.get(room_id, ()))
-        return len(self.connections)
+    async def socket_count(self, room_id: int) -> int:
+        return len(self.rooms.get(room_id, ()))
 
     async def enter(
         self, room_id: int, connection_id: str, user_id: int, username: str
@@ -165,7 +101,7 @@ class MemoryPresence:
     ) -> tuple[bool, list[str], int]:
         first, _ = await self.enter(room_id, connection_id, user_id, username)
         if rooms is not None:
-            await self.connection_set_rooms(connection_id, user_id, rooms)
+            await registry.get_registry().set_rooms(connection_id, rooms)
         names, count = await self.online(room_id, limit)
         return first, names, count
 
@@ -210,10 +146,10 @@ class MemoryPresence:
         self.batching.discard(room_id)
         return self.changes.pop(room_id, {}), len(self.users.get(room_id, ()))
 
-    async def refresh(self, connections: Iterable[ChatConsumer]) -> bool:
-        return False
+    async def refresh(self, connections: Iterable[ChatConsumer]) -> None:
+        return None
 
-    def restored(self) -> None:
+    async def restore(self, connections: Iterable[ChatConsumer]) -> None:
         return None
 
     async def sweep(self) -> list[tuple[int, str]]:
@@ -385,8 +321,6 @@ class RedisPresence:
         self.redis = redis.Redis(connection_pool=pool)
         self.prefix = prefix
         self.stale_after = stale_after
-        self._epoch: bytes | None = None
-        self._restoring = False
         self._enter = self.redis.register_script(_ENTER)
         self._join = self.redis.register_script(_JOIN)
         self._leave = self.redis.register_script(_LEAVE)
@@ -411,123 +345,16 @@ class RedisPresence:
     def _rooms_key(self) -> str:
         return f"{self.prefix}:presence:rooms"
 
-    @property
-    def _epoch_key(self) -> str:
-        # Set once by whichever process finds it missing: a new value means
-        # Redis lost its data since this process last looked.
-        return f"{self.prefix}:presence:epoch"
-
-    def _epoch_queue(self, pipe: Pipeline) -> None:
-        pipe.set(self._epoch_key, secrets.token_hex(8), nx=True)
-        pipe.get(self._epoch_key)
-
-    async def _epoch_get(self) -> bytes:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            self._epoch_queue(pipe)
-            _, epoch = await pipe.execute()
-        return epoch
-
-    @property
-    def _conns_key(self) -> str:
-        return f"{self.prefix}:conns"
-
-    def _conn_key(self, connection_id: str) -> str:
-        return f"{self.prefix}:conn:{connection_id}"
-
-    def _user_conns_key(self, user_id: int) -> str:
-        return f"{self.prefix}:userconns:{user_id}"
-
-    def _queue_connection(
-        self, pipe: Pipeline, info: ConnectionInfo, now: float
-    ) -> None:
-        pipe.hset(self._conn_key(info["id"]), mapping=_encode_info(info))
-        pipe.zadd(self._conns_key, {info["id"]: now})
-        pipe.zadd(self._user_conns_key(info["user_id"]), {info["id"]: now})
-
-    async def connection_add(self, info: ConnectionInfo) -> int:
-        """Register the socket; answer its user's live sockets, itself counted."""
-        now = time.time()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            self._queue_connection(pipe, info, now)
-            user_key = self._user_conns_key(info["user_id"])
-            pipe.zcount(user_key, now - self.stale_after, "+inf")
-            if self._epoch is None:
-                self._epoch_queue(pipe)
-            answers = await pipe.execute()
-        if self._epoch is None:
-            # Known from the first socket on: a Redis that loses its data
-            # before the keeper's first tick is noticed too.
-            self._epoch = answers[-1]
-        return int(answers[3])
-
-    async def connection_set_rooms(
-        self, connection_id: str, user_id: int, rooms: Iterable[str]
-    ) -> None:
-        key = self._conn_key(connection_id)
-        await self.redis.hset(key, "rooms", ",".join(rooms))
-
-    async def connection_remove(self, connection_id: str, user_id: int) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.delete(self._conn_key(connection_id))
-            pipe.zrem(self._conns_key, connection_id)
-            pipe.zrem(self._user_conns_key(user_id), connection_id)
-            await pipe.execute()
-
-    async def connections_list(self) -> list[ConnectionInfo]:
-        since = self._live_since()
-        ids = cast(
-            list[bytes], await self.redis.zrangebyscore(self._conns_key, since, "+inf")
-        )
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for connection_id in ids:
-                pipe.hgetall(self._conn_key(connection_id.decode()))
-            rows = await pipe.execute()
-        infos = [_decode_info(row) for row in rows if row]
-        return sorted(infos, key=lambda c: c["connected_at"])
-
-    async def count(
-        self,
-        *,
-        user_id: int | None = None,
-        room_id: int | None = None,
-        connection_id: str | None = None,
-    ) -> int:
-        since = self._live_since()
-        if connection_id is not None:
-            score = await self.redis.zscore(self._conns_key, connection_id)
-            return int(score is not None and score >= since)
-        if user_id is not None:
-            key = self._user_conns_key(user_id)
-        elif room_id is not None:
-            key = self._key(room_id)
-        else:
-            key = self._conns_key
-        return await self.redis.zcount(key, since, "+inf")
-
-    async def user_devices(
-        self, user_id: int, excluding: str | None = None
-    ) -> set[str]:
-        key = self._user_conns_key(user_id)
-        ids = cast(
-            list[bytes], await self.redis.zrangebyscore(key, self._live_since(), "+inf")
-        )
-        if excluding is not None:
-            ids = [i for i in ids if i != excluding.encode()]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for connection_id in ids:
-                pipe.hget(self._conn_key(connection_id.decode()), "device")
-            devices = await pipe.execute()
-        return {device.decode() for device in devices if device}
-
     def _live_since(self) -> float:
         return time.time() - self.stale_after
+
+    async def socket_count(self, room_id: int) -> int:
+        """The live entries (sockets) of a room."""
+        return await self.redis.zcount(self._key(room_id), self._live_since(), "+inf")
 
     async def enter(
         self, room_id: int, connection_id: str, user_id: int, username: str
     ) -> tuple[bool, int]:
-        if self._epoch is None:
-            # Know the data this entry goes into, so refresh sees it vanish.
-            self._epoch = await self._epoch_get()
         member = _member(connection_id, user_id, username)
         first, count = await self._enter(
             keys=[self._key(room_id), self._rooms_key, self._users_key(room_id)],
@@ -546,14 +373,12 @@ class RedisPresence:
         limit: int,
     ) -> tuple[bool, list[str], int]:
         """``enter``, the socket's rooms (unless None), ``online``: one round trip."""
-        if self._epoch is None:
-            self._epoch = await self._epoch_get()
         member = _member(connection_id, user_id, username)
         keys = [
             self._key(room_id),
             self._rooms_key,
             self._users_key(room_id),
-            self._conn_key(connection_id),
+            registry.connection_key(self.prefix, connection_id),
         ]
         rooms_field = "" if rooms is None else ",".join(rooms)
         args: list[EncodableT] = [time.time(), member, username, room_id]
@@ -604,38 +429,21 @@ class RedisPresence:
         }
         return changes, int(count)
 
-    async def refresh(self, connections: Iterable[ChatConsumer]) -> bool:
-        """Vouch for this process's sockets and their room entries.
-
-        Return True when Redis had lost its data: the entries are back, and the
-        caller must restore what else it keeps there, then call ``restored``
-        (until then every refresh answers True again).
-        """
+    async def refresh(self, connections: Iterable[ChatConsumer]) -> None:
+        """Vouch for the room entries of this process's sockets."""
         now = time.time()
         async with self.redis.pipeline(transaction=False) as pipe:
-            self._epoch_queue(pipe)
             for conn in connections:
-                # Only existing entries (XX): one that left meanwhile stays gone.
-                pipe.zadd(self._conns_key, {conn.connection_id: now}, xx=True)
-                user_key = self._user_conns_key(conn.user_id)
-                pipe.zadd(user_key, {conn.connection_id: now}, xx=True)
                 for room_id, member in _room_members(conn):
+                    # Only existing entries (XX): one that left stays gone.
                     pipe.zadd(self._key(room_id), {member: now}, xx=True)
-            _, epoch, *_ = await pipe.execute()
-        if self._epoch is not None and epoch != self._epoch:
-            self._restoring = True
-        self._epoch = epoch
-        if self._restoring:
-            await self._restore(connections, now)
-        return self._restoring
+            await pipe.execute()
 
-    def restored(self) -> None:
-        self._restoring = False
-
-    async def _restore(self, connections: Iterable[ChatConsumer], now: float) -> None:
+    async def restore(self, connections: Iterable[ChatConsumer]) -> None:
+        """Put back the room entries of this process's sockets (Redis lost them)."""
+        now = time.time()
         async with self.redis.pipeline(transaction=False) as pipe:
             for conn in connections:
-                self._queue_connection(pipe, conn.info(), now)
                 for room_id, member in _room_members(conn):
                     # Through the script, so that the users hash counts it.
                     keys = [
@@ -652,26 +460,10 @@ class RedisPresence:
                     await self._enter(keys=keys, args=args, client=pipe)
             await pipe.execute()
 
-    async def _sweep_connections(self, cutoff: float) -> None:
-        stale = cast(
-            list[bytes],
-            await self.redis.zrangebyscore(self._conns_key, "-inf", f"({cutoff}"),
-        )
-        for raw in stale:
-            connection_id = raw.decode()
-            user_id = await self.redis.hget(self._conn_key(connection_id), "user_id")
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.delete(self._conn_key(connection_id))
-                pipe.zrem(self._conns_key, connection_id)
-                if user_id is not None:
-                    pipe.zrem(self._user_conns_key(int(user_id)), connection_id)
-                await pipe.execute()
-
     async def sweep(self) -> list[tuple[int, str]]:
         """Drop entries nobody vouched for; return (room_id, username) gone offline."""
         gone: list[tuple[int, str]] = []
         cutoff = self._live_since()
-        await self._sweep_connections(cutoff)
         for raw_room in await self.redis.smembers(self._rooms_key):
             room_id = int(raw_room)
             key = self._key(room_id)
@@ -769,6 +561,11 @@ async def room_online_count(room: Room) -> int:
     return await get_store().online_count(room.pk)
 
 
+async def room_socket_count(room: Room) -> int:
+    """How many live sockets, on every process, joined ``room``."""
+    return await get_store().socket_count(room.pk)
+
+
 async def room_batch_add(*, room: Room, username: str, status: str) -> bool:
     """Keep a change for the room's next batch; True: the caller sends that one."""
     return await get_store().batch_add(room.pk, username, status)
@@ -779,49 +576,6 @@ async def room_batch_take(*, room: Room) -> tuple[dict[str, str], int]:
     return await get_store().batch_take(room.pk)
 
 
-async def connection_register(info: ConnectionInfo) -> int:
-    """Record a live socket: id, user_id, username, process, connected_at, device.
-
-    Answer how many live sockets its user has now, this one counted.
-    """
-    return await get_store().connection_add({**info, "rooms": []})
-
-
-async def connection_rooms_changed(connection: ChatConsumer) -> None:
-    await get_store().connection_set_rooms(
-        connection.connection_id, connection.user_id, list(connection.rooms)
-    )
-
-
-async def connection_unregister(connection: ChatConsumer) -> None:
-    await get_store().connection_remove(connection.connection_id, connection.user_id)
-
-
-async def live_connections() -> list[ConnectionInfo]:
-    """Every live socket on every process, oldest first (dicts, see register)."""
-    return await get_store().connections_list()
-
-
-async def live_count(
-    *,
-    user_id: int | None = None,
-    room_id: int | None = None,
-    connection_id: str | None = None,
-) -> int:
-    """How many live sockets: of a user, joined to a room, with an id, or all."""
-    return await get_store().count(
-        user_id=user_id, room_id=room_id, connection_id=connection_id
-    )
-
-
-async def live_devices(*, user_id: int, excluding: str | None = None) -> set[str]:
-    """The device keys of a user's live sockets, on every process.
-
-    ``excluding``: a connection id whose device key is left out.
-    """
-    return await get_store().user_devices(user_id, excluding)
-
-
 # While Redis is out of reach the keeper tries this often, so that fan-out
 # groups and presence are back within about a second of its return.
 OUTAGE_RETRY_SECONDS = 1.0
@@ -829,17 +583,13 @@ OUTAGE_RETRY_SECONDS = 1.0
 
 async def _keep_forever(hub: Hub) -> None:
     interval = max(settings.CHAT_HEARTBEAT / 3, 0.2)
-    ticks = 0
     failing_since: float | None = None
     while True:
         await asyncio.sleep(
             interval if failing_since is None else min(interval, OUTAGE_RETRY_SECONDS)
         )
-        ticks += 1
         try:
             await keep_once(hub)
-            if ticks % 1000 == 0:
-                await hub.refresh_subscriptions()
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -862,12 +612,25 @@ stop_keeper = keeper.stop
 
 
 async def keep_once(hub: Hub) -> None:
-    """Vouch for this process's sockets and report the users of dead processes."""
+    """Vouch for this process's sockets and report the users of dead processes.
+
+    When Redis lost its data the registry, the room entries and the hub's
+    layer groups are put back first.
+    """
     from chat import services
 
+    connections = list(hub.connections)
+    live = registry.get_registry()
     store = get_store()
-    if await store.refresh(list(hub.connections)):
-        await hub.refresh_subscriptions()
-        store.restored()
+    lost = await live.refresh(connections)
+    await store.refresh(connections)
+    if lost:
+        await live.restore(connections)
+        await store.restore(connections)
+        await fanout.groups_restore(hub)
+        live.restored()
         logger.warning("Redis had lost its data; presence and fan-out groups restored")
+    else:
+        await fanout.groups_upkeep(hub)
+    await live.sweep()
     await services.room_presence_sweep_report(gone=await store.sweep())

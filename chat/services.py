@@ -26,7 +26,7 @@ from django.db import (
 )
 from django.utils import timezone
 
-from chat import fanout, presence, protocol, selectors
+from chat import fanout, presence, protocol, registry, selectors
 from chat.loops import RoomTasks
 from chat.models import (
     ApiToken,
@@ -912,7 +912,7 @@ def _push_delivery(
 
 async def push_to_user(*, user_id: int, event: str, data: object) -> int:
     """A ``push`` frame to every live socket of ``user_id``; return how many."""
-    count = await presence.live_count(user_id=user_id)
+    count = await registry.live_count(user_id=user_id)
     delivery = _push_delivery([fanout.user_group(user_id)], event, data)
     return await _push(delivery, event, count)
 
@@ -920,7 +920,7 @@ async def push_to_user(*, user_id: int, event: str, data: object) -> int:
 async def push_to_room(*, slug: str, event: str, data: object) -> int:
     """A ``push`` frame to every live socket that joined the room ``slug``."""
     room = await selectors.room_get_async(slug=slug)
-    count = await presence.live_count(room_id=room.pk)
+    count = await presence.room_socket_count(room)
     groups = fanout.room_groups(room)
     delivery = _push_delivery(groups, event, data, match={"room": room.slug})
     return await _push(delivery, event, count)
@@ -928,7 +928,7 @@ async def push_to_room(*, slug: str, event: str, data: object) -> int:
 
 async def push_to_connection(*, connection_id: str, event: str, data: object) -> int:
     """A ``push`` frame to the one live socket ``connection_id``."""
-    count = await presence.live_count(connection_id=connection_id)
+    count = await registry.live_count(connection_id=connection_id)
     group = fanout.connection_group(connection_id)
     match: fanout.Match = {"connection_id": connection_id}
     delivery = _push_delivery([group], event, data, match=match)
@@ -937,6 +937,6 @@ async def push_to_connection(*, connection_id: str, event: str, data: object) ->
 
 async def push_to_everyone(*, event: str, data: object) -> int:
     """A ``push`` frame to every live socket."""
-    count = await presence.live_count()
+    count = await registry.live_count()
     delivery = _push_delivery([fanout.EVERYONE_GROUP], event, data)
     return await _push(delivery, event, count)

@@ -6,7 +6,7 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
 from django.db import connections
 
-from chat import fanout, policies, presence, services, throttle
+from chat import fanout, policies, presence, registry, services, throttle
 from chat.protocol import HISTORY_MAX_LIMIT
 from chatsite.asgi import application
 
@@ -28,6 +28,7 @@ async def fresh_hub():
     await policies.stop_idle_watch()
     await fanout.stop_hub()
     await presence.reset_store()
+    await registry.reset_registry()
     await throttle.reset()
     from channels.layers import channel_layers
 

@@ -8,7 +8,7 @@ from asgiref.sync import sync_to_async
 from django.test import Client as HttpClient
 from django.utils import timezone
 
-from chat import fanout, presence, services
+from chat import fanout, registry, services
 from chat.models import ApiToken
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -42,14 +42,14 @@ async def assert_let_in(socket, user):
         "user": {"id": user.pk, "username": user.username},
         "heartbeat": 30,
     }
-    live = await presence.live_connections()
+    live = await registry.live_connections()
     assert [(c["id"], c["user_id"]) for c in live] == [(connection_id, user.pk)]
 
 
 async def assert_refused(socket):
     """The handshake was refused and left no live connection behind."""
     assert socket.connected is False
-    assert await presence.live_connections() == []
+    assert await registry.live_connections() == []
 
 
 # --- credentials -------------------------------------------------------------------
@@ -260,7 +260,7 @@ async def test_site_ban_refuses_a_token_handshake(connect, alice, bob):
     refused = await connect(bob)
 
     assert refused.connected is False
-    assert await presence.live_connections() == []
+    assert await registry.live_connections() == []
 
 
 async def test_site_ban_refuses_a_session_cookie_handshake(connect, alice, bob):

@@ -9,9 +9,7 @@ from chat.client import reconnect_delay
     ("attempt", "ceiling"),
     [(0, 0.5), (1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (5, 10.0), (6, 10.0)],
 )
-def test_delay_is_full_jitter_below_a_doubling_ceiling_capped_at_10_s(
-    attempt, ceiling
-):
+def test_delay_is_full_jitter_below_a_doubling_ceiling_capped_at_10_s(attempt, ceiling):
     assert reconnect_delay(attempt, random=lambda: 0.0) == 0.0
     assert reconnect_delay(attempt, random=lambda: 0.5) == ceiling / 2
     assert reconnect_delay(attempt, random=lambda: 0.999) == pytest.approx(

@@ -10,7 +10,7 @@ import struct
 import pytest
 from asgiref.sync import sync_to_async
 
-from chat import fanout, protocol, services
+from chat import fanout, protocol, registry, services
 from chat.models import Membership, Message, Room
 from tests.test_application import CONNECTION_ID
 from tests.test_multiprocess import stored_message
@@ -930,7 +930,7 @@ async def test_sockets_that_end_every_way_leave_nothing_behind(
     too_big = await joined_client(alice)
     cancelled = await joined_client(alice)
     kicked = await joined_client(alice)
-    assert await presence.live_count() == 5
+    assert await registry.live_count() == 5
 
     await polite.close()  # a normal close from the client
     polite.connected = False
@@ -949,7 +949,7 @@ async def test_sockets_that_end_every_way_leave_nothing_behind(
     }
     await kicked.communicator.disconnect()
 
-    await until(presence.live_count, lambda n: n == 1, timeout=3, what="live")
+    await until(registry.live_count, lambda n: n == 1, timeout=3, what="live")
     online = await until(
         lambda: presence.room_online(lobby),
         lambda o: o == (["bob"], 1),
@@ -1012,7 +1012,7 @@ async def test_a_handler_raising_even_while_answering_an_error_leaves_no_ghost(
         client.connected = False
 
     assert (
-        await until(presence.live_count, lambda n: n == 1, timeout=3, what="live") == 1
+        await until(registry.live_count, lambda n: n == 1, timeout=3, what="live") == 1
     )
     assert await presence.room_online(lobby) == (["bob"], 1)
     hub = await fanout.get_hub()
@@ -1065,7 +1065,6 @@ async def open_raw(path):
 async def test_a_socket_past_the_per_user_limit_is_closed_with_1013(
     connect, alice, bob, token_for, settings
 ):
-    from chat import presence
 
     settings.CHAT_MAX_CONNECTIONS_PER_USER = 2
     key = await adb(token_for)(alice)
@@ -1079,7 +1078,7 @@ async def test_a_socket_past_the_per_user_limit_is_closed_with_1013(
         "reason": "too many connections: at most 2 per user",
     }
     await extra.disconnect()
-    assert await presence.live_count(user_id=alice.pk) == 2
+    assert await registry.live_count(user_id=alice.pk) == 2
     other_user = await connect(bob)
     assert other_user.hello["user"] == {"id": bob.pk, "username": "bob"}
 
@@ -1087,13 +1086,12 @@ async def test_a_socket_past_the_per_user_limit_is_closed_with_1013(
     first.connected = False
     again = await connect(path=f"/ws/?token={key}")
     assert again.hello["user"] == {"id": alice.pk, "username": "alice"}
-    assert await presence.live_count(user_id=alice.pk) == 2
+    assert await registry.live_count(user_id=alice.pk) == 2
 
 
 async def test_sockets_opened_at_once_never_pass_the_per_user_limit(
     alice, token_for, settings
 ):
-    from chat import presence
 
     settings.CHAT_MAX_CONNECTIONS_PER_USER = 2
     key = await adb(token_for)(alice)
@@ -1107,10 +1105,10 @@ async def test_sockets_opened_at_once_never_pass_the_per_user_limit(
     served = [a for a in answers if a != refusal]
     assert all(a["type"] == "websocket.send" for a in served), answers
     assert len(served) <= 2
-    assert await presence.live_count(user_id=alice.pk) == len(served)
+    assert await registry.live_count(user_id=alice.pk) == len(served)
     for socket, _ in opened:
         await socket.disconnect()
-    assert await presence.live_count(user_id=alice.pk) == 0
+    assert await registry.live_count(user_id=alice.pk) == 0
 
 
 async def test_a_device_that_replaces_its_socket_is_let_in_at_the_limit(

@@ -9,7 +9,7 @@ from channels.testing import WebsocketCommunicator
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chat import fanout, policies, presence, protocol, services
+from chat import fanout, policies, presence, protocol, registry, services
 from chat.protocol import ChatError
 
 REFUSAL_CODES = {"bad_request", "too_large"}
@@ -109,6 +109,7 @@ def loop():
         await policies.stop_idle_watch()
         await fanout.stop_hub()
         await presence.reset_store()
+        await registry.reset_registry()
 
     loop.run_until_complete(drop())
     loop.close()

@@ -132,3 +132,18 @@ async def test_exclude_user_applies_to_what_was_held():
     await hub.release("room.1", joining, keep=True)
 
     assert joining.got == []
+
+
+async def test_the_upkeep_re_adds_the_groups_only_when_due():
+    hub = await started_hub()
+    await hub.add("room.1", Socket(1))
+    layer = get_channel_layer()
+    # The in-memory layer keeps a group's channels with the time they joined.
+    joined_at = layer.groups["room.1"][hub.channel_name]
+
+    await fanout.groups_upkeep(hub)
+    assert layer.groups["room.1"][hub.channel_name] == joined_at
+
+    hub.groups_refreshed_at -= fanout.GROUPS_REFRESH_SECONDS
+    await fanout.groups_upkeep(hub)
+    assert layer.groups["room.1"][hub.channel_name] > joined_at

@@ -38,7 +38,7 @@ from pytest_django.asserts import assertContains
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from chat import presence, protocol, push, services
+from chat import protocol, push, registry, services
 from chat.models import ApiToken, Ban, Membership, Message, ModerationAction, Mute, Room
 from tests.servers import (
     ROOT,
@@ -1284,7 +1284,7 @@ async def test_live_connections_page_lists_both_processes_and_disconnects(
 async def live_count_settles(expected):
     """Wait until the registry counts ``expected`` live connections in all."""
     await until(
-        presence.live_count,
+        registry.live_count,
         lambda count: count == expected,
         timeout=2 * HEARTBEAT + 1,
         what="live connections",

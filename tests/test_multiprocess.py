@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 
 from chat import protocol, services
 from chat.models import Message, Room
-from chat.presence import live_connections
+from chat.registry import live_connections
 from tests.servers import DaphneServer, RedisServer, this_process_uses_redis
 from tests.waiting import until
 

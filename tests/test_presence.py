@@ -60,7 +60,7 @@ async def test_a_leaving_entry_is_out_of_the_online_list_at_once(stores):
 
     assert await x.exit_begin(ROOM, "c1", 1, "alice") == (True, 1)
     assert await y.online(ROOM, 100) == (["bob"], 1)
-    assert await y.count(room_id=ROOM) == 1
+    assert await y.socket_count(ROOM) == 1
     # A fresh leaving entry is its own process's to report, not the sweep's.
     assert await y.sweep() == []
 
@@ -122,7 +122,10 @@ async def test_the_keeper_reports_the_user_of_a_dead_process_through_the_layer(
     # Y's keeper, with no sockets of its own.
     monkeypatch.setattr(presence, "get_store", lambda: y)
     hub = SimpleNamespace(
-        connections=set(), refresh_subscriptions=_no_groups_to_restore
+        connections=set(),
+        layer=layer,
+        groups_refreshed_at=time.monotonic(),
+        refresh_subscriptions=_no_groups_to_restore,
     )
 
     deadline = time.monotonic() + 10 * HEARTBEAT

@@ -13,7 +13,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 
-from chat import fanout, presence, services
+from chat import fanout, presence, registry, services
 from tests.test_services import message_frame
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -179,7 +179,7 @@ def push_frame(event, data):
 
 
 async def test_push_to_user_reaches_the_users_group_and_counts(listener, alice):
-    await presence.connection_register(
+    await registry.connection_register(
         {"id": "p-1", "user_id": alice.pk, "username": "alice", "connected_at": "t"}
     )
     group = f"user.{alice.pk}"
