@@ -75,3 +75,49 @@ def test_chat_push_refuses_an_inactive_user(make_user):
     make_user("carol", is_active=False)
     with pytest.raises(CommandError, match=r"^No user named 'carol'\.$"):
         call_command("chat_push", "--user", "carol", "e", "{}", stdout=StringIO())
+
+
+def test_a_rejoin_with_since_replays_a_rooms_missed_messages_in_one_query(
+    make_user, django_assert_num_queries
+):
+    alice, bob = make_user("alice"), make_user("bob")
+    room = services.room_create(slug="lobby", title="Lobby")
+    for n in range(1, 8):
+        services.message_create(
+            room=room,
+            author=alice if n % 2 else bob,
+            body=f"m{n}",
+            client_msg_id=f"c{n}",
+        )
+    room.refresh_from_db()
+
+    with django_assert_num_queries(1):
+        payloads, complete = selectors.messages_since(room=room, since=3)
+
+    assert complete is True
+    assert [(p.seq, p.body, p.user.username) for p in payloads] == [
+        (4, "m4", "bob"),
+        (5, "m5", "alice"),
+        (6, "m6", "bob"),
+        (7, "m7", "alice"),
+    ]
+
+
+def test_a_rejoin_with_since_and_more_missed_than_recovered_is_one_query_too(
+    make_user, django_assert_num_queries, monkeypatch
+):
+    from chat import protocol
+
+    monkeypatch.setattr(protocol, "RECOVERY_MAX_MESSAGES", 3)
+    alice = make_user("alice")
+    room = services.room_create(slug="lobby", title="Lobby")
+    for n in range(1, 8):
+        services.message_create(
+            room=room, author=alice, body=f"m{n}", client_msg_id=f"c{n}"
+        )
+
+    with django_assert_num_queries(1):
+        payloads, complete = selectors.messages_since(room=room, since=0)
+
+    assert complete is False
+    assert [p.seq for p in payloads] == [5, 6, 7]
