@@ -47,6 +47,11 @@ def parse_args(argv):
         default="daphne",
         help="the ASGI server (daphne; uvicorn needs requirements-bench.txt)",
     )
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        help="the servers' listen backlog (default: the server's own, daphne 50)",
+    )
     parser.add_argument("--clients", type=int, default=2, help="client processes (2)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
@@ -177,6 +182,7 @@ def main(argv=None):
             "quick": options.quick,
             "servers": options.servers,
             "server": options.server,
+            "backlog": options.backlog,
             "fast_path": options.fast_path,
             "client_processes": options.clients,
             "database": database.vendor,

@@ -2,7 +2,8 @@
 
 The harness drives each process over a pipe with commands: ``connect`` sockets,
 ``run`` a step (send at an offered rate, or keep a window of unacknowledged
-sends), ``count`` what arrived, ``collect`` the step's figures, ``close``.
+sends), ``count`` what arrived, ``collect`` the step's figures, ``close``; and
+the storm scenarios' ``storm_*`` commands (``bench/members.py``).
 
 A message carries its step and its send time in its body
 (``~<step>~<monotonic ns>~xxx…``), so whichever process receives it measures

@@ -28,7 +28,16 @@ class MemberConnection(WSListener):
         self.rejoin = rejoin
         self.transport = None
         self.close_code = None
+        self.hello = False
         self.ready = asyncio.get_running_loop().create_future()
+
+    def stage(self):
+        """How far a connection that failed had come."""
+        if self.transport is None:
+            return "before the upgrade"
+        if not self.hello:
+            return "upgraded, no hello"
+        return "hello, no joined" if not self.rejoin else "hello, no recovered"
 
     def on_ws_connected(self, transport):
         self.transport = transport
@@ -94,6 +103,7 @@ class Member:
             if frame.get("room") == self.room:
                 self.on_seq(frame["seq"])
         elif kind == "hello":
+            conn.hello = True
             join = {"type": "join", "room": self.room}
             if conn.rejoin:
                 join["since"] = self.max_seq
@@ -170,7 +180,7 @@ class Member:
         except Exception as exc:
             if conn.transport is not None:
                 conn.transport.disconnect()
-            return f"{type(exc).__name__}: {str(exc)[:120]}"
+            return f"{type(exc).__name__} {conn.stage()}: {str(exc)[-90:]}"
         return True
 
     async def reconnect(self, close_code):
@@ -183,7 +193,7 @@ class Member:
             result = await self.open(self.failover, rejoin=True)
             if result is True:
                 return
-            self.client.reconnect_failures[result[:60]] += 1
+            self.client.reconnect_failures[result] += 1
             attempt += 1
 
     def send(self):
@@ -241,6 +251,9 @@ class StormCommands:
             "failures": Counter(failures).most_common(3),
             "start_ns": start,
             "end_ns": time.monotonic_ns(),
+            "last_joined_ns": max(
+                (m.joined_ns for m in self.members if m.joined_ns), default=0
+            ),
             "join_us": array("q", [t // 1000 for _, t in results if t]).tobytes(),
             "cpu": time.process_time() - cpu,
             "by_server": dict(Counter(m.server for m in self.members)),
@@ -312,14 +325,17 @@ async def _pace_members(senders, rate):
 
 def _check(members, acked):
     """Every acknowledged seq of a room against every socket of the room."""
-    expected = received = missed = below_since = 0
+    expected = received = missed = below_since = missed_down = down = 0
     examples = []
     for m in members:
+        down += not m.live
         want = {s for s in acked.get(m.room, ()) if s > m.first_seq}
         missing = want - m.seqs
         expected += len(want)
         received += len(want) - len(missing)
         missed += len(missing)
+        if not m.live:
+            missed_down += len(missing)
         if missing:
             since = max((s for s in m.sinces if s is not None), default=None)
             below_since += sum(1 for s in missing if since is not None and s <= since)
@@ -332,6 +348,8 @@ def _check(members, acked):
         "received": received,
         "missed": missed,
         "missed_at_or_below_since": below_since,
+        "missed_down": missed_down,  # by sockets not back (yet) when checked
+        "down": down,
         "missed_examples": examples,
         "duplicates": sum(m.duplicates for m in members),
         "incomplete_recoveries": sum(m.incomplete_recoveries for m in members),

@@ -198,7 +198,9 @@ def joinstorm_rows(result):
             result["connects_per_s"],
             f"{number(result['connects_per_s'])} ({number(result['connected'])} "
             f"sockets in {result['storm_s']} s{failed}; join p50 / p99 "
-            f"{result['join_p50_ms']} / {result['join_p99_ms']} ms)",
+            f"{result['join_p50_ms']} / {result['join_p99_ms']} ms"
+            + overflow_note(result)
+            + ")",
         ),
         ("storm start until the servers are idle", None, idle),
         (
@@ -218,6 +220,15 @@ def joinstorm_rows(result):
             f"{result['last_presence_after_s']} s",
         ),
     ]
+
+
+def overflow_note(result):
+    """SYNs dropped on a full accept queue: the client retries them 1, 3, 7… s later."""
+    dropped = result.get("listen_overflows")
+    if not dropped:
+        return ""
+    backlog = result.get("backlog") or "the server's default"
+    return f"; {number(dropped)} SYNs dropped on full accept queues, backlog {backlog}"
 
 
 def reconnectstorm_rows(result):
@@ -242,7 +253,8 @@ def reconnectstorm_rows(result):
             None,
             f"{number(result['connected'])} of {number(result['sockets'])}, "
             f"{number(result['on_killed_server'])}; "
-            f"{number(result['reconnect_attempts'])} reconnect attempts",
+            f"{number(result['reconnect_attempts'])} reconnect attempts"
+            + overflow_note(result),
         ),
         ("SIGTERM until every socket rejoined and recovered", None, back),
         (
@@ -250,10 +262,21 @@ def reconnectstorm_rows(result):
             result["missed"],
             f"{number(result['missed'])} of {number(result['expected_deliveries'])}"
             f" ({number(result['acked'])} acked msgs, "
-            f"{number(result['unacked'])} unacked at the end); duplicates "
-            f"{number(result['duplicates'])}",
+            f"{number(result['unacked'])} unacked at the end"
+            + down_note(result)
+            + f"); duplicates {number(result['duplicates'])}",
         ),
     ]
+
+
+def down_note(result):
+    down = result.get("sockets_down_at_the_end")
+    if not down:
+        return ""
+    return (
+        f"; {number(result['missed_by_sockets_down_at_the_end'])} of the missed "
+        f"by the {number(down)} sockets not back at the end"
+    )
 
 
 def health_rows(result):

@@ -21,6 +21,7 @@ from bench.stack import (
     Stack,
     core_busy_seconds,
     cpu_seconds,
+    listen_overflows,
     postgres_cpu_seconds,
 )
 
@@ -215,6 +216,7 @@ class Session:
             cpus=self.server_cpus,
             postgres=target.postgres,
             kind=options.server,
+            backlog=options.backlog,
         )
         self.clients = None
         self.members = {}  # room -> connected sockets
@@ -799,6 +801,7 @@ def joinstorm(session):
     count = session.options.durations.storm_sockets
     specs = session.member_specs([(JOINSTORM_ROOM, i, False) for i in range(count)])
     session.settle()
+    overflows = listen_overflows()
     calm = Calm(session.stack)
     began = calm.samples[0][0]
     # As fast as the load generator can: every socket of a process at once.
@@ -809,7 +812,12 @@ def joinstorm(session):
         ]
     )
     results = calm.replies(session.clients)
-    joined_at = max(r["end_ns"] for r in results) / 1e9
+    overflows = overflow_delta(overflows)
+    # The storm ends at the last joined; sockets that failed (after the
+    # handshake timeout, 60 s) are counted apart.
+    ended_at = max(r["end_ns"] for r in results) / 1e9
+    joined_at = max(r["last_joined_ns"] for r in results) / 1e9 or ended_at
+    failed_by = ended_at - calm.samples[0][0]
     idle = calm.until_idle(joined_at)
     presence = session.clients.call_all(op="storm_presence")
     connected = sum(r["connected"] for r in results)
@@ -831,9 +839,12 @@ def joinstorm(session):
         "failed": sum(r["failed"] for r in results),
         "failures": [f for r in results for f in r["failures"]][:3],
         "storm_s": round(storm_s, 2),
+        "all_done_s": round(failed_by, 2),
         "connects_per_s": round(connected / storm_s, 1) if storm_s else None,
         "join_p50_ms": ms(percentile(joins, 0.5)),
         "join_p99_ms": ms(percentile(joins, 0.99)),
+        "listen_overflows": overflows,
+        "backlog": session.options.backlog,
         **figures,
         **totals,
         "presence_frames_per_socket": round(
@@ -867,6 +878,11 @@ def joinstorm(session):
         f"({totals['presence_batch_names']} names)"
     )
     return result
+
+
+def overflow_delta(before):
+    after = listen_overflows()
+    return None if before is None or after is None else after - before
 
 
 def reconnect_sockets(durations):
@@ -911,6 +927,8 @@ def storm_status(session, acked=None):
             "received",
             "missed",
             "missed_at_or_below_since",
+            "missed_down",
+            "down",
             "duplicates",
             "incomplete_recoveries",
         ):
@@ -964,6 +982,7 @@ def reconnectstorm(session):
     before = storm_status(session)
     others = [s for s in session.stack.servers if s is not killed_server(session)]
     others_cpu = sum(cpu_seconds(s.pid) for s in others)
+    overflows = listen_overflows()
     killed = session.stack.terminate(RECONNECT_KILLED)
     kill_at = time.monotonic()
     exited_at = None
@@ -977,6 +996,7 @@ def reconnectstorm(session):
             break
     all_back = status["lost"] >= on_killed and status["recovered"] >= status["lost"]
     recovered_at = status["last_recovered_ns"] / 1e9
+    overflows = overflow_delta(overflows)
     others_cpu = sum(cpu_seconds(s.pid) for s in others) - others_cpu
     # Steady sending goes on a little after the last recovery, then stops.
     time.sleep(durations.reconnect_lead)
@@ -1009,6 +1029,8 @@ def reconnectstorm(session):
         "recover_p50_s": round(percentile(recover, 0.5) / 1e6, 2) if recover else None,
         "recover_p99_s": round(percentile(recover, 0.99) / 1e6, 2) if recover else None,
         "other_servers_cpu_s": round(others_cpu, 2),
+        "listen_overflows": overflows,
+        "backlog": session.options.backlog,
         "reconnect_attempts": final["attempts"],
         "reconnect_failures": dict(final["reconnect_failures"]),
         "close_codes": dict(final["close_codes"]),
@@ -1019,6 +1041,8 @@ def reconnectstorm(session):
         "delivered": final["received"],
         "missed": final["missed"],
         "missed_at_or_below_since": final["missed_at_or_below_since"],
+        "missed_by_sockets_down_at_the_end": final["missed_down"],
+        "sockets_down_at_the_end": final["down"],
         "missed_examples": final["missed_examples"][:3],
         "duplicates": final["duplicates"],
         "incomplete_recoveries": final["incomplete_recoveries"],

@@ -77,6 +77,22 @@ def run_ns(pid):
     return total
 
 
+def listen_overflows():
+    """Connections dropped on a full accept queue, machine-wide (TcpExt).
+
+    Each is a SYN the client sends again 1, 3, 7, 15, 31 s… later.
+    """
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            return int(table.get("ListenOverflows", 0))
+    return None
+
+
 def core_busy_seconds():
     """CPU seconds each core has been busy since boot, from ``/proc/stat``."""
     busy = {}
@@ -272,25 +288,38 @@ def redis_server(cpus):
 SERVERS = ("daphne", "uvicorn")
 
 
-def asgi_server(kind, index, asgi_app, env, cpus):
-    """One ASGI server process: daphne, or uvicorn (uvloop, httptools, websockets)."""
+def asgi_server(kind, index, asgi_app, env, cpus, backlog=None):
+    """One ASGI server process: daphne, or uvicorn (uvloop, httptools, websockets).
+
+    ``backlog``: the listen queue, when not the server's default (daphne's, from
+    Twisted, is 50; uvicorn's 2048).
+    """
     port = free_port()
     if kind == "daphne":
-        command = [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
+        if backlog is None:
+            command = [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
+        else:
+            endpoint = f"tcp:port={port}:interface=127.0.0.1:backlog={backlog}"
+            command = [PYTHON, "-m", "daphne", "-e", endpoint]
         command += ["--verbosity", "0", asgi_app]
     else:
         command = [PYTHON, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port)]
         command += ["--loop", "uvloop", "--http", "httptools"]
         command += ["--ws", "websockets-sansio", "--log-level", "warning"]
         command += ["--no-access-log", "--lifespan", "off", asgi_app]
+        if backlog is not None:
+            command[-1:-1] = ["--backlog", str(backlog)]
     return Process(f"{kind}{index}", pinned(command, cpus), env=env, port=port)
 
 
 class Stack:
     """One redis-server and ``count`` ASGI server processes serving ``asgi_app``."""
 
-    def __init__(self, *, asgi_app, env, count, cpus, postgres=False, kind="daphne"):
+    def __init__(
+        self, *, asgi_app, env, count, cpus, postgres=False, kind="daphne", backlog=None
+    ):
         self.kind = kind
+        self.backlog = backlog
         self.asgi_app = asgi_app
         self.postgres = postgres
         self.base_env = env
@@ -308,7 +337,7 @@ class Stack:
         self.redis = redis_server(self.cpus).start()
         env = {**self.base_env, "REDIS_URL": self.redis_url}
         self.servers = [
-            asgi_server(self.kind, i, self.asgi_app, env, self.cpus)
+            asgi_server(self.kind, i, self.asgi_app, env, self.cpus, self.backlog)
             for i in range(self.count)
         ]
         for server in self.servers:
