@@ -28,6 +28,7 @@ class MemberConnection(WSListener):
         self.rejoin = rejoin
         self.transport = None
         self.close_code = None
+        self.close_reason = None
         self.hello = False
         self.ready = asyncio.get_running_loop().create_future()
 
@@ -45,6 +46,7 @@ class MemberConnection(WSListener):
     def on_ws_frame(self, transport, frame):
         if frame.msg_type == WSMsgType.CLOSE:
             self.close_code = frame.get_close_code()
+            self.close_reason = frame.get_close_message()
             transport.send_close(WSCloseCode.OK)
             transport.disconnect()
             return
@@ -55,7 +57,9 @@ class MemberConnection(WSListener):
     def on_ws_disconnected(self, transport):
         if not self.ready.done():
             self.ready.set_exception(
-                ConnectionError(f"closed before joining ({self.close_code})")
+                ConnectionError(
+                    f"closed before joining ({self.close_code} {self.close_reason})"
+                )
             )
         self.member.on_disconnected(self)
 
