@@ -330,6 +330,8 @@ async def _pace_members(senders, rate):
 def _check(members, acked):
     """Every acknowledged seq of a room against every socket of the room."""
     expected = received = missed = below_since = missed_down = down = 0
+    missed_kept = 0  # by sockets that never lost their connection
+    messages = set()  # (room, seq) missed by one socket or more
     examples = []
     for m in members:
         down += not m.live
@@ -338,6 +340,9 @@ def _check(members, acked):
         expected += len(want)
         received += len(want) - len(missing)
         missed += len(missing)
+        messages.update((m.room, seq) for seq in missing)
+        if m.lost_ns is None:
+            missed_kept += len(missing)
         if not m.live:
             missed_down += len(missing)
         if missing:
@@ -353,6 +358,8 @@ def _check(members, acked):
         "missed": missed,
         "missed_at_or_below_since": below_since,
         "missed_down": missed_down,  # by sockets not back (yet) when checked
+        "missed_kept": missed_kept,
+        "missed_messages": sorted(messages),
         "down": down,
         "missed_examples": examples,
         "duplicates": sum(m.duplicates for m in members),

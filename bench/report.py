@@ -254,7 +254,8 @@ def reconnectstorm_rows(result):
             f"{number(result['connected'])} of {number(result['sockets'])}, "
             f"{number(result['on_killed_server'])}; "
             f"{number(result['reconnect_attempts'])} reconnect attempts"
-            + overflow_note(result),
+            + overflow_note(result)
+            + exit_note(result),
         ),
         ("SIGTERM until every socket rejoined and recovered", None, back),
         (
@@ -269,14 +270,34 @@ def reconnectstorm_rows(result):
     ]
 
 
+def exit_note(result):
+    if result.get("killed_exited_after_s") is not None:
+        return (
+            f"; the SIGTERMed server exited after {result['killed_exited_after_s']} s"
+        )
+    if result.get("killed_alive_after_s") is not None:
+        return (
+            "; the SIGTERMed server was still running "
+            f"{result['killed_alive_after_s']} s after the SIGTERM"
+        )
+    return ""
+
+
 def down_note(result):
+    notes = ""
+    if result.get("missed"):
+        notes += (
+            f"; {number(result.get('missed_message_count'))} distinct msgs, "
+            f"{number(result.get('missed_by_sockets_never_disconnected'))} of the "
+            "misses at sockets that never disconnected"
+        )
     down = result.get("sockets_down_at_the_end")
-    if not down:
-        return ""
-    return (
-        f"; {number(result['missed_by_sockets_down_at_the_end'])} of the missed "
-        f"by the {number(down)} sockets not back at the end"
-    )
+    if down:
+        notes += (
+            f"; {number(result['missed_by_sockets_down_at_the_end'])} of the missed "
+            f"by the {number(down)} sockets not back at the end"
+        )
+    return notes
 
 
 def health_rows(result):

@@ -928,12 +928,16 @@ def storm_status(session, acked=None):
             "missed",
             "missed_at_or_below_since",
             "missed_down",
+            "missed_kept",
             "down",
             "duplicates",
             "incomplete_recoveries",
         ):
             total[key] = sum(r[key] for r in replies)
         total["missed_examples"] = [e for r in replies for e in r["missed_examples"]]
+        total["missed_messages"] = sorted(
+            {tuple(x) for r in replies for x in r["missed_messages"]}
+        )
     return total
 
 
@@ -1022,6 +1026,10 @@ def reconnectstorm(session):
         "killed_exited_after_s": (
             round(exited_at - kill_at, 2) if exited_at is not None else None
         ),
+        # Still running when the check ended (the stack stops it at the end).
+        "killed_alive_after_s": (
+            round(time.monotonic() - kill_at, 1) if exited_at is None else None
+        ),
         "lost_sockets": final["lost"],
         "recovered_sockets": final["recovered"],
         "all_recovered": all_back,
@@ -1043,6 +1051,10 @@ def reconnectstorm(session):
         "missed_at_or_below_since": final["missed_at_or_below_since"],
         "missed_by_sockets_down_at_the_end": final["missed_down"],
         "sockets_down_at_the_end": final["down"],
+        "missed_by_sockets_never_disconnected": final["missed_kept"],
+        # The acked messages (room, seq) that one socket or more missed.
+        "missed_messages": [list(x) for x in final["missed_messages"][:20]],
+        "missed_message_count": len(final["missed_messages"]),
         "missed_examples": final["missed_examples"][:3],
         "duplicates": final["duplicates"],
         "incomplete_recoveries": final["incomplete_recoveries"],
