@@ -333,6 +333,26 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         await self._write(encoded)
 
+    def write_now(self, frames: serving.Frames) -> bool:
+        """Write ``frames`` without awaiting, in one system call, if it can.
+
+        The hub's fast path: True when they are written (or the socket is
+        closing, and they are dropped as ``deliver`` would); False when they
+        must go through ``deliver``, one by one (a plain ASGI socket, or one
+        whose client reads too slowly and has frames waiting).
+        """
+        if self.closing:
+            return True
+        wire = self.wire
+        if wire is None:
+            return False
+        buffer = self.send_buffer
+        if buffer is not None and (buffer.paused or buffer.frames):
+            return False
+        if wire.state == wire.STATE_OPEN:
+            serving.write_bytes(wire, frames.payload(self.binary))
+        return True
+
     async def _write(self, encoded: protocol.Encoded) -> None:
         wire = self.wire
         if wire is not None:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal, Required, TypedDict, final
 from channels.layers import BaseChannelLayer, get_channel_layer
 from django.conf import settings
 
-from chat import protocol
+from chat import protocol, serving
 from chat.loops import PerLoop, cancel_and_wait
 
 if TYPE_CHECKING:
@@ -344,9 +344,13 @@ class Hub:
         if not members:
             return
         frames = [protocol.Encoded(kind, text) for kind, text in batch]
+        together = serving.Frames(frames)
         for connection in list(members):
-            for encoded in frames:
-                await connection.deliver(encoded)
+            # One system call for all of a batch's frames, without a coroutine
+            # per socket, whenever the socket allows.
+            if not connection.write_now(together):
+                for encoded in frames:
+                    await connection.deliver(encoded)
 
     async def _deliver_one(
         self, event: GroupEvent, connections: Collection[ChatConsumer] | None = None
@@ -354,9 +358,10 @@ class Hub:
         """``event`` to its group's sockets here (or to ``connections``)."""
         exclude_user = event.get("exclude_user")
         match = event.get("match")
-        frames = None
+        frames = together = None
         if "text" in event:
             frames = [protocol.Encoded(event["frame_type"], event["text"])]
+            together = serving.Frames(frames)
         if connections is None:
             connections = self.members.get(event["group"], ())
         for connection in list(connections):
@@ -364,11 +369,12 @@ class Hub:
                 continue
             if match and not connection.matches(match):
                 continue
-            if frames is None:
+            if frames is None or together is None:
                 await connection.control(event["control"])
                 continue
-            for encoded in frames:
-                await connection.deliver(encoded)
+            if not connection.write_now(together):
+                for encoded in frames:
+                    await connection.deliver(encoded)
 
 
 _hubs: PerLoop[Hub] = PerLoop(lambda: Hub(get_channel_layer()))

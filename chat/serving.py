@@ -401,14 +401,37 @@ def prepared(encoded, binary):
 
 
 def write_prepared(wire, message):
-    """Write a prepared frame to a daphne socket, straight to the kernel if we can.
+    """Write a prepared frame to a daphne socket, straight to the kernel if we can."""
+    write_bytes(wire, message.payloadHybi)
+
+
+class Frames:
+    """Encoded frames going to many sockets together: their wire bytes, joined
+    once per framing however many sockets get them."""
+
+    __slots__ = ("frames", "_payloads")
+
+    def __init__(self, frames):
+        self.frames = frames
+        self._payloads = {}
+
+    def payload(self, binary):
+        payload = self._payloads.get(binary)
+        if payload is None:
+            payload = b"".join(prepared(e, binary).payloadHybi for e in self.frames)
+            self._payloads[binary] = payload
+        return payload
+
+
+def write_bytes(wire, data):
+    """Write whole WebSocket frames to a daphne socket, straight to the kernel.
 
     Twisted buffers every write until the event loop's next turn and toggles the
     socket's epoll registration around it: two system calls and a loop pass per
     frame. When nothing is queued ahead of this frame on a plain TCP socket, send
     it now; whatever the kernel does not take goes through Twisted as usual.
+    Several frames in one call cost one system call.
     """
-    data = message.payloadHybi
     transport = wire.transport
     if _can_send_now(transport):
         try:
