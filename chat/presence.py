@@ -36,6 +36,7 @@ from chat import fanout, registry
 from chat.loops import BackgroundTask, PerLoop
 
 if TYPE_CHECKING:
+    import redis.asyncio as redis
     from django.contrib.auth.models import User
     from redis.typing import EncodableT
 
@@ -308,17 +309,17 @@ class RedisPresence:
     casts to ``list[bytes]``.
     """
 
-    def __init__(self, url: str, prefix: str, stale_after: float) -> None:
-        import redis.asyncio as redis
-
-        # After a Redis restart every pooled connection is dead; retry a command
-        # once on a fresh connection instead of failing it.
-        # A blocking pool: under a connect storm commands wait for a connection
-        # instead of failing (redis-py's plain pool raises past its cap).
-        pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=32, timeout=20, retry_on_error=[redis.ConnectionError]
-        )
-        self.redis = redis.Redis(connection_pool=pool)
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        stale_after: float,
+        *,
+        client: redis.Redis | None = None,
+    ) -> None:
+        """``client``: a Redis client to share (the registry's); else its own."""
+        self._owns_client = client is None
+        self.redis = registry.redis_client(url) if client is None else client
         self.prefix = prefix
         self.stale_after = stale_after
         self._enter = self.redis.register_script(_ENTER)
@@ -485,13 +486,19 @@ class RedisPresence:
         return gone
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        if self._owns_client:
+            await self.redis.aclose()
 
 
 def _store_new() -> RedisPresence | MemoryPresence:
     if settings.REDIS_URL:
+        # The registry's client: one connection pool per process for both.
+        live = registry.get_registry()
         return RedisPresence(
-            settings.REDIS_URL, settings.CHAT_REDIS_PREFIX, settings.CHAT_HEARTBEAT
+            settings.REDIS_URL,
+            settings.CHAT_REDIS_PREFIX,
+            settings.CHAT_HEARTBEAT,
+            client=live.redis if isinstance(live, registry.RedisRegistry) else None,
         )
     return MemoryPresence()
 

@@ -26,6 +26,7 @@ from django.conf import settings
 from chat.loops import PerLoop
 
 if TYPE_CHECKING:
+    import redis.asyncio as redis
     from redis.asyncio.client import Pipeline
     from redis.typing import EncodableT
 
@@ -119,6 +120,20 @@ class MemoryRegistry:
         return None
 
 
+def redis_client(url: str) -> redis.Redis:
+    """A client for the registry and presence (``chat.presence`` shares it)."""
+    import redis.asyncio as redis
+
+    # After a Redis restart every pooled connection is dead; retry a command
+    # once on a fresh connection instead of failing it.
+    # A blocking pool: under a connect storm commands wait for a connection
+    # instead of failing (redis-py's plain pool raises past its cap).
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=32, timeout=20, retry_on_error=[redis.ConnectionError]
+    )
+    return redis.Redis(connection_pool=pool)
+
+
 class RedisRegistry:
     """The registry shared by every process through Redis.
 
@@ -128,16 +143,7 @@ class RedisRegistry:
     """
 
     def __init__(self, url: str, prefix: str, stale_after: float) -> None:
-        import redis.asyncio as redis
-
-        # After a Redis restart every pooled connection is dead; retry a command
-        # once on a fresh connection instead of failing it.
-        # A blocking pool: under a connect storm commands wait for a connection
-        # instead of failing (redis-py's plain pool raises past its cap).
-        pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=32, timeout=20, retry_on_error=[redis.ConnectionError]
-        )
-        self.redis = redis.Redis(connection_pool=pool)
+        self.redis = redis_client(url)
         self.prefix = prefix
         self.stale_after = stale_after
         self._epoch: bytes | None = None
