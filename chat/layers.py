@@ -1,13 +1,17 @@
-"""channels-redis' layer with fewer Redis round trips per group call.
+"""channels-redis' layer with fewer Redis round trips per call.
 
-Every join and every broadcast goes through ``group_add`` and ``group_send``.
-channels-redis 4.3 spends two round trips on a ``group_add`` (ZADD, then
-EXPIRE) and four on a ``group_send`` (expire the group, read it, expire the
-channels' old messages, then an EVAL that sends the script's text each time).
-This layer does the same work, on the same keys, in one round trip for
-``group_add`` and two for ``group_send`` (a pipeline reading the group, then
-one cached script per shard that expires and adds). Messages, keys and
-capacities are channels-redis' own, so processes with either layer interoperate.
+Every join and every broadcast goes through ``group_add`` and ``group_send``,
+and every event a process gets through ``receive``. channels-redis 4.3 spends
+two round trips on a ``group_add`` (ZADD, then EXPIRE), four on a
+``group_send`` (expire the group, read it, expire the channels' old messages,
+then an EVAL that sends the script's text each time) and four on a receive
+(put back the in-flight backup, BZPOPMIN, ZADD to the backup, then pop the
+backup once handled). This layer does the same work, on the same keys, in one
+round trip for ``group_add``, two for ``group_send`` (a pipeline reading the
+group, then one cached script per shard that expires and adds) and two for a
+receive when a message waits (one script puts the backup back, pops and backs
+up; the blocking pop only when nothing waits). Messages, keys and capacities
+are channels-redis' own, so processes with either layer interoperate.
 
 It is written against channels-redis 4.3.0's internals (the lock pins it); on
 another version it behaves exactly as channels-redis does.
@@ -48,6 +52,22 @@ return over_capacity
 """
 
 
+# KEYS: a channel's key, its in-flight backup. Put back what the backup holds
+# (a receive that died before its message was handled), pop the oldest message
+# and back it up, as channels-redis does around its BZPOPMIN; false when none.
+_RECEIVE = """
+local backed_up = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+for i = #backed_up, 1, -2 do
+  redis.call('ZADD', KEYS[1], backed_up[i], backed_up[i - 1])
+end
+redis.call('DEL', KEYS[2])
+local popped = redis.call('ZPOPMIN', KEYS[1])
+if #popped == 0 then return false end
+redis.call('ZADD', KEYS[2], popped[2], popped[1])
+return popped[1]
+"""
+
+
 class RedisChannelLayer(_ChannelsRedisLayer):
     """``channels_redis.core.RedisChannelLayer``, group calls batched."""
 
@@ -56,6 +76,28 @@ class RedisChannelLayer(_ChannelsRedisLayer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._group_send_scripts: dict[int, Any] = {}
+        self._receive_scripts: dict[int, Any] = {}
+
+    async def _brpop_with_clean(
+        self, index: int, channel: str, timeout: float
+    ) -> bytes | None:
+        if not self.batched:
+            return await super()._brpop_with_clean(index, channel, timeout)
+        backup = self._backup_channel_name(channel)
+        connection = self.connection(index)
+        script = self._receive_scripts.get(index)
+        if script is None:
+            script = self._receive_scripts[index] = connection.register_script(_RECEIVE)
+        member = await script(keys=[channel, backup], client=connection)
+        if member is not None:
+            return member
+        # Nothing waits: block until something comes, as upstream does.
+        result = await connection.bzpopmin(channel, timeout=timeout)
+        if result is None:
+            return None
+        _, member, timestamp = result
+        await connection.zadd(backup, {member: float(timestamp)})
+        return member
 
     async def group_add(self, group: str, channel: str) -> None:
         if not self.batched:

@@ -132,3 +132,31 @@ async def test_on_another_channels_redis_version_it_is_upstream(layers, monkeypa
     await layer.group_send("room.1", {"type": "t"})
     assert await asyncio.wait_for(layer.receive(channel), 2) == {"type": "t"}
     assert layer._group_send_scripts == {}
+
+
+@pytest.mark.parametrize("kind", [RedisChannelLayer, UpstreamLayer])
+async def test_a_message_left_in_flight_by_a_dead_receive_comes_again(
+    layers, redis_server, kind
+):
+    layer = layers(kind)
+    channel = await layer.new_channel("hub.")
+    await layer.send(channel, {"type": "t", "n": 1})
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        # What a receive cancelled between its pop and its handling leaves.
+        key = layer.prefix + layer.non_local_name(channel)
+        popped = await client.zpopmin(key)
+        await client.zadd(layer._backup_channel_name(key), {popped[0][0]: 1.0})
+    finally:
+        await client.aclose()
+    assert await asyncio.wait_for(layer.receive(channel), 2) == {"type": "t", "n": 1}
+
+
+async def test_a_receive_waiting_before_the_send_gets_it(layers):
+    sender, receiver = layers(UpstreamLayer), layers(RedisChannelLayer)
+    channel = await receiver.new_channel("hub.")
+    waiting = asyncio.ensure_future(receiver.receive(channel))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    await sender.send(channel, {"type": "t", "n": "late"})
+    assert await asyncio.wait_for(waiting, 2) == {"type": "t", "n": "late"}
