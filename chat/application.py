@@ -109,30 +109,30 @@ def origin_allowed(scope: Scope, *, by_cookie: bool) -> bool:
 
 def identify(
     *, token_key: str | None, session_key: str | None
-) -> tuple[Any, int | None]:
-    """``(user, token_id)`` of a handshake's credentials; ``(None, None)`` if none.
+) -> tuple[Any, int | None, bool]:
+    """``(user, token_id, use_stale)`` of a handshake's credentials.
 
-    A token, when given, decides (a bad one means nobody, whatever the cookie).
-    An inactive or site-banned user is nobody too.
+    ``(None, None, False)`` for nobody. A token, when given, decides (a bad one
+    means nobody, whatever the cookie). An inactive or site-banned user is
+    nobody too. ``use_stale``: the token's last use is worth noting (the caller
+    does, with ``services.api_token_use_soon``); reading is all this does.
     """
     if token_key is not None:
         found = selectors.token_user_get(key=token_key) if token_key else None
         if found is None:
-            return None, None
-        if found.use_stale:
-            services.api_token_use_note(token_id=found.token_id)
-        return found.user, found.token_id
+            return None, None, False
+        return found.user, found.token_id, found.use_stale
     if session_key is None:
-        return None, None
+        return None, None, False
     session_store = import_string(f"{settings.SESSION_ENGINE}.SessionStore")
     request = HttpRequest()
     request.session = session_store(session_key)
     user = auth.get_user(request)
     if not user.is_authenticated or not user.is_active:
-        return None, None
+        return None, None, False
     if selectors.user_is_site_banned(user_id=user.pk):
-        return None, None
-    return user, None
+        return None, None, False
+    return user, None, False
 
 
 async def handshake(scope: Scope) -> Scope | str | None:
@@ -148,7 +148,7 @@ async def handshake(scope: Scope) -> Scope | str | None:
         return None
     session_key = session_key_from_scope(scope)
     try:
-        user, token_id = await database_sync_to_async(identify)(
+        user, token_id, use_stale = await database_sync_to_async(identify)(
             token_key=token_key, session_key=session_key
         )
     except services.DATABASE_OUTAGE_ERRORS as exc:
@@ -157,6 +157,8 @@ async def handshake(scope: Scope) -> Scope | str | None:
         return UNAVAILABLE
     if user is None:
         return None
+    if use_stale and token_id is not None:
+        services.api_token_use_soon(token_id=token_id)
     return {
         "type": "websocket",
         "path": scope["path"],

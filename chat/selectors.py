@@ -197,7 +197,7 @@ def token_user_get(*, key: str) -> TokenUser | None:
 
     A user who is inactive or banned from the site has no usable token.
     ``use_stale``: the token's ``last_used_at`` is older than its resolution, so
-    the caller should record this use (``services.api_token_use_note``).
+    the caller should record this use (``services.api_token_use_soon``).
     """
     User = get_user_model()
     now = timezone.now()

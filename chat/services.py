@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
 from django.db import (
     IntegrityError,
     InterfaceError,
@@ -27,7 +28,7 @@ from django.db import (
 from django.utils import timezone
 
 from chat import fanout, presence, protocol, registry, selectors
-from chat.loops import RoomTasks
+from chat.loops import BackgroundTask, PerLoop, RoomTasks
 from chat.models import (
     ApiToken,
     Ban,
@@ -520,7 +521,58 @@ def api_token_create(*, user: User, name: str = "") -> tuple[ApiToken, str]:
 
 def api_token_use_note(*, token_id: int) -> None:
     """Record that a token was used now (callers do so once a resolution)."""
-    ApiToken.objects.filter(pk=token_id).update(last_used_at=timezone.now())
+    api_token_uses_note(token_ids=[token_id])
+
+
+def api_token_uses_note(*, token_ids: Sequence[int]) -> None:
+    """Record that these tokens were used now, in one UPDATE."""
+    ApiToken.objects.filter(pk__in=token_ids).update(last_used_at=timezone.now())
+
+
+# Handshakes note their token's use without waiting for the write: the uses of
+# one second go out in one UPDATE, so a handshake reads the database once and a
+# reconnect storm's thousand stale tokens cost one write, not a thousand.
+TOKEN_USES_WRITTEN_AFTER_SECONDS = 1.0
+_token_uses: PerLoop[set[int]] = PerLoop(set)
+
+
+def api_token_use_soon(*, token_id: int) -> None:
+    """Note a token's use; it is written within a second (in the running loop)."""
+    _token_uses.get().add(token_id)
+    token_uses_writer.start()
+
+
+async def _token_uses_write_later() -> None:
+    pending = _token_uses.get()
+    # Uses noted while a write is under way are taken by the next turn.
+    while pending:
+        await asyncio.sleep(TOKEN_USES_WRITTEN_AFTER_SECONDS)
+        await api_token_uses_write()
+
+
+async def api_token_uses_write() -> None:
+    """Write the token uses noted so far, now."""
+    pending = _token_uses.get()
+    token_ids = sorted(pending)
+    pending.clear()
+    if not token_ids:
+        return
+    try:
+        await database_sync_to_async(api_token_uses_note)(token_ids=token_ids)
+    except DATABASE_OUTAGE_ERRORS as exc:
+        # Only a last-used time: not worth keeping for a retry.
+        logger.warning(
+            "noting %d token uses: database unavailable: %s", len(token_ids), exc
+        )
+
+
+token_uses_writer = BackgroundTask(_token_uses_write_later)
+
+
+async def token_uses_reset() -> None:
+    """Stop the writer and forget what waits (tests start each loop afresh)."""
+    await token_uses_writer.stop()
+    _token_uses.pop()
 
 
 def api_token_revoke(*, token: ApiToken, actor: User | None = None) -> ApiToken:

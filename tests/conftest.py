@@ -30,6 +30,7 @@ async def fresh_hub():
     await presence.reset_store()
     await registry.reset_registry()
     await throttle.reset()
+    await services.token_uses_reset()
     from channels.layers import channel_layers
 
     channel_layers.backends.clear()

@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from chat import fanout, registry, services
 from chat.models import ApiToken
+from tests.waiting import until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -135,12 +136,17 @@ async def test_a_handshake_notes_the_tokens_use_at_most_once_a_minute(connect, a
 
     before = timezone.now()
     await connect(path=f"/ws/?token={key}")
+    # Noted, not written: the handshake itself only reads.
+    await adb(token.refresh_from_db)()
+    assert token.last_used_at is None
+    await services.api_token_uses_write()
     after = timezone.now()
     await adb(token.refresh_from_db)()
     first_use = token.last_used_at
     assert before <= first_use <= after
 
     await connect(path=f"/ws/?token={key}")
+    await services.api_token_uses_write()
     await adb(token.refresh_from_db)()
     assert token.last_used_at == first_use
 
@@ -149,9 +155,34 @@ async def test_a_handshake_notes_the_tokens_use_at_most_once_a_minute(connect, a
     await adb(ApiToken.objects.filter(pk=token.pk).update)(last_used_at=an_hour_ago)
     before = timezone.now()
     await connect(path=f"/ws/?token={key}")
+    await services.api_token_uses_write()
     after = timezone.now()
     await adb(token.refresh_from_db)()
     assert before <= token.last_used_at <= after
+
+
+async def test_the_uses_of_many_handshakes_are_written_together_within_a_second(
+    connect, alice, bob
+):
+    tokens = []
+    for user in (alice, alice, bob):
+        token, key = await adb(services.api_token_create)(user=user)
+        tokens.append(token)
+        await connect(path=f"/ws/?token={key}")
+    noted_at = timezone.now()
+
+    async def uses():
+        ids = [t.pk for t in tokens]
+        rows = ApiToken.objects.filter(pk__in=ids).values_list(
+            "last_used_at", flat=True
+        )
+        return await adb(list)(rows)
+
+    assert await uses() == [None, None, None]
+    written = await until(uses, lambda found: None not in found, timeout=3, what="uses")
+    # One UPDATE: one time for all three, after the second the writer waits.
+    assert len(set(written)) == 1
+    assert written[0] >= noted_at
 
 
 # --- where from --------------------------------------------------------------------

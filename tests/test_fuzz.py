@@ -110,6 +110,7 @@ def loop():
         await fanout.stop_hub()
         await presence.reset_store()
         await registry.reset_registry()
+        await services.token_uses_reset()
 
     loop.run_until_complete(drop())
     loop.close()
