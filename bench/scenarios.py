@@ -804,6 +804,7 @@ def joinstorm(session):
     overflows = listen_overflows()
     calm = Calm(session.stack)
     began = calm.samples[0][0]
+    recording = session.profile("joinstorm")
     # As fast as the load generator can: every socket of a process at once.
     session.clients.send(
         [
@@ -819,6 +820,7 @@ def joinstorm(session):
     joined_at = max(r["last_joined_ns"] for r in results) / 1e9 or ended_at
     failed_by = ended_at - calm.samples[0][0]
     idle = calm.until_idle(joined_at)
+    samples = recording.finish() if recording else None
     presence = session.clients.call_all(op="storm_presence")
     connected = sum(r["connected"] for r in results)
     storm_s = joined_at - began
@@ -834,6 +836,7 @@ def joinstorm(session):
     for p in presence:
         errors.update(p["errors"])
     result = {
+        **({"profile": samples} if samples else {}),
         "sockets": count,
         "connected": connected,
         "failed": sum(r["failed"] for r in results),

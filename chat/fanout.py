@@ -41,6 +41,10 @@ PROCESS_ID = secrets.token_hex(4)
 
 EVERYONE_GROUP = "everyone"
 
+# At most this many layer messages per receive: a hub that fell behind writes
+# what piled up to each socket in one system call (see Hub.deliver).
+RECEIVE_BATCH = 64
+
 
 def process_group(process_id: str = PROCESS_ID) -> str:
     return f"process.{process_id}"
@@ -245,12 +249,7 @@ class Hub:
             # Until the list is empty, newer events keep joining it: nothing
             # overtakes what waits.
             event = kept.pop(0)
-            if "multi" in event:
-                for part_group, batch in event["multi"]:
-                    if part_group == group:
-                        await self._deliver_frames(group, batch, [connection])
-            else:
-                await self._deliver_one(event, [connection])
+            await self._deliver_to(event, group, connection)
         holders = self.holding.get(group, {})
         holders.pop(connection, None)
         if not holders:
@@ -258,6 +257,25 @@ class Hub:
         if keep:
             self.members.setdefault(group, set()).add(connection)
         await self._sync(group)
+
+    async def _deliver_to(
+        self, event: HubEvent, group: str, connection: ChatConsumer
+    ) -> None:
+        """What of ``event`` is for ``group``, to ``connection`` alone."""
+        if "multi" in event:
+            frames = [
+                protocol.Encoded(kind, text)
+                for part_group, batch in event["multi"]
+                if part_group == group
+                for kind, text in batch
+            ]
+            await self._write_plan({connection: frames} if frames else {})
+        elif self._targets(event, [connection]):
+            if "text" in event:
+                encoded = protocol.Encoded(event["frame_type"], event["text"])
+                await self._write_plan({connection: [encoded]})
+            else:
+                await connection.control(event["control"])
 
     def _hold(self, event: HubEvent) -> None:
         if "multi" in event:
@@ -294,9 +312,13 @@ class Hub:
 
     async def _receive_forever(self) -> None:
         failures = 0
+        receive_many = getattr(self.layer, "receive_many", None)
         while True:
             try:
-                event = await self.layer.receive(self.channel_name)
+                if receive_many is not None:
+                    events = await receive_many(self.channel_name, RECEIVE_BATCH)
+                else:
+                    events = [await self.layer.receive(self.channel_name)]
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -311,67 +333,78 @@ class Hub:
                 logger.warning("fan-out receive works again after %d tries", failures)
                 failures = 0
             try:
-                await self.deliver(event)
+                await self.deliver(*events)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 logger.exception("fan-out delivery failed; continuing")
 
-    async def deliver(self, event: HubEvent) -> None:
-        """Hand a layer event to the matching local sockets.
+    async def deliver(self, *events: HubEvent) -> None:
+        """Hand layer events to the matching local sockets, in order.
 
         ``multi`` carries (group, frames) pairs for many groups at once. Else
         ``exclude_user`` skips a user's sockets and ``match`` narrows the group
         to the sockets whose attributes match (see ``ChatConsumer.matches``);
         ``text`` is a frame to send, ``control`` an order for the socket itself
         (close, leave a room).
+
+        What one socket gets from all of ``events`` goes out in one system call:
+        the frames are planned per socket first and written after, sockets
+        getting the same frames sharing their joined bytes. An order is carried
+        out where it stands, after the frames planned before it are written.
         """
-        if self.holding:
-            self._hold(event)
-        if "multi" in event:
-            for group, batch in event["multi"]:
-                await self._deliver_frames(group, batch)
-            return
-        await self._deliver_one(event)
+        plan: dict[ChatConsumer, list[protocol.Encoded]] = {}
+        for event in events:
+            if self.holding:
+                self._hold(event)
+            if "multi" in event:
+                for group, batch in event["multi"]:
+                    members = self.members.get(group)
+                    if members:
+                        frames = [protocol.Encoded(k, text) for k, text in batch]
+                        for connection in members:
+                            plan.setdefault(connection, []).extend(frames)
+            elif "text" in event:
+                encoded = protocol.Encoded(event["frame_type"], event["text"])
+                for connection in self._targets(event):
+                    plan.setdefault(connection, []).append(encoded)
+            else:
+                await self._write_plan(plan)
+                plan = {}
+                for connection in self._targets(event):
+                    await connection.control(event["control"])
+        await self._write_plan(plan)
 
-    async def _deliver_frames(
-        self,
-        group: str,
-        batch: EncodedBatch,
-        connections: Collection[ChatConsumer] | None = None,
-    ) -> None:
-        members = self.members.get(group) if connections is None else connections
-        if not members:
-            return
-        frames = [protocol.Encoded(kind, text) for kind, text in batch]
-        together = serving.Frames(frames)
-        for connection in list(members):
-            # One system call for all of a batch's frames, without a coroutine
-            # per socket, whenever the socket allows.
-            if not connection.write_now(together):
-                for encoded in frames:
-                    await connection.deliver(encoded)
-
-    async def _deliver_one(
+    def _targets(
         self, event: GroupEvent, connections: Collection[ChatConsumer] | None = None
-    ) -> None:
-        """``event`` to its group's sockets here (or to ``connections``)."""
-        exclude_user = event.get("exclude_user")
-        match = event.get("match")
-        frames = together = None
-        if "text" in event:
-            frames = [protocol.Encoded(event["frame_type"], event["text"])]
-            together = serving.Frames(frames)
+    ) -> list[ChatConsumer]:
+        """The sockets here (or of ``connections``) that ``event`` is for."""
         if connections is None:
             connections = self.members.get(event["group"], ())
-        for connection in list(connections):
-            if exclude_user is not None and connection.user_id == exclude_user:
-                continue
-            if match and not connection.matches(match):
-                continue
-            if frames is None or together is None:
-                await connection.control(event["control"])
-                continue
+        exclude_user = event.get("exclude_user")
+        match = event.get("match")
+        if exclude_user is None and not match:
+            return list(connections)
+        return [
+            connection
+            for connection in connections
+            if (exclude_user is None or connection.user_id != exclude_user)
+            and (not match or connection.matches(match))
+        ]
+
+    async def _write_plan(
+        self, plan: dict[ChatConsumer, list[protocol.Encoded]]
+    ) -> None:
+        # Sockets getting the same frames (a room's members) share one Frames,
+        # so the bytes are joined once per framing, not once per socket.
+        shared: dict[tuple[int, ...], serving.Frames] = {}
+        for connection, frames in plan.items():
+            key = tuple(map(id, frames))
+            together = shared.get(key)
+            if together is None:
+                together = shared[key] = serving.Frames(frames)
+            # One system call for all of them, without a coroutine per socket,
+            # whenever the socket allows.
             if not connection.write_now(together):
                 for encoded in frames:
                     await connection.deliver(encoded)

@@ -68,6 +68,31 @@ return popped[1]
 """
 
 
+# KEYS: a channel's key, its in-flight backup; ARGV: how many to pop, and 1 when
+# the backup holds what the last receive_many handed over (dropped now) or 0
+# when it may hold what a cancelled one did not (put back first). Pops up to
+# that many of the oldest messages, backs them up and answers them, oldest
+# first (an empty list when none waits).
+_RECEIVE_MANY = """
+if ARGV[2] == '1' then
+  redis.call('DEL', KEYS[2])
+else
+  local backed_up = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+  for i = #backed_up, 1, -2 do
+    redis.call('ZADD', KEYS[1], backed_up[i], backed_up[i - 1])
+  end
+  redis.call('DEL', KEYS[2])
+end
+local popped = redis.call('ZPOPMIN', KEYS[1], ARGV[1])
+local members = {}
+for i = 1, #popped, 2 do
+  redis.call('ZADD', KEYS[2], popped[i + 1], popped[i])
+  members[#members + 1] = popped[i]
+end
+return members
+"""
+
+
 class RedisChannelLayer(_ChannelsRedisLayer):
     """``channels_redis.core.RedisChannelLayer``, group calls batched."""
 
@@ -77,6 +102,71 @@ class RedisChannelLayer(_ChannelsRedisLayer):
         super().__init__(*args, **kwargs)
         self._group_send_scripts: dict[int, Any] = {}
         self._receive_scripts: dict[int, Any] = {}
+        self._receive_many_scripts: dict[int, Any] = {}
+        # channel keys whose backup holds only what receive_many handed over
+        self._handed_over: set[str] = set()
+
+    async def receive_many(self, channel: str, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` messages for ``channel``, at least one, oldest first.
+
+        What waits comes in one round trip (``receive`` takes one per message,
+        and a second to clear its backup), so a receiver that fell behind
+        catches up in batches. For a process-specific channel (``hub.…!…``)
+        that one coroutine of the process receives from, as the hub does; any
+        other channel, or another channels-redis version, gets one ``receive``.
+        """
+        if not self.batched or "!" not in channel:
+            return [await self.receive(channel)]
+        buffered = self.receive_buffer.get(channel)
+        if buffered is not None and not buffered.empty():
+            # Left by an earlier receive() of this process: those come first.
+            messages: list[dict[str, Any]] = []
+            while not buffered.empty() and len(messages) < limit:
+                messages.append(buffered.get_nowait())
+            del self.receive_buffer[channel]
+            return messages
+        real_channel = self.non_local_name(channel)
+        index = self.consistent_hash(real_channel)
+        key = self.prefix + real_channel
+        backup = self._backup_channel_name(key)
+        connection = self.connection(index)
+        script = self._receive_many_scripts.get(index)
+        if script is None:
+            script = connection.register_script(_RECEIVE_MANY)
+            self._receive_many_scripts[index] = script
+        while True:
+            handed_over = key in self._handed_over
+            self._handed_over.discard(key)
+            members = await script(
+                keys=[key, backup],
+                args=[limit, 1 if handed_over else 0],
+                client=connection,
+            )
+            if not members:
+                # Nothing waits: block until something comes, as upstream does.
+                result = await connection.bzpopmin(key, timeout=self.brpop_timeout)
+                if result is None:
+                    continue
+                _, member, timestamp = result
+                await connection.zadd(backup, {member: float(timestamp)})
+                members = [member]
+            messages = []
+            for member in members:
+                message = self.deserialize(member)
+                # A group message names every channel of this process it is
+                # for; another receiver's copy waits for it, as upstream.
+                targets = message.pop("__asgi_channel__", channel)
+                if not isinstance(targets, list):
+                    targets = [targets]
+                for target in targets:
+                    if target == channel:
+                        messages.append(message)
+                    else:
+                        self.receive_buffer[target].put_nowait(message)
+            # No await from the pop to here: what the backup holds is ours now.
+            self._handed_over.add(key)
+            if messages:
+                return messages
 
     async def _brpop_with_clean(
         self, index: int, channel: str, timeout: float

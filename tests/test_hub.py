@@ -32,6 +32,19 @@ class Socket:
         return all(getattr(self, key, None) == value for key, value in match.items())
 
 
+class FastSocket(Socket):
+    """A socket the hub can write to at once: it records each write."""
+
+    def __init__(self, user_id):
+        super().__init__(user_id)
+        self.writes = []
+
+    def write_now(self, frames):
+        self.writes.append(frames)
+        self.got.append([encoded.text for encoded in frames.frames])
+        return True
+
+
 def frame_event(group, text):
     return {"type": "hub.frame", "group": group, "frame_type": "message", "text": text}
 
@@ -50,9 +63,9 @@ async def started_hub():
     hub.layer_received = 0
     deliver = hub.deliver
 
-    async def counting(event):
-        await deliver(event)
-        hub.layer_received += 1
+    async def counting(*events):
+        await deliver(*events)
+        hub.layer_received += len(events)
 
     hub.deliver = counting
     return hub
@@ -150,3 +163,37 @@ async def test_the_upkeep_re_adds_the_groups_only_when_due():
     hub.groups_refreshed_at -= fanout.GROUPS_REFRESH_SECONDS
     await fanout.groups_upkeep(hub)
     assert layer.groups["room.1"][hub.channel_name] > joined_at
+
+
+async def test_what_a_socket_gets_from_many_events_is_one_write_shared_by_the_room():
+    hub = await fanout.get_hub()
+    alice, bob, carol = FastSocket(1), FastSocket(2), FastSocket(3)
+    await hub.add("room.1", alice)
+    await hub.add("room.1", bob)
+    await hub.add("room.2", carol)
+    await hub.deliver(
+        frame_event("room.1", "m1"),
+        frame_event("room.2", "n1"),
+        {**frame_event("room.1", "m2"), "exclude_user": 2},
+        frame_event("room.1", "m3"),
+    )
+    assert alice.got == [["m1", "m2", "m3"]]
+    assert bob.got == [["m1", "m3"]]
+    assert carol.got == [["n1"]]
+    # Sockets with the same frames share one Frames: bytes joined once.
+    await hub.deliver(frame_event("room.1", "m4"), frame_event("room.1", "m5"))
+    assert alice.writes[-1] is bob.writes[-1]
+    assert alice.got[-1] == ["m4", "m5"]
+
+
+async def test_an_order_among_events_comes_after_the_frames_before_it():
+    hub = await fanout.get_hub()
+    alice = FastSocket(1)
+    await hub.add("room.1", alice)
+    order = {"action": "remove", "room": "r", "reason": "kicked"}
+    await hub.deliver(
+        frame_event("room.1", "m1"),
+        {"type": "hub.frame", "group": "room.1", "control": order},
+        frame_event("room.1", "m2"),
+    )
+    assert alice.got == [["m1"], order, ["m2"]]

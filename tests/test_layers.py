@@ -160,3 +160,78 @@ async def test_a_receive_waiting_before_the_send_gets_it(layers):
     assert not waiting.done()
     await sender.send(channel, {"type": "t", "n": "late"})
     assert await asyncio.wait_for(waiting, 2) == {"type": "t", "n": "late"}
+
+
+async def test_receive_many_takes_what_waits_in_order_in_one_call(layers):
+    sender, receiver = layers(UpstreamLayer), layers(RedisChannelLayer)
+    hub = await receiver.new_channel("hub.")
+    other = await receiver.new_channel("hub.")
+    await receiver.group_add("room.1", hub)
+    await receiver.group_add("room.1", other)
+    for n in range(5):
+        await sender.group_send("room.1", {"type": "t", "n": n})
+    got = await asyncio.wait_for(receiver.receive_many(hub, 3), 2)
+    assert got == [{"type": "t", "n": 0}, {"type": "t", "n": 1}, {"type": "t", "n": 2}]
+    # The other channel of the process had its copies kept for it, as upstream.
+    assert await asyncio.wait_for(receiver.receive_many(other, 10), 2) == [
+        {"type": "t", "n": 0},
+        {"type": "t", "n": 1},
+        {"type": "t", "n": 2},
+    ]
+    rest = await asyncio.wait_for(receiver.receive_many(hub, 10), 2)
+    assert rest == [{"type": "t", "n": 3}, {"type": "t", "n": 4}]
+
+
+async def test_receive_many_waits_for_a_message_when_none_waits(layers):
+    sender, receiver = layers(RedisChannelLayer), layers(RedisChannelLayer)
+    hub = await receiver.new_channel("hub.")
+    waiting = asyncio.ensure_future(receiver.receive_many(hub, 64))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    await sender.send(hub, {"type": "t", "n": "late"})
+    assert await asyncio.wait_for(waiting, 2) == [{"type": "t", "n": "late"}]
+
+
+async def test_receive_many_hands_a_message_over_once_and_keeps_a_cancelled_one(
+    layers, redis_server
+):
+    layer = layers(RedisChannelLayer)
+    hub = await layer.new_channel("hub.")
+    await layer.send(hub, {"type": "t", "n": 1})
+    assert await asyncio.wait_for(layer.receive_many(hub, 64), 2) == [
+        {"type": "t", "n": 1}
+    ]
+    client = redis.Redis.from_url(redis_server.url)
+    key = layer.prefix + layer.non_local_name(hub)
+    backup = layer._backup_channel_name(key)
+    try:
+        await layer.send(hub, {"type": "t", "n": 2})
+        # Handed over: the next receive drops it from the backup, not again.
+        assert await asyncio.wait_for(layer.receive_many(hub, 64), 2) == [
+            {"type": "t", "n": 2}
+        ]
+        # What a receive cancelled after its pop leaves in the backup comes again.
+        await layer.send(hub, {"type": "t", "n": 3})
+        popped = await client.zpopmin(key)
+        await client.delete(backup)
+        await client.zadd(backup, {popped[0][0]: 1.0})
+        layer._handed_over.clear()
+        assert await asyncio.wait_for(layer.receive_many(hub, 64), 2) == [
+            {"type": "t", "n": 3}
+        ]
+        assert await client.zcard(backup) == 1  # until the next receive drops it
+    finally:
+        await client.aclose()
+
+
+async def test_receive_many_on_another_channels_redis_version_is_one_receive(
+    layers, monkeypatch
+):
+    layer = layers(RedisChannelLayer)
+    monkeypatch.setattr(RedisChannelLayer, "batched", False)
+    hub = await layer.new_channel("hub.")
+    await layer.send(hub, {"type": "t", "n": 1})
+    await layer.send(hub, {"type": "t", "n": 2})
+    assert await asyncio.wait_for(layer.receive_many(hub, 64), 2) == [
+        {"type": "t", "n": 1}
+    ]
