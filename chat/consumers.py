@@ -6,7 +6,8 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qs
 
@@ -90,6 +91,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
     session: str | None = None
     device: str | None
     rooms: dict[str, Room]  # slug -> Room this socket joined
+    # room group -> the presence version its joined frame was at: the hub skips
+    # presence frames of changes up to it (see fanout.Delivery). The class's
+    # empty one until the socket joins a room.
+    presence_floors: Mapping[str, int] = MappingProxyType({})
     sends_in_flight: set[asyncio.Task[None]]
     last_seen: float  # time.monotonic() of the last frame received
     rate_limits: throttle.SocketThrottle
@@ -440,15 +445,38 @@ class ChatConsumer(AsyncWebsocketConsumer):
             room, read_seq = await db(services.room_join)(slug=slug, user=self.user)
             self.rooms[slug] = room
             online, online_count = await presence.room_online(room)
+            await self._send_joined(room, online, online_count, read_seq, frame)
         else:
-            room, read_seq = await self._listen_and_join(slug)
+            room, read_seq, held = await self._listen_and_join(slug)
             self.rooms[slug] = room
-            online, online_count = await services.room_presence_enter(
-                room=room,
-                connection_id=self.connection_id,
-                user=self.user,
-                rooms=list(self.rooms),
-            )
+            try:
+                online, online_count, version = await services.room_presence_enter(
+                    room=room,
+                    connection_id=self.connection_id,
+                    user=self.user,
+                    rooms=list(self.rooms),
+                )
+                if held is not None:
+                    self.presence_floors = {**self.presence_floors, held: version}
+                await self._send_joined(room, online, online_count, read_seq, frame)
+            finally:
+                if held is not None:
+                    # What came for the room meanwhile follows the joined frame,
+                    # less the presence changes that frame has.
+                    assert self.hub is not None  # connect() set it
+                    await self.hub.release(held, self, keep=True)
+        since = frame.since
+        if since is not None:
+            await self._recover(room, since)
+
+    async def _send_joined(
+        self,
+        room: Room,
+        online: list[str],
+        online_count: int,
+        read_seq: int,
+        frame: protocol.Join,
+    ) -> None:
         await self.send_frame(
             protocol.joined(
                 room=room,
@@ -458,18 +486,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 ref=frame.ref,
             )
         )
-        since = frame.since
-        if since is not None:
-            await self._recover(room, since)
 
-    async def _listen_and_join(self, slug: str) -> tuple[Room, int]:
+    async def _listen_and_join(self, slug: str) -> tuple[Room, int, str | None]:
         """Check the join and read the room, listening to it since before the read.
 
         So that nothing stored after the read of ``last_seq`` can be missed, the
         socket listens to the room's group before it: ``Hub.hold`` keeps what
-        comes meanwhile until the read has said the socket may have it. The
-        group is known from an earlier join of the room on this process; the
-        first join (or a slug that now names another room) reads twice.
+        comes meanwhile until the socket has its ``joined`` frame. The group is
+        known from an earlier join of the room on this process; the first join
+        (or a slug that now names another room) reads twice. Answers the room,
+        the read marker and the group held for the socket (None for a direct
+        room, whose users' groups reach the socket): the caller releases it.
         """
         assert self.hub is not None  # connect() set it, before any frame
         known = _room_groups.get(slug)
@@ -483,22 +510,20 @@ class ChatConsumer(AsyncWebsocketConsumer):
             raise
         group = None if room.is_direct else fanout.room_group(room.pk)
         if group == known:
-            if known is not None:
-                await self.hub.release(known, self, keep=True)
-            return room, read_seq
+            return room, read_seq, known
         if known is not None:
             await self.hub.release(known, self, keep=False)
         if len(_room_groups) >= ROOM_GROUPS_KEPT:
             _room_groups.clear()
-        if group is None:  # a direct room: its users' groups reach the socket
+        if group is None:
             _room_groups.pop(slug, None)
-            return room, read_seq
+            return room, read_seq, None
         _room_groups[slug] = group
-        await self.hub.add(group, self)
+        await self.hub.hold(group, self)
         try:
-            return await db(selectors.room_get)(slug=slug), read_seq
+            return await db(selectors.room_get)(slug=slug), read_seq, group
         except BaseException:
-            await self.hub.discard(group, self)
+            await self.hub.release(group, self, keep=False)
             raise
 
     async def _recover(self, room: Room, since: int) -> None:
@@ -520,7 +545,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if not room.is_direct:
             # Set from connect() until disconnect() has left every room.
             assert self.hub is not None
-            await self.hub.discard(fanout.room_group(room.pk), self)
+            group = fanout.room_group(room.pk)
+            await self.hub.discard(group, self)
+            if group in self.presence_floors:
+                floors = dict(self.presence_floors)
+                del floors[group]
+                self.presence_floors = floors
         await services.room_presence_exit(
             room=room, connection_id=self.connection_id, user=self.user
         )

@@ -133,6 +133,7 @@ class GroupEvent(TypedDict, total=False):
     control: Order
     exclude_user: int | None
     match: Match | None
+    presence_version: int  # see Delivery
 
 
 @final
@@ -153,7 +154,10 @@ class Delivery:
     """One event for the layer: a ``frame`` or an ``order``, to ``groups``.
 
     ``exclude_user`` skips a user's sockets and ``match`` narrows the groups to
-    the sockets whose attributes match (see ``Hub.deliver``).
+    the sockets whose attributes match (see ``Hub.deliver``). A ``presence``
+    frame of a room's group carries the room's ``presence_version`` after the
+    change: a socket whose ``joined`` was at that version or later has the
+    change already and skips it (``ChatConsumer.presence_floors``).
     """
 
     groups: tuple[str, ...]
@@ -161,6 +165,7 @@ class Delivery:
     order: Order | None = None
     exclude_user: int | None = None
     match: Match | None = None
+    presence_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -379,17 +384,20 @@ class Hub:
         self, event: GroupEvent, connections: Collection[ChatConsumer] | None = None
     ) -> list[ChatConsumer]:
         """The sockets here (or of ``connections``) that ``event`` is for."""
+        group = event["group"]
         if connections is None:
-            connections = self.members.get(event["group"], ())
+            connections = self.members.get(group, ())
         exclude_user = event.get("exclude_user")
         match = event.get("match")
-        if exclude_user is None and not match:
+        version = event.get("presence_version")
+        if exclude_user is None and not match and version is None:
             return list(connections)
         return [
             connection
             for connection in connections
             if (exclude_user is None or connection.user_id != exclude_user)
             and (not match or connection.matches(match))
+            and (version is None or connection.presence_floors.get(group, 0) < version)
         ]
 
     async def _write_plan(
@@ -455,6 +463,7 @@ async def publish(
     *,
     exclude_user: int | None = None,
     match: Match | None = None,
+    presence_version: int | None = None,
 ) -> None:
     """Send ``frame`` to every live socket in ``groups``, on every process."""
     encoded = protocol.encode(frame)
@@ -465,6 +474,8 @@ async def publish(
         "exclude_user": exclude_user,
         "match": match,
     }
+    if presence_version is not None:
+        event["presence_version"] = presence_version
     await _group_send_each(groups, event)
 
 

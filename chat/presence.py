@@ -74,6 +74,11 @@ class MemoryPresence:
         # room id -> username -> status, for the room's next presence_batch
         self.changes: dict[int, dict[str, str]] = {}
         self.batching: set[int] = set()  # rooms whose next batch is due
+        self.versions: dict[int, int] = {}  # room id -> its presence version
+
+    def _version_next(self, room_id: int) -> int:
+        self.versions[room_id] = self.versions.get(room_id, 0) + 1
+        return self.versions[room_id]
 
     async def socket_count(self, room_id: int) -> int:
         return len(self.rooms.get(room_id, ()))
@@ -88,7 +93,10 @@ class MemoryPresence:
             return False, len(users)
         members.add(member)
         users[username] = users.get(username, 0) + 1
-        return users[username] == 1, len(users)
+        first = users[username] == 1
+        if first:
+            self._version_next(room_id)
+        return first, len(users)
 
     async def join(
         self,
@@ -99,30 +107,32 @@ class MemoryPresence:
         *,
         rooms: Iterable[str] | None,
         limit: int,
-    ) -> tuple[bool, list[str], int]:
+    ) -> tuple[bool, list[str], int, int]:
         first, _ = await self.enter(room_id, connection_id, user_id, username)
         if rooms is not None:
             await registry.get_registry().set_rooms(connection_id, rooms)
         names, count = await self.online(room_id, limit)
-        return first, names, count
+        return first, names, count, self.versions.get(room_id, 0)
 
     async def exit_begin(
         self, room_id: int, connection_id: str, user_id: int, username: str
-    ) -> tuple[bool, int]:
+    ) -> tuple[bool, int, int]:
         members = self.rooms.get(room_id, set())
         users = self.users.get(room_id, {})
         member = _member(connection_id, user_id, username)
         if member not in members:
-            return False, len(users)  # gone already: its offline frame was sent
+            # gone already: its offline frame was sent
+            return False, len(users), self.versions.get(room_id, 0)
         members.discard(member)
         users[username] -= 1
         last = users[username] == 0
         if last:
             del users[username]
+            self._version_next(room_id)
         if not members:
             self.rooms.pop(room_id, None)
             self.users.pop(room_id, None)
-        return last, len(users)
+        return last, len(users), self.versions.get(room_id, 0)
 
     async def exit_end(
         self, room_id: int, connection_id: str, user_id: int, username: str
@@ -164,9 +174,38 @@ class MemoryPresence:
 # username -> how many of their entries are live): joining and leaving cost the
 # same in a room of 5 and of 5,000, and the online count is one HLEN.
 
-# Add an entry (KEYS: entries, rooms, users; ARGV: now, member, username,
-# room id); answer {1 when the user just came online, users online now}.
-_ENTER = """
+# A room's presence version (KEY: its version key) moves on with every user
+# who comes online or goes offline: Redis' clock in µs, or one more than the
+# last when the clock has not moved on, so it also grows past a Redis that lost
+# its data. A socket that joined at version v skips the changes up to v (its
+# joined frame had them); see Hub.deliver.
+_VERSION_NEXT = """
+local now = redis.call('TIME')
+local version = math.max(
+  tonumber(now[1]) * 1000000 + tonumber(now[2]),
+  tonumber(redis.call('GET', KEY) or '0') + 1)
+redis.call('SET', KEY, string.format('%.0f', version))
+return version
+"""
+
+
+def _with_version(script: str, key: str) -> str:
+    """``script`` with ``version_next()`` and ``version()`` for the key ``key``."""
+    return f"""
+local function version_next()
+  local KEY = {key}
+{_VERSION_NEXT}
+end
+local function version()
+  return tonumber(redis.call('GET', {key}) or '0')
+end
+{script}"""
+
+
+# Add an entry (KEYS: entries, rooms, users, version; ARGV: now, member,
+# username, room id); answer {1 when the user just came online, users online
+# now, the room's presence version after it}.
+_ENTER_BODY = """
 local old = redis.call('ZSCORE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[4])
@@ -174,43 +213,11 @@ local first = 0
 if not old or tonumber(old) < 0 then
   if redis.call('HINCRBY', KEYS[3], ARGV[3], 1) == 1 then first = 1 end
 end
-return {first, redis.call('HLEN', KEYS[3])}
+local at
+if first == 1 then at = version_next() else at = version() end
+return {first, redis.call('HLEN', KEYS[3]), at}
 """
-
-# A socket joins a room: _ENTER, its registry hash's rooms field, and what
-# _ONLINE answers, in one round trip (KEYS: entries, rooms, users, the
-# socket's hash; ARGV: _ENTER's, the rooms field, the names' limit, 1 to write
-# the rooms field): {1 when the user just came online, users online, up to
-# limit names...}.
-_JOIN = (
-    """
-local function enter()
-"""
-    + _ENTER
-    + """
-end
-local entered = enter()
-if ARGV[7] == '1' and redis.call('EXISTS', KEYS[4]) == 1 then
-  redis.call('HSET', KEYS[4], 'rooms', ARGV[5])
-end
-local n = entered[2]
-local limit = tonumber(ARGV[6])
-local answer = {entered[1], n}
-if n <= limit then
-  for _, name in ipairs(redis.call('HKEYS', KEYS[3])) do answer[#answer + 1] = name end
-  return answer
-end
-local cursor = '0'
-repeat
-  local page = redis.call('HSCAN', KEYS[3], cursor, 'COUNT', limit)
-  cursor = page[1]
-  for i = 1, #page[2], 2 do
-    if #answer - 2 < limit then answer[#answer + 1] = page[2][i] end
-  end
-until cursor == '0' or #answer - 2 >= limit
-return answer
-"""
-)
+_ENTER = _with_version(_ENTER_BODY, "KEYS[4]")
 
 # One live entry fewer for user ARGV[2] in the users hash KEYS[2]; 1 when it
 # was their last.
@@ -222,10 +229,10 @@ end
 return 0
 """
 
-# Mark an entry as leaving (KEYS: entries, users; ARGV: member, username,
-# -now, below every live score); answer {1 when it was live and the user's
-# last, users online now}.
-_LEAVE = (
+# Mark an entry as leaving (KEYS: entries, users, version; ARGV: member,
+# username, -now, below every live score); answer {1 when it was live and the
+# user's last, users online now, the presence version after it}.
+_LEAVE = _with_version(
     """
 local function less()
 """
@@ -233,11 +240,16 @@ local function less()
     + """
 end
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not score or tonumber(score) < 0 then return {0, redis.call('HLEN', KEYS[2])} end
+if not score or tonumber(score) < 0 then
+  return {0, redis.call('HLEN', KEYS[2]), version()}
+end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 local last = less()
-return {last, redis.call('HLEN', KEYS[2])}
-"""
+local at
+if last == 1 then at = version_next() else at = version() end
+return {last, redis.call('HLEN', KEYS[2]), at}
+""",
+    "KEYS[3]",
 )
 
 # Remove an entry nobody vouched for (KEYS: entries, users; ARGV: member,
@@ -276,6 +288,35 @@ repeat
 until cursor == '0' or #names >= limit
 return {n, names}
 """
+
+# A socket joins a room: _ENTER, its registry hash's rooms field, and what
+# _ONLINE answers, in one round trip (KEYS: _ENTER's, the socket's hash; ARGV:
+# _ENTER's, the rooms field, the names' limit, 1 to write the rooms field):
+# {1 when the user just came online, users online, the presence version, {up
+# to limit names}}.
+_JOIN = _with_version(
+    """
+local function enter()
+"""
+    + _ENTER_BODY
+    + """
+end
+local function online()
+  local KEYS = {KEYS[3]}
+  local ARGV = {ARGV[6]}
+"""
+    + _ONLINE
+    + """
+end
+local entered = enter()
+if ARGV[7] == '1' and redis.call('EXISTS', KEYS[5]) == 1 then
+  redis.call('HSET', KEYS[5], 'rooms', ARGV[5])
+end
+local listed = online()
+return {entered[1], listed[1], entered[3], listed[2]}
+""",
+    "KEYS[4]",
+)
 
 # A presence change of a big room, kept for its next presence_batch (KEYS:
 # changes, batching; ARGV: username, status, ms the batching mark lasts at
@@ -336,6 +377,18 @@ class RedisPresence:
     def _users_key(self, room_id: int) -> str:
         return f"{self.prefix}:presence:{room_id}:users"
 
+    def _version_key(self, room_id: int) -> str:
+        return f"{self.prefix}:presence:{room_id}:version"
+
+    def _entry_keys(self, room_id: int) -> list[str]:
+        """_ENTER's keys: entries, rooms, users, version."""
+        return [
+            self._key(room_id),
+            self._rooms_key,
+            self._users_key(room_id),
+            self._version_key(room_id),
+        ]
+
     def _changes_key(self, room_id: int) -> str:
         return f"{self.prefix}:presence:{room_id}:changes"
 
@@ -357,8 +410,8 @@ class RedisPresence:
         self, room_id: int, connection_id: str, user_id: int, username: str
     ) -> tuple[bool, int]:
         member = _member(connection_id, user_id, username)
-        first, count = await self._enter(
-            keys=[self._key(room_id), self._rooms_key, self._users_key(room_id)],
+        first, count, _ = await self._enter(
+            keys=self._entry_keys(room_id),
             args=[time.time(), member, username, room_id],
         )
         return bool(first), int(count)
@@ -372,31 +425,33 @@ class RedisPresence:
         *,
         rooms: Iterable[str] | None,
         limit: int,
-    ) -> tuple[bool, list[str], int]:
-        """``enter``, the socket's rooms (unless None), ``online``: one round trip."""
+    ) -> tuple[bool, list[str], int, int]:
+        """``enter``, the socket's rooms (unless None), ``online``: one round trip.
+
+        Answers (first, names, count, the room's presence version after it).
+        """
         member = _member(connection_id, user_id, username)
-        keys = [
-            self._key(room_id),
-            self._rooms_key,
-            self._users_key(room_id),
-            registry.connection_key(self.prefix, connection_id),
-        ]
+        keys = self._entry_keys(room_id)
+        keys.append(registry.connection_key(self.prefix, connection_id))
         rooms_field = "" if rooms is None else ",".join(rooms)
         args: list[EncodableT] = [time.time(), member, username, room_id]
         args += [rooms_field, limit, int(rooms is not None)]
-        first, count, *names = await self._join(keys=keys, args=args)
-        return bool(first), sorted(name.decode() for name in names), int(count)
+        first, count, version, names = await self._join(keys=keys, args=args)
+        names = sorted(name.decode() for name in names)
+        return bool(first), names, int(count), int(version)
 
     async def exit_begin(
         self, room_id: int, connection_id: str, user_id: int, username: str
-    ) -> tuple[bool, int]:
-        """Mark the entry as leaving: (the user's last live one, users online now)."""
+    ) -> tuple[bool, int, int]:
+        """Mark the entry as leaving: (the user's last live one, users online
+        now, the room's presence version after it)."""
         member = _member(connection_id, user_id, username)
-        last, count = await self._leave(
-            keys=[self._key(room_id), self._users_key(room_id)],
-            args=[member, username, -time.time()],
+        keys = [self._key(room_id), self._users_key(room_id)]
+        keys.append(self._version_key(room_id))
+        last, count, version = await self._leave(
+            keys=keys, args=[member, username, -time.time()]
         )
-        return bool(last), int(count)
+        return bool(last), int(count), int(version)
 
     async def exit_end(
         self, room_id: int, connection_id: str, user_id: int, username: str
@@ -447,11 +502,7 @@ class RedisPresence:
             for conn in connections:
                 for room_id, member in _room_members(conn):
                     # Through the script, so that the users hash counts it.
-                    keys = [
-                        self._key(room_id),
-                        self._rooms_key,
-                        self._users_key(room_id),
-                    ]
+                    keys = self._entry_keys(room_id)
                     args: list[str | int | float] = [
                         now,
                         member,
@@ -527,12 +578,13 @@ async def room_enter(
     connection_id: str,
     user: User,
     rooms: Iterable[str] | None = None,
-) -> tuple[bool, list[str], int]:
+) -> tuple[bool, list[str], int, int]:
     """Record a socket in ``room``.
 
     ``rooms``: the slugs of every room the socket has joined now, for the
     live-connection registry. Answer whether the user just came online, up to
-    ``ONLINE_LISTED`` names online (sorted) and how many are: one round trip
+    ``ONLINE_LISTED`` names online (sorted), how many are, and the room's
+    presence version (the changes up to it are in those names): one round trip
     with Redis.
     """
     return await get_store().join(
@@ -547,8 +599,9 @@ async def room_enter(
 
 async def room_exit_begin(
     *, room: Room, connection_id: str, user: User
-) -> tuple[bool, int]:
-    """Mark a socket as leaving ``room``: (it was the user's last, users online)."""
+) -> tuple[bool, int, int]:
+    """Mark a socket as leaving ``room``: (it was the user's last, users online,
+    the room's presence version after it)."""
     username = user.get_username()
     return await get_store().exit_begin(room.pk, connection_id, user.pk, username)
 

@@ -92,6 +92,7 @@ async def _emit_now(*events: fanout.Event) -> None:
                 event.frame,
                 exclude_user=event.exclude_user,
                 match=event.match,
+                presence_version=event.presence_version,
             )
         else:
             raise ValueError(f"{event!r} has neither a frame nor an order to send")
@@ -860,32 +861,44 @@ async def room_presence_enter(
     connection_id: str,
     user: User,
     rooms: Iterable[str] | None = None,
-) -> tuple[list[str], int]:
+) -> tuple[list[str], int, int]:
     """Record a socket in ``room``; tell the others if the user just came online.
 
     ``rooms``: every room the socket has joined now (see ``presence.room_enter``).
-    Answer the room's online names (up to ``presence.ONLINE_LISTED``) and count.
+    Answer the room's online names (up to ``presence.ONLINE_LISTED``), their
+    count and the presence version they are at: the socket skips the presence
+    frames of changes up to it (``ChatConsumer.presence_floors``).
     """
-    first, online, online_count = await presence.room_enter(
+    first, online, online_count, version = await presence.room_enter(
         room=room, connection_id=connection_id, user=user, rooms=rooms
     )
     if first:
         await _presence_change(
-            room, user.get_username(), "online", online_count, exclude_user=user.pk
+            room,
+            user.get_username(),
+            "online",
+            online_count,
+            exclude_user=user.pk,
+            version=version,
         )
-    return online, online_count
+    return online, online_count, version
 
 
 async def room_presence_exit(*, room: Room, connection_id: str, user: User) -> None:
     """Forget a socket in ``room``; tell the others if it was the user's last."""
-    last, online_count = await presence.room_exit_begin(
+    last, online_count, version = await presence.room_exit_begin(
         room=room, connection_id=connection_id, user=user
     )
     if last:
         # Counted as it was, the user still in: a room at the threshold
         # batches both ways.
         await _presence_change(
-            room, user.get_username(), "offline", online_count + 1, exclude_user=user.pk
+            room,
+            user.get_username(),
+            "offline",
+            online_count + 1,
+            exclude_user=user.pk,
+            version=version,
         )
     # Not reached when emitting fails or the process dies first: the entry
     # stays leaving, and a sweep reports the user gone a heartbeat later.
@@ -916,17 +929,28 @@ async def _presence_change(
     online_count: int,
     *,
     exclude_user: int | None = None,
+    version: int | None = None,
 ) -> None:
     """One user's change of presence, told to the room.
 
     ``online_count`` is the room's, the user counted. Up to the threshold it
     is a presence frame now; above, it waits for the room's next
     presence_batch, which the process that found none due sends a second
-    later, built once for every member on every process.
+    later, built once for every member on every process. ``version``: the
+    room's presence version the change made (sockets that joined at it or
+    later skip the frame); None for one found by a sweep.
     """
     if online_count <= PRESENCE_BATCH_ABOVE:
         frame = _presence_frame(room, username, status)
-        await _emit_now(_to_room(room, frame, exclude_user=exclude_user))
+        groups = tuple(fanout.room_groups(room))
+        await _emit_now(
+            fanout.Delivery(
+                groups,
+                frame=frame,
+                exclude_user=exclude_user,
+                presence_version=None if room.is_direct else version,
+            )
+        )
         return
     if await presence.room_batch_add(room=room, username=username, status=status):
         presence_batches.start(room)

@@ -143,6 +143,8 @@ def configure() -> Decision:
         logger.info(decision.summary)
         if decision.close_patch:
             patch_daphne_replies()
+        if decision.fast_path:
+            skip_unlogged_formatting()
         _decision = decision
     return _decision
 
@@ -181,6 +183,34 @@ def patch_daphne_replies():
 
     WebSocketProtocol.handle_reply = handle_reply
     WebSocketProtocol._chat_replies_patched = True
+
+
+def skip_unlogged_formatting():
+    """Stop autobahn pretty-printing its options for a debug line nobody logs.
+
+    Every new socket's ``_connectionMade`` formats all of its ~40 options with
+    ``pprint.pformat`` for a ``log.debug`` call, at any log level: a few per
+    cent of a handshake's CPU. Autobahn's module then formats only while txaio
+    logs at debug (or trace); otherwise it hands the log call a short note.
+    """
+    try:
+        import txaio
+        from autobahn.websocket import protocol
+    except ImportError:
+        return
+    if getattr(protocol, "_chat_formatting_patched", False):
+        return
+    original = protocol.pformat
+
+    @functools.wraps(original)
+    def pformat(value, *args, **kwargs):
+        level = txaio.get_global_log_level()  # type: ignore[attr-defined]
+        if level in ("debug", "trace"):
+            return original(value, *args, **kwargs)
+        return "(not formatted: autobahn logs below debug)"
+
+    protocol.pformat = pformat  # type: ignore[assignment]
+    protocol._chat_formatting_patched = True  # type: ignore[attr-defined]
 
 
 def empty_message_binary(message):

@@ -18,6 +18,7 @@ class Socket:
     def __init__(self, user_id):
         self.user_id = user_id
         self.got = []
+        self.presence_floors = {}
 
     def write_now(self, frames):
         return False  # no daphne socket: every frame through deliver
@@ -197,3 +198,35 @@ async def test_an_order_among_events_comes_after_the_frames_before_it():
         frame_event("room.1", "m2"),
     )
     assert alice.got == [["m1"], order, ["m2"]]
+
+
+def presence_event(group, text, version):
+    return {
+        "type": "hub.frame",
+        "group": group,
+        "frame_type": "presence",
+        "text": text,
+        "presence_version": version,
+    }
+
+
+async def test_a_socket_skips_presence_changes_its_joined_frame_had():
+    hub = await fanout.get_hub()
+    early, late, joining = FastSocket(1), FastSocket(2), Socket(3)
+    early.presence_floors = {"room.1": 3}
+    late.presence_floors = {"room.1": 5}
+    await hub.add("room.1", early)
+    await hub.add("room.1", late)
+    await hub.hold("room.1", joining)
+    await hub.deliver(
+        presence_event("room.1", "v4", 4),
+        presence_event("room.1", "v5", 5),
+        frame_event("room.1", "m1"),
+        presence_event("room.1", "v6", 6),
+    )
+    assert early.got == [["v4", "v5", "m1", "v6"]]
+    assert late.got == [["m1", "v6"]]
+    # Kept while joining; its joined frame was at version 5.
+    joining.presence_floors = {"room.1": 5}
+    await hub.release("room.1", joining, keep=True)
+    assert joining.got == ["m1", "v6"]

@@ -58,7 +58,7 @@ async def test_a_leaving_entry_is_out_of_the_online_list_at_once(stores):
     assert await y.enter(ROOM, "c2", 2, "bob") == (True, 2)
     assert await y.online(ROOM, 100) == (["alice", "bob"], 2)
 
-    assert await x.exit_begin(ROOM, "c1", 1, "alice") == (True, 1)
+    assert (await x.exit_begin(ROOM, "c1", 1, "alice"))[:2] == (True, 1)
     assert await y.online(ROOM, 100) == (["bob"], 1)
     assert await y.socket_count(ROOM) == 1
     # A fresh leaving entry is its own process's to report, not the sweep's.
@@ -80,7 +80,7 @@ async def test_a_process_killed_while_its_user_leaves_still_reports_them_offline
     # X marks alice's socket as leaving, then dies before publishing "offline"
     # and before removing the entry.
     began_leaving = time.time()  # the store scores entries by this clock
-    assert await x.exit_begin(ROOM, "c1", 1, "alice") == (True, 0)
+    assert (await x.exit_begin(ROOM, "c1", 1, "alice"))[:2] == (True, 0)
     assert await y.sweep() == []
 
     # Left leaving for a heartbeat, the entry is the sweep's to report.
@@ -95,12 +95,12 @@ async def test_leaving_one_of_two_sockets_is_not_the_last(stores):
     x, y = stores
     assert await x.enter(ROOM, "c1", 1, "alice") == (True, 1)
     assert await y.enter(ROOM, "c2", 1, "alice") == (False, 1)
-    assert await x.exit_begin(ROOM, "c1", 1, "alice") == (False, 1)
+    assert (await x.exit_begin(ROOM, "c1", 1, "alice"))[:2] == (False, 1)
     await x.exit_end(ROOM, "c1", 1, "alice")
     assert await y.online(ROOM, 100) == (["alice"], 1)
-    assert await y.exit_begin(ROOM, "c2", 1, "alice") == (True, 0)
+    assert (await y.exit_begin(ROOM, "c2", 1, "alice"))[:2] == (True, 0)
     # Leaving twice (a retry) reports nothing the second time.
-    assert await y.exit_begin(ROOM, "c2", 1, "alice") == (False, 0)
+    assert (await y.exit_begin(ROOM, "c2", 1, "alice"))[:2] == (False, 0)
     await y.exit_end(ROOM, "c2", 1, "alice")
     assert await x.online(ROOM, 100) == ([], 0)
 
@@ -156,8 +156,8 @@ async def test_the_keeper_reports_the_user_of_a_dead_process_through_the_layer(
 async def test_leaving_twice_in_memory_reports_the_user_offline_once():
     store = presence.MemoryPresence()
     assert await store.enter(1, "p-1", 7, "alice") == (True, 1)
-    assert await store.exit_begin(1, "p-1", 7, "alice") == (True, 0)
-    assert await store.exit_begin(1, "p-1", 7, "alice") == (False, 0)
+    assert (await store.exit_begin(1, "p-1", 7, "alice"))[:2] == (True, 0)
+    assert (await store.exit_begin(1, "p-1", 7, "alice"))[:2] == (False, 0)
     assert await store.online(1, 100) == ([], 0)
 
 
@@ -177,8 +177,8 @@ async def test_a_room_counts_its_users_not_their_sockets(stores):
     assert len(names) == 100 and names == sorted(names)
     assert set(names) <= {f"u{n:03}" for n in range(150)}
     assert await y.online_count(ROOM) == 150
-    assert await x.exit_begin(ROOM, "c3", 3, "u003") == (False, 150)
-    assert await y.exit_begin(ROOM, "c-second", 3, "u003") == (True, 149)
+    assert (await x.exit_begin(ROOM, "c3", 3, "u003"))[:2] == (False, 150)
+    assert (await y.exit_begin(ROOM, "c-second", 3, "u003"))[:2] == (True, 149)
 
 
 async def test_the_memory_store_lists_the_first_100_names_and_counts_all():
@@ -198,3 +198,33 @@ async def test_one_process_sends_a_rooms_next_batch_whoever_adds_to_it(stores, k
     assert await x.batch_take(ROOM) == ({"alice": "online", "bob": "offline"}, 1)
     assert await y.batch_take(ROOM) == ({}, 1)
     assert await y.batch_add(ROOM, "carol", "online") is True  # the next one
+
+
+# --- presence versions: a joined socket skips the changes its joined had ---------
+
+
+@pytest.mark.parametrize("kind", ["redis", "memory"])
+async def test_the_presence_version_moves_on_with_each_change_only(stores, kind):
+    x, y = stores if kind == "redis" else (presence.MemoryPresence(),) * 2
+    kw = {"rooms": None, "limit": 100}
+    first, names, count, v1 = await x.join(ROOM, "c1", 1, "alice", **kw)
+    assert (first, names, count) == (True, ["alice"], 1)
+    # A second socket of alice changes nothing: same version.
+    assert await y.join(ROOM, "c2", 1, "alice", **kw) == (False, ["alice"], 1, v1)
+    first, names, count, v2 = await y.join(ROOM, "c3", 2, "bob", **kw)
+    assert (first, names, count) == (True, ["alice", "bob"], 2)
+    assert v2 > v1
+    # Leaving: not alice's last socket, same version; her last, a newer one.
+    assert await x.exit_begin(ROOM, "c1", 1, "alice") == (False, 2, v2)
+    last, count, v3 = await y.exit_begin(ROOM, "c2", 1, "alice")
+    assert (last, count) == (True, 1)
+    assert v3 > v2
+
+
+async def test_the_presence_version_grows_past_a_redis_that_lost_its_data(stores):
+    x, _ = stores
+    kw = {"rooms": None, "limit": 100}
+    *_, before = await x.join(ROOM, "c1", 1, "alice", **kw)
+    await x.redis.flushall()
+    *_, after = await x.join(ROOM, "c2", 2, "bob", **kw)
+    assert after > before

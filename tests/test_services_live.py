@@ -124,11 +124,22 @@ async def test_room_presence_enter_tells_the_room_of_the_first_socket_only(
     group = f"room.{lobby.pk}"
     await listener.join(group)
 
-    await services.room_presence_enter(room=lobby, connection_id="p-1", user=alice)
+    answer = await services.room_presence_enter(
+        room=lobby, connection_id="p-1", user=alice
+    )
     first = await listener.next()
-    await services.room_presence_enter(room=lobby, connection_id="p-2", user=alice)
+    again = await services.room_presence_enter(
+        room=lobby, connection_id="p-2", user=alice
+    )
 
-    assert first == frame_event(group, presence_frame("online"), exclude_user=alice.pk)
+    # The change's presence version rides with its frame (sockets that joined
+    # at it or later skip it); a second socket changes nothing.
+    assert answer == (["alice"], 1, 1)
+    assert again == (["alice"], 1, 1)
+    assert first == {
+        **frame_event(group, presence_frame("online"), exclude_user=alice.pk),
+        "presence_version": 1,
+    }
     assert await listener.nothing_more()
     assert await presence.room_online(lobby) == (["alice"], 1)
 
@@ -147,9 +158,10 @@ async def test_room_presence_exit_tells_the_room_of_the_last_socket_only(
     assert await listener.nothing_more()
     await services.room_presence_exit(room=lobby, connection_id="p-2", user=alice)
 
-    assert await listener.next() == frame_event(
-        group, presence_frame("offline"), exclude_user=alice.pk
-    )
+    assert await listener.next() == {
+        **frame_event(group, presence_frame("offline"), exclude_user=alice.pk),
+        "presence_version": 2,
+    }
     assert await listener.nothing_more()
     assert await presence.room_online(lobby) == ([], 0)
 

@@ -166,6 +166,24 @@ def test_prepared_message_is_built_once_per_framing():
     assert binary.payloadHybi == b'\x82\x0f\x00\x00\x00\x0c{"ref":"r"}'
 
 
+def test_autobahn_formats_its_options_only_when_it_logs_debug(monkeypatch):
+    import txaio
+    from autobahn.websocket import protocol as autobahn_protocol
+
+    monkeypatch.setattr(autobahn_protocol, "pformat", autobahn_protocol.pformat)
+    monkeypatch.delattr(autobahn_protocol, "_chat_formatting_patched", raising=False)
+    serving.skip_unlogged_formatting()
+    options = [("openHandshakeTimeout", 5, "WebSocketServerFactory")]
+    monkeypatch.setattr(txaio, "get_global_log_level", lambda: "info")
+    assert autobahn_protocol.pformat(options) == (
+        "(not formatted: autobahn logs below debug)"
+    )
+    monkeypatch.setattr(txaio, "get_global_log_level", lambda: "debug")
+    assert autobahn_protocol.pformat(options) == (
+        "[('openHandshakeTimeout', 5, 'WebSocketServerFactory')]"
+    )
+
+
 # --- servers -------------------------------------------------------------------
 
 
