@@ -91,7 +91,57 @@ def measure(protocol):
     figures["build+encode history of 50"] = _best(
         lambda: protocol.encode(build_page()).text, 2_000
     )
+    figures.update(measure_gzip(protocol, author))
     return figures
+
+
+WORDS = (
+    "the a deploy room message fix review tomorrow lunch build test green red "
+    "merge branch ticket customer release notes meeting moved to 3pm thanks "
+    "can you look at this link please done ok sounds good why failed again"
+).split()
+
+
+def _sentence(rng):
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 30)))
+
+
+def measure_gzip(protocol, author):
+    """``?compress=gzip``: bytes and CPU for a history page and a fan-out frame.
+
+    The page holds 50 messages with varied chat-like bodies (4 to 30 words,
+    seeded), not one body repeated, so the ratio is not flattered.
+    """
+    import random
+
+    rng = random.Random(50)
+    payloads = []
+    for n in range(50):
+        message = _Message()
+        message.pk, message.seq = 5000 + n, 100 + n
+        message.body = _sentence(rng)
+        message.client_msg_id = f"c-{rng.getrandbits(48):012x}"
+        payloads.append(protocol.message_payload(message, "lobby", author))
+    page = protocol.encode(
+        protocol.history(room_slug="lobby", messages=payloads, has_more=True, ref="h")
+    )
+    plain = len(page.text.encode())
+    zipped, _ = page.wire(protocol.FRAMING_JSON_GZIP)
+    one = protocol.encode(protocol.message(payloads[0]))
+    return {
+        "gzip history of 50: bytes plain": plain,
+        "gzip history of 50: bytes gzipped": len(zipped),
+        "gzip history of 50: compress once": _best(
+            lambda: protocol.Encoded(page.type, page.text).wire(
+                protocol.FRAMING_JSON_GZIP
+            ),
+            500,
+        ),
+        "gzip fan-out message: bytes plain": len(one.text.encode()),
+        "gzip fan-out message: bytes sent": len(
+            one.wire(protocol.FRAMING_JSON_GZIP)[0]
+        ),
+    }
 
 
 def main(argv):
@@ -99,7 +149,8 @@ def main(argv):
     figures = measure(importlib.import_module(module))
     width = max(map(len, figures))
     for name, value in figures.items():
-        print(f"{name:<{width}}  {value:8.2f} µs")
+        unit = "bytes" if "bytes" in name else "µs"
+        print(f"{name:<{width}}  {value:8.2f} {unit}")
 
 
 if __name__ == "__main__":

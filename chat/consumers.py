@@ -99,6 +99,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
     last_seen: float  # time.monotonic() of the last frame received
     rate_limits: throttle.SocketThrottle
     binary: bool  # chat.v1.bin framing
+    # protocol.framing: the subprotocol's, and ?compress=gzip
+    framing: int
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels closes stale database connections before every handler, a
@@ -141,13 +143,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.auth = "token" if self.token_id is not None else "session"
         if self.scope.get("session") is not None:
             self.session = self.scope["session"]
-        self.device = self._device_from_query()
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        self.device = (query.get("device") or [""])[0][:MAX_DEVICE_CHARS] or None
         self.rooms = {}
         self.sends_in_flight = set()
         self.last_seen = time.monotonic()
         self.rate_limits = throttle.SocketThrottle(user_id=self.user_id)
         subprotocol = choose_subprotocol(self.scope.get("subprotocols", []))
         self.binary = subprotocol == protocol.SUBPROTOCOL_BINARY
+        # Any other value of compress (or none) leaves frames uncompressed.
+        gzip = (query.get("compress") or [""])[0] == "gzip"
+        self.framing = protocol.framing(binary=self.binary, gzip=gzip)
         await self.accept(subprotocol)
         self.wire = serving.daphne_wire(self.base_send)
         if self.wire is not None:
@@ -187,11 +193,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 heartbeat=settings.CHAT_HEARTBEAT,
             )
         )
-
-    def _device_from_query(self) -> str | None:
-        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
-        device = (query.get("device") or [""])[0][:MAX_DEVICE_CHARS]
-        return device or None
 
     def _own_groups(self) -> list[str]:
         return [
@@ -333,7 +334,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         buffer = self.send_buffer
         if buffer is not None and (buffer.paused or buffer.frames):
-            if not buffer.hold(encoded, serving.frame_size(encoded, self.binary)):
+            if not buffer.hold(encoded, serving.frame_size(encoded, self.framing)):
                 await self._close_slow_reader(buffer)
             return
         await self._write(encoded)
@@ -355,18 +356,20 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if buffer is not None and (buffer.paused or buffer.frames):
             return False
         if wire.state == wire.STATE_OPEN:
-            serving.write_bytes(wire, frames.payload(self.binary))
+            serving.write_bytes(wire, frames.payload(self.framing))
         return True
 
     async def _write(self, encoded: protocol.Encoded) -> None:
         wire = self.wire
         if wire is not None:
             if wire.state == wire.STATE_OPEN:
-                serving.write_prepared(wire, serving.prepared(encoded, self.binary))
-        elif self.binary:
-            await self.send(bytes_data=encoded.binary)
+                serving.write_prepared(wire, serving.prepared(encoded, self.framing))
+            return
+        payload, binary = encoded.wire(self.framing)
+        if binary:
+            await self.send(bytes_data=payload)
         else:
-            await self.send(text_data=encoded.text)
+            await self.send(text_data=payload.decode())
 
     def _resume_sending(self) -> None:
         # Twisted calls this, in the loop's thread, when the client has read.

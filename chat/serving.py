@@ -344,9 +344,9 @@ def _nothing():
     pass
 
 
-def frame_size(encoded, binary):
+def frame_size(encoded, framing):
     """The bytes on the wire of an encoded frame (header included)."""
-    return len(prepared(encoded, binary).payloadHybi)
+    return len(prepared(encoded, framing).payloadHybi)
 
 
 # What daphne and autobahn keep of the HTTP upgrade request for a socket's whole
@@ -418,15 +418,16 @@ def _share_scalar_attributes(instance):
     instance.__dict__ = dict(state)
 
 
-def prepared(encoded, binary):
-    """The autobahn prepared message of an encoded frame, built once and cached."""
+def prepared(encoded, framing):
+    """The autobahn prepared message of an encoded frame in a framing (see
+    ``protocol.framing``), built once and cached: compressed once, too."""
     from autobahn.websocket.protocol import PreparedMessage
 
-    cached = encoded.prepared.get(binary)
+    cached = encoded.prepared.get(framing)
     if cached is None:
-        payload = encoded.binary if binary else encoded.text.encode()
+        payload, binary = encoded.wire(framing)
         cached = PreparedMessage(payload, binary, applyMask=False, doNotCompress=True)
-        encoded.prepared[binary] = cached
+        encoded.prepared[framing] = cached
     return cached
 
 
@@ -445,11 +446,11 @@ class Frames:
         self.frames = frames
         self._payloads = {}
 
-    def payload(self, binary):
-        payload = self._payloads.get(binary)
+    def payload(self, framing):
+        payload = self._payloads.get(framing)
         if payload is None:
-            payload = b"".join(prepared(e, binary).payloadHybi for e in self.frames)
-            self._payloads[binary] = payload
+            payload = b"".join(prepared(e, framing).payloadHybi for e in self.frames)
+            self._payloads[framing] = payload
         return payload
 
 

@@ -416,3 +416,29 @@ def test_a_push_body_without_exactly_one_target_is_refused(body, message):
     with pytest.raises(ChatError) as excinfo:
         request.target()
     assert (excinfo.value.code, excinfo.value.message) == ("bad_request", message)
+
+
+def test_gzip_framings_compress_only_frames_whose_json_is_over_1024_bytes():
+    import gzip as gzip_module
+
+    short = protocol.Encoded("pong", '{"type":"pong","ref":"' + "r" * 1000 + '"}')
+    assert len(short.text) == 1024
+    assert short.wire(protocol.FRAMING_JSON_GZIP) == (short.text.encode(), False)
+    long_ = protocol.Encoded("pong", '{"type":"pong","ref":"' + "r" * 1001 + '"}')
+    payload, binary = long_.wire(protocol.FRAMING_JSON_GZIP)
+    assert binary is True
+    assert gzip_module.decompress(payload) == long_.text.encode()
+    # Uncompressed framings are untouched at any size.
+    assert long_.wire(protocol.FRAMING_JSON) == (long_.text.encode(), False)
+    assert long_.wire(protocol.FRAMING_BINARY) == (long_.binary, True)
+    # chat.v1.bin: the JSON without type counts; the code gets the high bit.
+    fields = long_.binary[4:]
+    assert len(fields) == 1011  # {"ref":"rrr…"}: under the threshold
+    assert long_.wire(protocol.FRAMING_BINARY_GZIP) == (long_.binary, True)
+    longer = protocol.Encoded("pong", '{"type":"pong","ref":"' + "r" * 1020 + '"}')
+    payload, binary = longer.wire(protocol.FRAMING_BINARY_GZIP)
+    assert binary is True
+    assert payload[:4] == (0x80000000 | protocol.FRAME_CODES["pong"]).to_bytes(4)
+    assert gzip_module.decompress(payload[4:]) == longer.binary[4:]
+    # The same frame compresses to the same bytes (no time in the header).
+    assert protocol.Encoded(longer.type, longer.text).wire(3) == (payload, True)

@@ -8,6 +8,7 @@ the server processes see it.
 
 import asyncio
 import functools
+import gzip
 import json
 import re
 import signal
@@ -238,8 +239,8 @@ class Socket:
         self.websocket = websocket
 
     @classmethod
-    async def open(cls, server, key, *, device=None, subprotocol=None):
-        url = f"{server.ws_url}?token={key}"
+    async def open(cls, server, key, *, device=None, subprotocol=None, query=""):
+        url = f"{server.ws_url}?token={key}{query}"
         if device is not None:
             url += f"&device={device}"
         subprotocols = [subprotocol] if subprotocol else None
@@ -390,6 +391,62 @@ async def test_binary_frames_arrive_exactly_with_the_fast_path_on_and_off(
     await socket.websocket.send(ping)
     pong = struct.pack(">I", protocol.FRAME_CODES["pong"]) + b'{"ref":"p1"}'
     assert await socket.raw() == pong
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_compress_gzip_sends_frames_over_1024_bytes_gzipped_in_both_framings(
+    daphne, open_socket
+):
+    dave, key = await user_with_key("dave")
+    await room_create("annals")
+    plain = await open_socket(daphne, key)
+    json_gzip = await open_socket(daphne, key, query="&compress=gzip")
+    bin_gzip = await open_socket(
+        daphne, key, subprotocol=protocol.SUBPROTOCOL_BINARY, query="&compress=gzip"
+    )
+    for socket in (plain, json_gzip):
+        await socket.recv()  # hello: short, a text frame
+        await socket.send(type="join", room="annals", ref="j")
+        assert (await socket.recv())["type"] == "joined"
+    await bin_gzip.raw()
+    await bin_gzip.websocket.send(
+        struct.pack(">I", protocol.FRAME_CODES["join"]) + b'{"room":"annals"}'
+    )
+    await bin_gzip.raw()  # joined
+    body = "the quick brown fox jumps over the lazy dog " * 2
+    for n in range(12):
+        await plain.send(type="send", room="annals", body=body, client_msg_id=f"c{n}")
+    # Each socket gets every message and the ack: 12 acks and 12 messages for
+    # the sender, 12 messages for the others; small frames stay uncompressed.
+    for _ in range(24):
+        await plain.raw()
+    for _ in range(12):
+        assert isinstance(await json_gzip.raw(), str)
+        assert (await bin_gzip.raw())[:4] == struct.pack(
+            ">I", protocol.FRAME_CODES["message"]
+        )
+
+    await plain.send(type="history", room="annals", ref="h")
+    page = await plain.raw()
+    assert len(page.encode()) > 1024
+    await json_gzip.send(type="history", room="annals", ref="h")
+    compressed = await json_gzip.raw()
+    assert isinstance(compressed, bytes)  # a binary frame holding the gzip
+    assert gzip.decompress(compressed).decode() == page
+    assert len(compressed) < len(page.encode()) / 4
+    await bin_gzip.websocket.send(
+        struct.pack(">I", protocol.FRAME_CODES["history"])
+        + b'{"room":"annals","ref":"h"}'
+    )
+    framed = await bin_gzip.raw()
+    code = protocol.FRAME_CODES["history"] | protocol.COMPRESSED_CODE_BIT
+    assert framed[:4] == struct.pack(">I", code)
+    assert {"type": "history", **json.loads(gzip.decompress(framed[4:]))} == (
+        json.loads(page)
+    )
+    # Short frames stay as they were.
+    await json_gzip.send(type="ping", ref="p")
+    assert await json_gzip.raw() == '{"type":"pong","ref":"p"}'
 
 
 @pytest.mark.django_db(transaction=True)
