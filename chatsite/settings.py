@@ -36,40 +36,110 @@ CHAT_LOGIN_FAILURE_LIMIT  failed sign-ins for one username from one address
                   before that pair is locked out (default 5; 0: no lockout)
 CHAT_LOGIN_COOLOFF_MINUTES  how long a lockout lasts after the pair's last
                   attempt (default 15; 0: until an admin deletes the attempt)
+CHAT_LOG_FORMAT   plain (default): log lines as they read; json: one JSON object
+                  per line on stderr (chat.logs)
+
+A value that is not what its variable takes (a word for a number, "maybe" for a
+switch) stops start-up with ImproperlyConfigured naming the variable, the value
+and what it should be.
 
 The Content-Security-Policy is fixed, not read from the environment: see
 CONTENT_SECURITY_POLICY below.
 """
 
-import os
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
+import environ  # type: ignore[import-untyped]  # no type information
 import redis.exceptions
 from csp.constants import NONE, SELF
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
+# Each variable is read raw and cast with django-environ's parse_value, not with
+# env.str()/env.int(): those take a value that starts with "$" for the name of
+# another variable, so a secret key such as "$k2…" would be looked up, not used.
+env = environ.Env()
 
-def env_bool(name, default=False):
-    value = os.environ.get(name)
-    if value is None or value == "":
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def _refuse(name, value, expected, default):
+    return ImproperlyConfigured(
+        f"{name}={value!r} is not valid: expected {expected} (default {default})"
+    )
+
+
+def env_int(name, default, expected="a whole number"):
+    """The whole number (0 or more) in ``name``; ``expected`` says what it counts."""
+    value = env.ENVIRON.get(name)
+    if value is None:
         return default
-    return value.strip().lower() in {"1", "true", "yes", "on"}
+    try:
+        number = env.parse_value(value, int)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise _refuse(name, value, expected, default)
+    return number
+
+
+def env_bool(name, default):
+    """On for 1/true/yes/on, off for 0/false/no/off, any case; empty: default."""
+    value = env.ENVIRON.get(name, "")
+    word = value.strip().lower()
+    if not word:
+        return default
+    if word not in TRUE_WORDS + FALSE_WORDS:
+        raise _refuse(
+            name,
+            value,
+            f"on ({', '.join(TRUE_WORDS)}) or off ({', '.join(FALSE_WORDS)})",
+            "on" if default else "off",
+        )
+    return word in TRUE_WORDS
 
 
 def env_list(name, default):
-    value = os.environ.get(name)
-    if not value:
-        return list(default)
-    return [item.strip() for item in value.split(",") if item.strip()]
+    """The comma-separated items of ``name``, trimmed; unset or empty: ``default``."""
+    value = env.ENVIRON.get(name, "")
+    items = [item.strip() for item in env.parse_value(value, list) if item.strip()]
+    return items or list(default)
 
 
-DEBUG = env_bool("DJANGO_DEBUG")
+def env_str(
+    name, default, valid: Callable[[str], bool] = lambda value: True, expected=""
+):
+    """The text of ``name``, refused unless ``valid`` (``expected`` says what is)."""
+    value = env.ENVIRON.get(name)
+    if value is None:
+        return default
+    if not valid(value):
+        raise _refuse(name, value, expected, default)
+    return value
 
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "")
+
+def is_rate(text):
+    """Whether ``text`` is a rate chat.throttle.parse_rate reads: "N/S", "N" or "0"."""
+    text = text.strip()
+    if text in {"", "0"}:
+        return True
+    count, slash, seconds = text.partition("/")
+    try:
+        return int(count) >= 1 and (not slash or int(seconds) >= 1)
+    except ValueError:
+        return False
+
+
+RATE = '"N/S" (N per S seconds) or "0" for no limit'
+
+DEBUG = env_bool("DJANGO_DEBUG", False)
+
+SECRET_KEY = env_str("DJANGO_SECRET_KEY", "")
 if not SECRET_KEY:
     if not DEBUG:
         raise ImproperlyConfigured(
@@ -81,13 +151,15 @@ if not SECRET_KEY:
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 # Behind a TLS-terminating proxy: the https origins forms are posted from.
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
-if env_bool("DJANGO_BEHIND_TLS_PROXY"):
+if env_bool("DJANGO_BEHIND_TLS_PROXY", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = True
     # Served over TLS only: plain HTTP is redirected, and browsers are told to
     # come back over HTTPS only (HSTS). Both can be turned down.
     SECURE_SSL_REDIRECT = env_bool("DJANGO_SSL_REDIRECT", True)
-    SECURE_HSTS_SECONDS = int(os.environ.get("DJANGO_HSTS_SECONDS", "31536000"))
+    SECURE_HSTS_SECONDS = env_int(
+        "DJANGO_HSTS_SECONDS", 31536000, "a whole number of seconds"
+    )
     SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", True)
     SECURE_HSTS_PRELOAD = env_bool("DJANGO_HSTS_PRELOAD", True)
 
@@ -106,6 +178,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: it times and logs every response, those of the others included.
+    "chat.logs.RequestLogMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "chat.views.SiteCSPMiddleware",
     "chat.views.nul_refused",
@@ -150,9 +224,13 @@ AUTHENTICATION_BACKENDS = [
     "axes.backends.AxesStandaloneBackend",
     "django.contrib.auth.backends.ModelBackend",
 ]
-AXES_FAILURE_LIMIT = int(os.environ.get("CHAT_LOGIN_FAILURE_LIMIT", "5"))
+AXES_FAILURE_LIMIT = env_int(
+    "CHAT_LOGIN_FAILURE_LIMIT", 5, "a whole number of failed sign-ins"
+)
 AXES_LOCK_OUT_AT_FAILURE = AXES_FAILURE_LIMIT > 0
-_COOLOFF_MINUTES = int(os.environ.get("CHAT_LOGIN_COOLOFF_MINUTES", "15"))
+_COOLOFF_MINUTES = env_int(
+    "CHAT_LOGIN_COOLOFF_MINUTES", 15, "a whole number of minutes"
+)
 # None: locked until an admin deletes the access attempt.
 AXES_COOLOFF_TIME = timedelta(minutes=_COOLOFF_MINUTES) if _COOLOFF_MINUTES else None
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
@@ -162,7 +240,7 @@ AXES_LOCKOUT_CALLABLE = "chat.views.sign_in_locked_out"
 # X-Forwarded-For. (axes' AXES_IPWARE_* settings would do nothing: they need
 # django-ipware, which is not installed.)
 AXES_CLIENT_IP_CALLABLE = "chat.views.client_ip_address"
-CHAT_CLIENT_IP_FROM_PROXY = env_bool("DJANGO_BEHIND_TLS_PROXY")
+CHAT_CLIENT_IP_FROM_PROXY = env_bool("DJANGO_BEHIND_TLS_PROXY", False)
 
 ROOT_URLCONF = "chatsite.urls"
 
@@ -184,15 +262,29 @@ TEMPLATES = [
 WSGI_APPLICATION = None
 ASGI_APPLICATION = "chatsite.asgi.application"
 
-DATABASES = {
-    # Keep connections: the consumers' database thread would otherwise open a
-    # new one (a new PostgreSQL backend) for every call.
-    "default": dj_database_url.config(
-        default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}",
-        conn_max_age=int(os.environ.get("DJANGO_CONN_MAX_AGE", "300")),
-        conn_health_checks=True,
-    )
-}
+
+def database_from_url():
+    """``DATABASE_URL`` as Django's DATABASES entry; its value (a password) unsaid."""
+    url = env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}")
+    try:
+        return dj_database_url.parse(
+            url,
+            # Keep connections: the consumers' database thread would otherwise
+            # open a new one (a new PostgreSQL backend) for every call.
+            conn_max_age=env_int(
+                "DJANGO_CONN_MAX_AGE", 300, "a whole number of seconds"
+            ),
+            conn_health_checks=True,
+        )
+    except ValueError as exc:
+        raise ImproperlyConfigured(
+            f"DATABASE_URL is not valid: expected a database URL such as "
+            f"postgres://user:password@host:5432/name (default: SQLite db.sqlite3 "
+            f"beside manage.py). {exc}"
+        ) from None
+
+
+DATABASES = {"default": database_from_url()}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Several server processes may write at once: take the write lock when the
     # transaction starts (no upgrade deadlocks), wait for it, and let readers
@@ -225,7 +317,8 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "chat:room_list"
 LOGOUT_REDIRECT_URL = "login"
 
-REDIS_URL = os.environ.get("REDIS_URL", "")
+REDIS_URL = env_str("REDIS_URL", "")
+CHAT_REDIS_PREFIX = env_str("CHAT_REDIS_PREFIX", "chat")
 
 if REDIS_URL:
     CHANNEL_LAYERS = {
@@ -243,7 +336,7 @@ if REDIS_URL:
                         "socket_timeout": 15,
                     }
                 ],
-                "prefix": os.environ.get("CHAT_REDIS_PREFIX", "chat"),
+                "prefix": CHAT_REDIS_PREFIX,
                 # One channel per server process carries all of its room
                 # traffic, so it needs room for bursts.
                 "capacity": 100_000,
@@ -260,29 +353,50 @@ else:
         }
     }
 
-CHAT_HEARTBEAT = int(os.environ.get("CHAT_HEARTBEAT", "30"))
+CHAT_HEARTBEAT = env_int("CHAT_HEARTBEAT", 30, "a whole number of seconds")
 CHAT_ALLOWED_ORIGINS = env_list("CHAT_ALLOWED_ORIGINS", [])
-CHAT_REDIS_PREFIX = os.environ.get("CHAT_REDIS_PREFIX", "chat")
 # Close open sockets with 1001 on SIGTERM before the server process exits.
 CHAT_CLOSE_ON_SIGTERM = env_bool("CHAT_CLOSE_ON_SIGTERM", True)
 # Off (0/false/no/off): every frame goes through plain ASGI, not chat.serving's
 # direct socket writes; those are off anyway on versions they were not written for.
 CHAT_FAST_PATH = env_bool("CHAT_FAST_PATH", True)
 # Live sockets one user may hold across processes; the next closes with 1013.
-CHAT_MAX_CONNECTIONS_PER_USER = int(
-    os.environ.get("CHAT_MAX_CONNECTIONS_PER_USER", "20")
+CHAT_MAX_CONNECTIONS_PER_USER = env_int(
+    "CHAT_MAX_CONNECTIONS_PER_USER", 20, "a whole number of sockets"
 )
 # Database frames per user across sockets and processes: "N/S", or "0" for none.
-CHAT_RATE_LIMIT = os.environ.get("CHAT_RATE_LIMIT", "60/10")
+CHAT_RATE_LIMIT = env_str("CHAT_RATE_LIMIT", "60/10", is_rate, RATE)
 # New accounts per client address (as sign-in throttling counts it): "N/S".
-CHAT_SIGNUP_RATE = os.environ.get("CHAT_SIGNUP_RATE", "5/3600")
+CHAT_SIGNUP_RATE = env_str("CHAT_SIGNUP_RATE", "5/3600", is_rate, RATE)
 # Bytes waiting to be written to one socket before it closes with 1008.
-CHAT_SEND_BUFFER_BYTES = int(os.environ.get("CHAT_SEND_BUFFER_BYTES", str(1 << 20)))
+CHAT_SEND_BUFFER_BYTES = env_int(
+    "CHAT_SEND_BUFFER_BYTES", 1 << 20, "a whole number of bytes"
+)
+
+# plain: each line as the message reads; json: one object per line (chat.logs).
+CHAT_LOG_FORMAT = env_str(
+    "CHAT_LOG_FORMAT",
+    "plain",
+    lambda value: value in {"plain", "json"},
+    "plain or json",
+)
 
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "filters": {"connection": {"()": "chat.logs.ConnectionFilter"}},
+    "formatters": {
+        "plain": {"()": "chat.logs.PlainFormatter"},
+        "json": {"()": "chat.logs.JSONFormatter"},
+    },
+    "handlers": {
+        # stderr; the filter adds the connection a line was logged for.
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": CHAT_LOG_FORMAT,
+            "filters": ["connection"],
+        }
+    },
     "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {
         "chat": {"handlers": ["console"], "level": "INFO", "propagate": False},
