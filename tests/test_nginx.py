@@ -1,0 +1,680 @@
+"""Debian's nginx with deploy/nginx-chatsite.conf in front of two daphne processes.
+
+The module starts its own redis-server, two daphne processes on it (behind a TLS
+proxy, as in production) and ``/usr/sbin/nginx`` in a directory of its own, as
+an ordinary process (no daemon, no system-wide configuration). nginx runs the
+committed site file itself, rendered with only its ports, the upstream's
+addresses and its paths (certificate, static root) replaced; TLS uses a
+certificate made for the module. Clients are real WebSocket connections with
+API tokens, through nginx.
+"""
+
+import asyncio
+import http.client
+import json
+import os
+import re
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from channels.db import database_sync_to_async
+from django.contrib.auth import get_user_model
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from chat import protocol, services
+from chat.models import Message
+from tests.ports import free_port, wait_for_port
+from tests.servers import (
+    ROOT,
+    SECRET_KEY,
+    DaphneServer,
+    RedisServer,
+    require_binary,
+)
+from tests.waiting import until
+
+pytestmark = [pytest.mark.redis, pytest.mark.django_db(transaction=True)]
+
+DEPLOY = ROOT / "deploy"
+SITE = DEPLOY / "nginx-chatsite.conf"
+HEARTBEAT = 2  # seconds
+TIMEOUT = 5  # seconds to wait for a frame that should come
+QUIET = 0.4  # seconds of silence that show a frame does not come
+CONNECTION_ID = re.compile(r"([0-9a-f]{8})-[1-9][0-9]*")
+# What nginx answers itself for a refused path (server_tokens off).
+NGINX_404 = (
+    b"<html>\r\n<head><title>404 Not Found</title></head>\r\n<body>\r\n"
+    b"<center><h1>404 Not Found</h1></center>\r\n<hr><center>nginx</center>\r\n"
+    b"</body>\r\n</html>\r\n"
+)
+
+
+# --- servers -------------------------------------------------------------------
+
+
+def nginx_binary():
+    if os.access("/usr/sbin/nginx", os.X_OK):
+        return "/usr/sbin/nginx"
+    return require_binary("nginx")
+
+
+def render(text, replacements):
+    """``text`` with each key replaced; every key must occur in it."""
+    for old, new in replacements.items():
+        assert old in text, f"{old!r} is not in {SITE.name} any more"
+        text = text.replace(old, new)
+    return text
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    with tempfile.TemporaryDirectory(prefix="chatsite-nginx-") as directory:
+        path = Path(directory)
+        # nginx's workers run as nobody when the test runs as root: they read
+        # the static files from here.
+        path.chmod(0o755)
+        yield path
+
+
+@pytest.fixture(scope="module")
+def certificate(workdir):
+    """A self-signed certificate for 127.0.0.1: (certificate path, key path)."""
+    openssl = require_binary("openssl")
+    cert, key = workdir / "cert.pem", workdir / "key.pem"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def tls(certificate):
+    """A client TLS context that trusts only the module's certificate."""
+    return ssl.create_default_context(cafile=str(certificate[0]))
+
+
+@pytest.fixture(scope="module")
+def static_root(workdir):
+    """``manage.py collectstatic`` into a directory of the module's own.
+
+    The settings are chatsite's, but for STATIC_ROOT (settings.py puts it in the
+    checkout, which the test leaves alone).
+    """
+    root = workdir / "staticfiles"
+    (workdir / "collect_settings.py").write_text(
+        f"from chatsite.settings import *  # noqa: F403\nSTATIC_ROOT = {str(root)!r}\n"
+    )
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "collect_settings",
+        "DJANGO_SECRET_KEY": SECRET_KEY,
+        "PYTHONPATH": os.pathsep.join([str(workdir), str(ROOT)]),
+    }
+    env.pop("REDIS_URL", None)
+    done = subprocess.run(
+        [sys.executable, "manage.py", "collectstatic", "--noinput"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return root
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def daphne_pair(django_db_setup, django_db_blocker, redis_server):
+    servers = []
+    try:
+        for _ in range(2):
+            # database_url() reads the test database's connection settings.
+            with django_db_blocker.unblock():
+                server = DaphneServer(
+                    redis_url=redis_server.url,
+                    heartbeat=HEARTBEAT,
+                    verbosity=0,
+                    extra_env={"DJANGO_BEHIND_TLS_PROXY": "1"},
+                )
+            servers.append(server.start())
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+class Nginx:
+    """nginx in ``workdir``, running the site file for the given ports and paths."""
+
+    def __init__(self, workdir, *, upstreams, certificate, static_root):
+        self.binary = nginx_binary()
+        self.dir = workdir / "nginx"
+        self.dir.mkdir()
+        self.http_port = free_port()
+        self.https_port = free_port()
+        cert, key = certificate
+        site = render(
+            SITE.read_text(),
+            {
+                "server 127.0.0.1:8001 ": f"server 127.0.0.1:{upstreams[0]} ",
+                "server 127.0.0.1:8002 ": f"server 127.0.0.1:{upstreams[1]} ",
+                "listen 80;": f"listen 127.0.0.1:{self.http_port};",
+                "listen 443 ssl;": f"listen 127.0.0.1:{self.https_port} ssl;",
+                "/etc/letsencrypt/live/chat.example.com/fullchain.pem": str(cert),
+                "/etc/letsencrypt/live/chat.example.com/privkey.pem": str(key),
+                "/srv/chatsite/app/staticfiles/": f"{static_root}/",
+            },
+        )
+        (self.dir / "chatsite.conf").write_text(site)
+        # What Debian's nginx.conf gives the site, with every path in self.dir.
+        temp = "\n".join(
+            f"    {name}_temp_path {self.dir / name};"
+            for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        self.conf = self.dir / "nginx.conf"
+        self.conf.write_text(
+            f"""worker_processes 2;
+pid {self.dir / "nginx.pid"};
+error_log {self.dir / "error.log"} info;
+events {{
+    worker_connections 512;
+}}
+http {{
+    include /etc/nginx/mime.types;
+    default_type application/octet-stream;
+    access_log {self.dir / "access.log"};
+{temp}
+    include {self.dir / "chatsite.conf"};
+}}
+"""
+        )
+        self.process = None
+
+    def start(self):
+        command = [self.binary, "-p", str(self.dir), "-c", str(self.conf)]
+        checked = subprocess.run(
+            [*command, "-e", "stderr", "-t"], capture_output=True, text=True
+        )
+        assert checked.returncode == 0, checked.stderr
+        self.process = subprocess.Popen(
+            [*command, "-e", "stderr", "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for_port(self.https_port, self.process)
+            wait_for_port(self.http_port, self.process)
+        except RuntimeError:
+            raise RuntimeError(f"nginx did not start:\n{self.output()}") from None
+        return self
+
+    def output(self):
+        try:
+            return (self.dir / "error.log").read_text(errors="replace")[-6000:]
+        except OSError:
+            return ""
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+@pytest.fixture(scope="module")
+def nginx(workdir, daphne_pair, certificate, static_root):
+    server = Nginx(
+        workdir,
+        upstreams=[daphne.port for daphne in daphne_pair],
+        certificate=certificate,
+        static_root=static_root,
+    ).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def server_logs(nginx, daphne_pair):
+    """Check nginx and both daphnes outlive each test; show what they logged."""
+    starts = [len(server.output()) for server in daphne_pair]
+    yield
+    print(f"--- nginx error log ---\n{nginx.output()}")
+    for name, server, start in zip("AB", daphne_pair, starts, strict=True):
+        print(f"--- daphne {name} log during the test ---\n{server.output()[start:]}")
+    assert nginx.process.poll() is None, f"nginx died:\n{nginx.output()}"
+    for name, server in zip("AB", daphne_pair, strict=True):
+        assert server.alive(), f"daphne {name} died:\n{server.output()}"
+
+
+# --- data ----------------------------------------------------------------------
+
+
+@database_sync_to_async
+def user_with_key(username):
+    """A new user and the key of an API token of theirs."""
+    user = get_user_model().objects.create_user(username=username)
+    return user, services.api_token_create(user=user)[1]
+
+
+@database_sync_to_async
+def room_create(slug):
+    return services.room_create(slug=slug, title=f"Room {slug}")
+
+
+@database_sync_to_async
+def stored_message(slug, seq):
+    """The ``message`` frame of the stored message ``seq`` of the room ``slug``."""
+    message = Message.objects.select_related("author").get(room__slug=slug, seq=seq)
+    return {
+        "type": "message",
+        "room": slug,
+        "id": message.pk,
+        "seq": seq,
+        "user": {"id": message.author.pk, "username": message.author.username},
+        "body": message.body,
+        "created_at": protocol.timestamp(message.created_at),
+        "client_msg_id": message.client_msg_id,
+        "edited_at": None,
+        "deleted": False,
+    }
+
+
+def joined_frame(slug, *, online, last_seq=0, **extra):
+    """The ``joined`` frame of a public, open room made by ``room_create``."""
+    return {
+        "type": "joined",
+        "room": slug,
+        "title": f"Room {slug}",
+        "last_seq": last_seq,
+        "online": online,
+        "online_count": len(online),
+        "read_seq": 0,
+        "private": False,
+        "direct": False,
+        "closed": False,
+        **extra,
+    }
+
+
+def presence(room, user, status):
+    return {"type": "presence", "room": room, "user": user, "status": status}
+
+
+# --- clients -------------------------------------------------------------------
+
+
+class WsClient:
+    """One WebSocket connection, speaking ``chat.v1`` JSON, pinging on its own."""
+
+    def __init__(self, websocket, name, logs):
+        self.websocket = websocket
+        self.name = name
+        self.logs = logs
+        self.hello = None
+        self._keepalive = None
+
+    @classmethod
+    async def open(cls, url, key, name, *, tls=None, logs=lambda: ""):
+        try:
+            websocket = await asyncio.wait_for(
+                connect(f"{url}?token={key}", ssl=tls, max_queue=None, close_timeout=2),
+                TIMEOUT,
+            )
+        except Exception as exc:
+            raise AssertionError(
+                f"{name} could not connect: {exc!r}\n{logs()}"
+            ) from exc
+        client = cls(websocket, name, logs)
+        client.hello = await client.recv()
+        assert client.hello["type"] == "hello", client.hello
+        assert CONNECTION_ID.fullmatch(client.hello["connection_id"]), client.hello
+        client._keepalive = asyncio.create_task(client._ping_forever())
+        return client
+
+    @property
+    def process(self):
+        """The server process's id: the connection id's part before the dash."""
+        return CONNECTION_ID.fullmatch(self.hello["connection_id"]).group(1)
+
+    async def _ping_forever(self):
+        while True:
+            await asyncio.sleep(HEARTBEAT / 2)
+            await self.send(type="ping", ref="keepalive")
+
+    def _fail(self, message):
+        raise AssertionError(f"{self.name}: {message}\n{self.logs()}")
+
+    async def send(self, **frame):
+        await self.websocket.send(json.dumps(frame))
+
+    async def recv(self, timeout=TIMEOUT):
+        """The next frame (keep-alive pongs are dropped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                raw = await asyncio.wait_for(self.websocket.recv(), max(remaining, 0))
+            except TimeoutError:
+                self._fail(f"no frame within {timeout}s")
+            except Exception as exc:
+                self._fail(f"connection failed: {exc!r}")
+            frame = json.loads(raw)
+            if frame == {"type": "pong", "ref": "keepalive"}:
+                continue
+            return frame
+
+    async def expect(self, frame_type, *, skip=(), timeout=TIMEOUT):
+        while True:
+            frame = await self.recv(timeout)
+            if frame["type"] == frame_type:
+                return frame
+            if frame["type"] not in skip:
+                self._fail(f"expected {frame_type!r}, got {frame}")
+
+    async def nothing(self, timeout=QUIET):
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                raw = await asyncio.wait_for(self.websocket.recv(), remaining)
+            except TimeoutError:
+                return
+            frame = json.loads(raw)
+            if frame != {"type": "pong", "ref": "keepalive"}:
+                self._fail(f"expected no frame, got {frame}")
+
+    async def closed(self, timeout=TIMEOUT):
+        """(code, reason) of the close the server sent, skipping frames before it."""
+        self.stop_pinging()
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    await self.websocket.recv()
+        except ConnectionClosed as exc:
+            assert exc.rcvd is not None, f"{self.name}: no close frame ({exc!r})"
+            return exc.rcvd.code, exc.rcvd.reason
+        except TimeoutError:
+            self._fail(f"still open after {timeout}s")
+
+    async def join(self, room, **extra):
+        await self.send(type="join", room=room, **extra)
+        return await self.expect("joined")
+
+    def stop_pinging(self):
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+
+    async def close(self):
+        self.stop_pinging()
+        await self.websocket.close()
+
+
+@pytest.fixture
+async def open_client(nginx, daphne_pair, tls):
+    """``await open_client(key, name)``: a client through nginx (wss).
+
+    ``direct=server`` connects to that daphne process instead, on loopback.
+    """
+    clients = []
+
+    def logs():
+        parts = [f"--- nginx ---\n{nginx.output()}"]
+        for name, server in zip("AB", daphne_pair, strict=True):
+            parts.append(f"--- daphne {name} ---\n{server.output()[-3000:]}")
+        return "\n".join(parts)
+
+    async def open_(key, name, *, direct=None):
+        if direct is None:
+            url, context = f"wss://127.0.0.1:{nginx.https_port}/ws/", tls
+        else:
+            url, context = direct.ws_url, None
+        client = await WsClient.open(url, key, name, tls=context, logs=logs)
+        clients.append(client)
+        return client
+
+    yield open_
+    for client in clients:
+        await client.close()
+
+
+async def process_id(open_client, server, key):
+    """The id a daphne process puts before the dash of its connection ids."""
+    probe = await open_client(key, "probe", direct=server)
+    await probe.close()
+    return probe.process
+
+
+def https_get(nginx, tls, path, *, port=None, scheme="https"):
+    """(status, headers as a dict of lower-case names, body) of a GET through nginx."""
+    if scheme == "https":
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1", port or nginx.https_port, context=tls, timeout=TIMEOUT
+        )
+    else:
+        conn = http.client.HTTPConnection(
+            "127.0.0.1", port or nginx.http_port, timeout=TIMEOUT
+        )
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        headers = {name.lower(): value for name, value in response.getheaders()}
+        return response.status, headers, response.read()
+    finally:
+        conn.close()
+
+
+# --- tests -----------------------------------------------------------------------
+
+
+async def test_two_clients_through_nginx_land_on_both_processes_and_chat(
+    daphne_pair, open_client
+):
+    alice, alice_key = await user_with_key("alice")
+    _, bob_key = await user_with_key("bob")
+    _, carol_key = await user_with_key("carol")
+    processes = {
+        await process_id(open_client, server, alice_key) for server in daphne_pair
+    }
+    assert len(processes) == 2
+    await room_create("lobby")
+
+    on_alice = await open_client(alice_key, "alice")
+    on_bob = await open_client(bob_key, "bob")
+    # The second socket goes to the process without the first.
+    assert {on_alice.process, on_bob.process} == processes
+    assert await on_alice.join("lobby", ref="j1") == joined_frame(
+        "lobby", online=["alice"], ref="j1"
+    )
+    assert await on_bob.join("lobby", ref="j2") == joined_frame(
+        "lobby", online=["alice", "bob"], ref="j2"
+    )
+    assert await on_alice.recv() == presence("lobby", "bob", "online")
+
+    await on_alice.send(
+        type="send", room="lobby", body="hello via nginx", client_msg_id="c-1", ref="s1"
+    )
+
+    received = await on_bob.recv()
+    expected = await stored_message("lobby", 1)
+    assert expected == {
+        **expected,
+        "user": {"id": alice.pk, "username": "alice"},
+        "body": "hello via nginx",
+        "client_msg_id": "c-1",
+    }
+    assert received == expected
+    own = sorted(
+        [await on_alice.recv(), await on_alice.recv()], key=lambda f: f["type"]
+    )
+    assert own == [
+        {
+            "type": "ack",
+            "ref": "s1",
+            "room": "lobby",
+            "client_msg_id": "c-1",
+            "id": expected["id"],
+            "seq": 1,
+        },
+        expected,
+    ]
+    await on_bob.nothing()
+
+    # least_conn, not round robin: with bob gone, the next socket goes to the
+    # process he left, where round robin would take its turn on alice's.
+    await on_bob.close()
+    on_carol = await open_client(carol_key, "carol")
+    assert on_carol.process == on_bob.process
+
+
+async def test_a_client_of_a_stopped_process_reconnects_through_nginx_and_recovers(
+    daphne_pair, open_client
+):
+    keys = {name: (await user_with_key(name))[1] for name in ["alice", "bob", "carol"]}
+    ids = [await process_id(open_client, s, keys["carol"]) for s in daphne_pair]
+    await room_create("restart")
+    alice = await open_client(keys["alice"], "alice")
+    bob = await open_client(keys["bob"], "bob")
+    assert {alice.process, bob.process} == set(ids)
+    bobs_server = daphne_pair[ids.index(bob.process)]
+    await alice.join("restart")
+    await bob.join("restart")
+    assert await alice.recv() == presence("restart", "bob", "online")
+    await alice.send(type="send", room="restart", body="seen", client_msg_id="r1")
+    await alice.expect("ack", skip=("message",))
+    assert (await bob.expect("message"))["seq"] == 1
+
+    try:
+        bobs_server.stop()  # SIGTERM: its sockets are closed with 1001
+        assert await bob.closed() == (1001, "server shutting down")
+        assert await alice.expect("presence", skip=("message",)) == presence(
+            "restart", "bob", "offline"
+        )
+        for n in (2, 3):
+            await alice.send(
+                type="send", room="restart", body=f"missed {n}", client_msg_id=f"r{n}"
+            )
+            assert (await alice.expect("ack", skip=("message",)))["seq"] == n
+
+        # The same address through nginx: the stopped process refuses, nginx
+        # tries the other.
+        bob = await open_client(keys["bob"], "bob again")
+        assert bob.process == alice.process
+        assert await bob.join("restart", since=1, ref="rejoin") == joined_frame(
+            "restart", online=["alice", "bob"], last_seq=3, ref="rejoin"
+        )
+        for seq in (2, 3):
+            expected = await stored_message("restart", seq)
+            assert expected["body"] == f"missed {seq}"
+            assert await bob.recv() == expected
+        assert await bob.recv() == {
+            "type": "recovered",
+            "room": "restart",
+            "complete": True,
+        }
+        await bob.nothing()
+    finally:
+        if not bobs_server.alive():
+            bobs_server.start()  # the same port, a new process id
+
+    # Once nginx takes the restarted process back (fail_timeout), a new socket
+    # goes there: the other holds alice's and bob's.
+    restarted = await process_id(open_client, bobs_server, keys["carol"])
+    assert restarted not in ids
+
+    async def probe():
+        client = await open_client(keys["carol"], "carol probe")
+        if client.process == restarted:
+            return client
+        await client.close()
+        return None
+
+    carol = await until(
+        probe, lambda c: c is not None, timeout=15, what="a socket on the restarted"
+    )
+    assert (await carol.join("restart"))["online"] == ["alice", "bob", "carol"]
+    await alice.send(type="send", room="restart", body="back", client_msg_id="r4")
+    message = await carol.expect("message", skip=("presence",))
+    expected = await stored_message("restart", 4)
+    assert expected["body"] == "back"
+    assert message == expected
+
+
+def test_pages_answer_through_nginx_over_tls(nginx, tls):
+    status, headers, body = https_get(nginx, tls, "/accounts/login/")
+    assert status == 200
+    assert b'name="csrfmiddlewaretoken"' in body
+    # X-Forwarded-Proto reached Django: no redirect to HTTPS, and HSTS.
+    assert headers["strict-transport-security"] == (
+        "max-age=31536000; includeSubDomains; preload"
+    )
+    status, headers, _ = https_get(nginx, tls, "/")
+    assert (status, headers["location"]) == (302, "/accounts/login/?next=/")
+    # Plain HTTP is sent to HTTPS by nginx itself.
+    status, headers, _ = https_get(nginx, tls, "/accounts/login/", scheme="http")
+    assert (status, headers["location"]) == (301, "https://127.0.0.1/accounts/login/")
+
+
+@pytest.mark.parametrize(
+    "path", ["/metrics", "/metrics/", "/metrics?name=x", "//metrics", "/%6Detrics"]
+)
+def test_metrics_are_refused_by_nginx_itself(nginx, tls, path):
+    status, headers, body = https_get(nginx, tls, path)
+    assert (status, body) == (404, NGINX_404)
+    assert headers["content-type"] == "text/html"
+
+
+def test_static_files_come_from_nginx(nginx, tls, static_root):
+    collected = static_root / "chat" / "chat.js"
+    source = ROOT / "chat" / "static" / "chat" / "chat.js"
+    assert collected.read_bytes() == source.read_bytes()
+    status, headers, body = https_get(nginx, tls, "/static/chat/chat.js")
+    assert (status, body) == (200, collected.read_bytes())
+    assert headers["content-type"] == "application/javascript"
+    assert headers["cache-control"] == "max-age=3600"
+    # nginx's own ETag (last modified, length in hex); Django's static view
+    # sends none.
+    stat = collected.stat()
+    assert headers["etag"] == f'"{int(stat.st_mtime):x}-{stat.st_size:x}"'
+    status, headers, _ = https_get(nginx, tls, "/static/admin/css/base.css")
+    assert (status, headers["content-type"]) == (200, "text/css")
+    status, _, body = https_get(nginx, tls, "/static/no-such-file.js")
+    assert (status, body) == (404, NGINX_404)
