@@ -273,8 +273,13 @@ def nginx(workdir, daphne_pair, certificate, static_root):
 
 
 @pytest.fixture(autouse=True)
-def server_logs(nginx, daphne_pair):
+def server_logs(request):
     """Check nginx and both daphnes outlive each test; show what they logged."""
+    if "nginx" not in request.fixturenames:
+        yield  # a test of the files alone
+        return
+    nginx = request.getfixturevalue("nginx")
+    daphne_pair = request.getfixturevalue("daphne_pair")
     starts = [len(server.output()) for server in daphne_pair]
     yield
     print(f"--- nginx error log ---\n{nginx.output()}")
@@ -678,3 +683,77 @@ def test_static_files_come_from_nginx(nginx, tls, static_root):
     assert (status, headers["content-type"]) == (200, "text/css")
     status, _, body = https_get(nginx, tls, "/static/no-such-file.js")
     assert (status, body) == (404, NGINX_404)
+
+
+# --- the other deploy files --------------------------------------------------------
+
+ENV_EXAMPLE = DEPLOY / "chatsite.env.example"
+UNIT = DEPLOY / "chatsite@.service"
+
+
+def env_file(text, *, uncomment=False):
+    """The VARIABLE=value lines of an EnvironmentFile; ``#VARIABLE=`` ones too."""
+    values = {}
+    for line in text.splitlines():
+        if uncomment and re.fullmatch(r"#[A-Z][A-Z0-9_]*=.*", line):
+            line = line[1:]
+        if line and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            values[name] = value
+    return values
+
+
+def settings_with(environment):
+    """repr() of every setting of chatsite.settings loaded with ``environment``."""
+    code = (
+        "import json, chatsite.settings as s; "
+        "print(json.dumps({k: repr(getattr(s, k)) for k in dir(s) if k.isupper()}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={"PATH": os.environ.get("PATH", ""), **environment},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_the_env_example_lists_every_chat_setting_with_its_default():
+    text = ENV_EXAMPLE.read_text()
+    source = (ROOT / "chatsite" / "settings.py").read_text()
+    read = set(re.findall(r"env_[a-z]+\(\s*\"(CHAT_[A-Z0-9_]+)\"", source))
+    assert "CHAT_HEARTBEAT" in read
+    listed = set(env_file(text, uncomment=True))
+    assert read - listed == set(), "settings.py reads these, the example lacks them"
+    assert env_file(text)["DJANGO_DEBUG"] == "0"
+    assert {
+        "DATABASE_URL",
+        "REDIS_URL",
+        "DJANGO_SECRET_KEY",
+        "DJANGO_ALLOWED_HOSTS",
+    } <= set(env_file(text))
+    # Uncommenting every default changes no setting at all.
+    assert settings_with(env_file(text, uncomment=True)) == settings_with(
+        env_file(text)
+    )
+
+
+def test_the_unit_runs_daphne_of_the_checkout_nginx_serves_static_files_from():
+    lines = dict(
+        line.split("=", 1)
+        for line in UNIT.read_text().splitlines()
+        if re.fullmatch(r"[A-Za-z]+=.*", line)
+    )
+    checkout = lines["WorkingDirectory"]
+    assert lines["ExecStart"] == (
+        f"{checkout}/.venv/bin/daphne -b 127.0.0.1 -p %i chatsite.asgi:application"
+    )
+    assert lines["EnvironmentFile"] == "/etc/chatsite/chatsite.env"
+    # STATIC_ROOT is BASE_DIR / "staticfiles", BASE_DIR the checkout.
+    assert f"alias {checkout}/staticfiles/;" in SITE.read_text()
+    upstream = re.findall(r"server (127\.0\.0\.1:\d+) ", SITE.read_text())
+    assert upstream == ["127.0.0.1:8001", "127.0.0.1:8002"]
