@@ -20,6 +20,7 @@ from django.utils import timezone
 
 from chat import (
     fanout,
+    metrics,
     policies,
     presence,
     protocol,
@@ -169,6 +170,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         presence.start_keeper(self.hub)
         policies.start_idle_watch(self.hub)
         self.hub.connections.add(self)
+        metrics.connections.inc()
         live = await registry.connection_register(self.info())
         refusal = await policies.connection_refusal(
             user_id=self.user_id,
@@ -252,7 +254,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         # First, so the presence keeper stops vouching for this socket even if
         # Redis fails below.
-        self.hub.connections.discard(self)
+        if self in self.hub.connections:
+            self.hub.connections.discard(self)
+            metrics.connections.dec()
+            metrics.closed(code)
         self.closing = True
         for room in list(self.rooms.values()):
             try:
@@ -285,6 +290,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         ref = None
         try:
             frame = self._parse(text_data, bytes_data)
+            metrics.frame_in(frame.type)
             ref = frame.ref
             await self.rate_limits.check(frame.type)
             await getattr(self, f"on_{frame.type}")(frame)
@@ -322,7 +328,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # --- sending -------------------------------------------------------------
 
     async def send_frame(self, frame: protocol.ServerFrame) -> None:
-        await self.deliver(protocol.encode(frame))
+        encoded = protocol.encode(frame)
+        metrics.frames_out_add(encoded.type)
+        if isinstance(frame, protocol.Error):
+            metrics.error_sent(frame.code)
+        await self.deliver(encoded)
 
     async def deliver(self, encoded: protocol.Encoded) -> None:
         """Write an already-encoded frame to this socket (the hub calls this).

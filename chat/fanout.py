@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal, Required, TypedDict, final
 from channels.layers import BaseChannelLayer, get_channel_layer
 from django.conf import settings
 
-from chat import protocol, serving
+from chat import metrics, protocol, serving
 from chat.loops import PerLoop, cancel_and_wait
 
 if TYPE_CHECKING:
@@ -143,6 +143,7 @@ class MultiEvent(TypedDict):
     type: str
     group: None
     multi: Sequence[tuple[str, EncodedBatch]]
+    sent_at: float  # time.time() of the broadcast, after commit (metrics)
 
 
 # A layer message for the hubs (``type`` ``hub.frame``), see ``Hub.deliver``.
@@ -274,10 +275,13 @@ class Hub:
                 if part_group == group
                 for kind, text in batch
             ]
+            for encoded in frames:
+                metrics.frames_out_add(encoded.type)
             await self._write_plan({connection: frames} if frames else {})
         elif self._targets(event, [connection]):
             if "text" in event:
                 encoded = protocol.Encoded(event["frame_type"], event["text"])
+                metrics.frames_out_add(encoded.type)
                 await self._write_plan({connection: [encoded]})
             else:
                 await connection.control(event["control"])
@@ -359,26 +363,39 @@ class Hub:
         out where it stands, after the frames planned before it are written.
         """
         plan: dict[ChatConsumer, list[protocol.Encoded]] = {}
+        sent_at: list[float] = []  # of the stored messages' broadcasts planned
         for event in events:
             if self.holding:
                 self._hold(event)
             if "multi" in event:
+                planned = False
                 for group, batch in event["multi"]:
                     members = self.members.get(group)
                     if members:
                         frames = [protocol.Encoded(k, text) for k, text in batch]
                         for connection in members:
                             plan.setdefault(connection, []).extend(frames)
+                        for encoded in frames:
+                            metrics.frames_out_add(encoded.type, len(members))
+                        planned = True
+                if planned and "sent_at" in event:
+                    sent_at.append(event["sent_at"])
             elif "text" in event:
                 encoded = protocol.Encoded(event["frame_type"], event["text"])
-                for connection in self._targets(event):
+                targets = self._targets(event)
+                for connection in targets:
                     plan.setdefault(connection, []).append(encoded)
+                metrics.frames_out_add(encoded.type, len(targets))
             else:
                 await self._write_plan(plan)
                 plan = {}
                 for connection in self._targets(event):
                     await connection.control(event["control"])
         await self._write_plan(plan)
+        if sent_at:
+            now = time.time()
+            for at in sent_at:
+                metrics.delivery_seconds.observe(now - at)
 
     def _targets(
         self, event: GroupEvent, connections: Collection[ChatConsumer] | None = None
@@ -518,6 +535,11 @@ async def publish_many(broadcasts: Broadcasts) -> None:
     for groups, frames in broadcasts:
         batch = [(e.type, e.text) for e in map(protocol.encode, frames)]
         parts.extend((group, batch) for group in groups)
-    event: MultiEvent = {"type": "hub.frame", "multi": parts, "group": None}
+    event: MultiEvent = {
+        "type": "hub.frame",
+        "multi": parts,
+        "group": None,
+        "sent_at": time.time(),
+    }
     async with _layer_slot():
         await get_channel_layer().group_send(EVERYONE_GROUP, event)

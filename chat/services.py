@@ -27,7 +27,7 @@ from django.db import (
 )
 from django.utils import timezone
 
-from chat import fanout, presence, protocol, registry, selectors
+from chat import fanout, metrics, presence, protocol, registry, selectors
 from chat.loops import BackgroundTask, PerLoop, RoomTasks
 from chat.models import (
     ApiToken,
@@ -256,6 +256,9 @@ def message_create_many(*, requests: Sequence[SendRequest]) -> list[SendResult]:
         with transaction.atomic():
             fresh = _resolve_retries_and_refusals(requests, results)
             created = _store_fresh(requests, fresh, results)
+            if created:
+                count = len(created)
+                transaction.on_commit(lambda: metrics.messages_stored.inc(count))
             broadcasts = tuple(
                 (tuple(fanout.room_groups(room)), tuple(frames))
                 for room, frames in _frames_by_room(created)

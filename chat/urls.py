@@ -1,6 +1,6 @@
 from django.urls import path
 
-from chat import views
+from chat import ops, views
 
 app_name = "chat"
 
@@ -11,4 +11,7 @@ urlpatterns = [
     path("r/<slug:slug>/", views.room_detail, name="room"),
     path("accounts/signup/", views.signup, name="signup"),
     path("api/push", views.api_push, name="api_push"),
+    path("healthz", ops.healthz, name="healthz"),
+    path("readyz", ops.readyz, name="readyz"),
+    path("metrics", ops.metrics, name="metrics"),
 ]

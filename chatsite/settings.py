@@ -47,6 +47,7 @@ The Content-Security-Policy is fixed, not read from the environment: see
 CONTENT_SECURITY_POLICY below.
 """
 
+import ipaddress
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -372,6 +373,29 @@ CHAT_SIGNUP_RATE = env_str("CHAT_SIGNUP_RATE", "5/3600", is_rate, RATE)
 CHAT_SEND_BUFFER_BYTES = env_int(
     "CHAT_SEND_BUFFER_BYTES", 1 << 20, "a whole number of bytes"
 )
+
+
+def is_networks(text):
+    """Whether ``text`` is comma-separated IP addresses or networks (CIDR)."""
+    try:
+        for item in text.split(","):
+            ipaddress.ip_network(item.strip(), strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+# Who may read /metrics (chat.ops): comma-separated addresses or networks,
+# compared with the peer's own address. Default: loopback only.
+CHAT_METRICS_ALLOW = [
+    item.strip()
+    for item in env_str(
+        "CHAT_METRICS_ALLOW",
+        "127.0.0.1,::1",
+        is_networks,
+        "comma-separated IP addresses or networks, such as 127.0.0.1,10.0.0.0/8",
+    ).split(",")
+]
 
 # plain: each line as the message reads; json: one object per line (chat.logs).
 CHAT_LOG_FORMAT = env_str(

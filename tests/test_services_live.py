@@ -8,6 +8,7 @@ of ``tests/test_services.py`` does not apply to them.
 
 import asyncio
 import json
+import time
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -265,6 +266,9 @@ async def test_a_committed_batch_is_one_layer_message_to_every_process(
         (group, [(kind, json.loads(text)) for kind, text in batch])
         for group, batch in event.pop("multi")
     ]
+    # When it was sent, for chat_delivery_seconds: after the commit, just now.
+    sent_at = event.pop("sent_at")
+    assert 0 <= time.time() - sent_at < 5
     assert event == {"type": "hub.frame", "group": None}
     assert multi == [
         (

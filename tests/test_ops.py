@@ -1,0 +1,163 @@
+"""/healthz, /readyz and /metrics of real daphne processes (the contract's
+"Operations (HTTP)"), with a redis-server of the test's own to stop."""
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.servers import DaphneServer, RedisServer
+from tests.test_multiprocess import WsClient, room_create, user_with_key
+from tests.waiting import until
+
+pytestmark = [pytest.mark.redis, pytest.mark.django_db(transaction=True)]
+
+
+def get(url):
+    """(status, content type, body text) of a GET, errors included."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["Content-Type"], error.read()
+
+
+async def fetch(server, path):
+    status, content_type, body = await asyncio.to_thread(
+        get, f"{server.http_url}{path}"
+    )
+    return status, content_type, body.decode()
+
+
+@pytest.fixture
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_daphne(django_db_blocker):
+    started = []
+
+    def start(**options):
+        # database_url() reads the test database's connection settings.
+        with django_db_blocker.unblock():
+            server = DaphneServer(verbosity=0, **options)
+        started.append(server.start())
+        return server
+
+    yield start
+    for server in started:
+        print(f"--- daphne log ---\n{server.output()}")
+        server.stop()
+
+
+def samples(exposition):
+    """{(name, labels as a sorted tuple): value} of a Prometheus exposition."""
+    found = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+async def test_healthz_answers_ok(start_daphne):
+    server = start_daphne()
+    assert await fetch(server, "/healthz") == (200, "text/plain; charset=utf-8", "ok")
+
+
+async def test_readyz_says_each_dependency_and_503_while_redis_is_down(
+    start_daphne, redis_server
+):
+    with_redis = start_daphne(redis_url=redis_server.url)
+    without = start_daphne()
+    ok = (200, "application/json", json.dumps({"database": "ok", "redis": "ok"}))
+    assert await fetch(with_redis, "/readyz") == ok
+    off = {"database": "ok", "redis": "off"}
+    assert await fetch(without, "/readyz") == (200, "application/json", json.dumps(off))
+
+    redis_server.stop()
+    failing = {"database": "ok", "redis": "error"}
+    assert await fetch(with_redis, "/readyz") == (
+        503,
+        "application/json",
+        json.dumps(failing),
+    )
+    redis_server.start()
+
+    async def answer():
+        return await fetch(with_redis, "/readyz")
+
+    await until(answer, lambda got: got == ok, timeout=15, what="redis back")
+
+
+async def test_metrics_count_connections_frames_messages_and_errors(start_daphne):
+    server = start_daphne()
+    alice, alice_key = await user_with_key("alice")
+    bob, bob_key = await user_with_key("bob")
+    await room_create("lobby")
+    on_alice = await WsClient.open(server, alice_key, "alice")
+    on_bob = await WsClient.open(server, bob_key, "bob")
+    on_alice.stop_pinging()
+    on_bob.stop_pinging()
+    await on_alice.join("lobby")
+    await on_bob.join("lobby", skip=())
+    await on_alice.expect("presence")
+    await on_alice.send(type="send", room="lobby", body="hi", client_msg_id="c1")
+    await on_bob.expect("message")
+    got = {(await on_alice.recv())["type"], (await on_alice.recv())["type"]}
+    assert got == {"ack", "message"}
+    await on_bob.send(type="join", room="nowhere", ref="x")
+    assert (await on_bob.expect("error"))["code"] == "not_found"
+    await on_alice.close()
+
+    def counted(found):
+        return found.get(("chat_connections", ())) == 1.0
+
+    async def scrape():
+        status, content_type, body = await fetch(server, "/metrics")
+        assert status == 200
+        assert content_type.startswith("text/plain; version=")
+        return samples(body)
+
+    found = await until(scrape, counted, timeout=10, what="alice's close counted")
+    expected = {
+        ("chat_connections", ()): 1.0,
+        ("chat_frames_in_total", (("type", "join"),)): 3.0,
+        ("chat_frames_in_total", (("type", "send"),)): 1.0,
+        ("chat_messages_stored_total", ()): 1.0,
+        ("chat_frames_out_total", (("type", "hello"),)): 2.0,
+        ("chat_frames_out_total", (("type", "joined"),)): 2.0,
+        # bob online, to alice; alice offline, to bob
+        ("chat_frames_out_total", (("type", "presence"),)): 2.0,
+        ("chat_frames_out_total", (("type", "ack"),)): 1.0,
+        ("chat_frames_out_total", (("type", "message"),)): 2.0,
+        ("chat_frames_out_total", (("type", "error"),)): 1.0,
+        ("chat_errors_total", (("code", "not_found"),)): 1.0,
+        ("chat_closes_total", (("code", "1000"),)): 1.0,
+        ("chat_rate_limited_total", ()): 0.0,
+        # One message broadcast, written to this process's two sockets once.
+        ("chat_delivery_seconds_count", ()): 1.0,
+    }
+    assert {key: found.get(key) for key in expected} == expected
+    assert found[("chat_delivery_seconds_bucket", (("le", "+Inf"),))] == 1.0
+    await on_bob.close()
+
+
+async def test_metrics_are_refused_to_addresses_outside_chat_metrics_allow(
+    start_daphne,
+):
+    elsewhere = start_daphne(extra_env={"CHAT_METRICS_ALLOW": "10.0.0.0/8"})
+    assert await fetch(elsewhere, "/metrics") == (
+        403,
+        "text/plain; charset=utf-8",
+        "forbidden",
+    )
+    loopback = start_daphne(extra_env={"CHAT_METRICS_ALLOW": "10.0.0.0/8,127.0.0.1"})
+    status, _, body = await fetch(loopback, "/metrics")
+    assert status == 200
+    assert "chat_connections 0.0" in body.splitlines()
