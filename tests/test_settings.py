@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.servers import ROOT
 
 PRODUCTION = {
@@ -15,11 +17,12 @@ PRODUCTION = {
 
 
 def manage(*args, **env):
+    """Run manage.py with ``env`` over this one's variables; None unsets one."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DJANGO_")}
     return subprocess.run(
         [sys.executable, "manage.py", *args],
         cwd=ROOT,
-        env={**clean, **env},
+        env={k: v for k, v in {**clean, **env}.items() if v is not None},
         capture_output=True,
         text=True,
         timeout=60,
@@ -157,3 +160,150 @@ def test_the_limits_come_from_the_environment():
         CHAT_SIGNUP_RATE="0",
     )
     assert values == ["'20/10'", "65536", "3", "'0'"]
+
+
+def start_up_error(**env):
+    """The last line a start-up under ``env`` (a production one) fails with."""
+    done = manage("check", **{**PRODUCTION, **env})
+    assert done.returncode == 1, done.stdout
+    return done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"CHAT_HEARTBEAT": "abc"},
+            "CHAT_HEARTBEAT='abc' is not valid: expected a whole number of seconds "
+            "(default 30)",
+        ),
+        (
+            {"CHAT_SEND_BUFFER_BYTES": "-1"},
+            "CHAT_SEND_BUFFER_BYTES='-1' is not valid: expected a whole number of "
+            "bytes (default 1048576)",
+        ),
+        (
+            {"DJANGO_CONN_MAX_AGE": ""},
+            "DJANGO_CONN_MAX_AGE='' is not valid: expected a whole number of seconds "
+            "(default 300)",
+        ),
+        (
+            {"CHAT_FAST_PATH": "maybe"},
+            "CHAT_FAST_PATH='maybe' is not valid: expected on (1, true, yes, on) or "
+            "off (0, false, no, off) (default on)",
+        ),
+        (
+            {"DJANGO_DEBUG": "2"},
+            "DJANGO_DEBUG='2' is not valid: expected on (1, true, yes, on) or "
+            "off (0, false, no, off) (default off)",
+        ),
+        (
+            {"CHAT_LOG_FORMAT": "xml"},
+            "CHAT_LOG_FORMAT='xml' is not valid: expected plain or json "
+            "(default plain)",
+        ),
+        (
+            {"CHAT_RATE_LIMIT": "60/0"},
+            "CHAT_RATE_LIMIT='60/0' is not valid: expected \"N/S\" (N per S seconds) "
+            'or "0" for no limit (default 60/10)',
+        ),
+    ],
+)
+def test_a_bad_value_stops_start_up_naming_the_variable_and_the_form(env, message):
+    assert start_up_error(**env) == (
+        "django.core.exceptions.ImproperlyConfigured: " + message
+    )
+
+
+def test_a_bad_database_url_is_refused_without_repeating_it():
+    line = start_up_error(DATABASE_URL="nosuchdb://chat:s3cret@db.example.com/chat")
+
+    assert line.startswith(
+        "django.core.exceptions.ImproperlyConfigured: DATABASE_URL is not valid: "
+        "expected a database URL such as postgres://user:password@host:5432/name "
+        "(default: SQLite db.sqlite3 beside manage.py). Scheme 'nosuchdb://' is "
+        "unknown."
+    )
+    assert "s3cret" not in line
+
+
+def test_good_values_load_as_before():
+    values = settings_values(
+        "DEBUG",
+        "CHAT_FAST_PATH",
+        "CHAT_CLOSE_ON_SIGTERM",
+        "SECURE_SSL_REDIRECT",
+        "SECURE_HSTS_PRELOAD",
+        "CHAT_HEARTBEAT",
+        "SECURE_HSTS_SECONDS",
+        "ALLOWED_HOSTS",
+        "CHAT_ALLOWED_ORIGINS",
+        "CHAT_LOG_FORMAT",
+        "CHAT_REDIS_PREFIX",
+        "SECRET_KEY",
+        "DATABASES['default']['CONN_MAX_AGE']",
+        "DATABASES['default']['ENGINE']",
+        DJANGO_DEBUG=" Off ",
+        CHAT_FAST_PATH="NO",
+        CHAT_CLOSE_ON_SIGTERM="",
+        DJANGO_SSL_REDIRECT="false",
+        DJANGO_HSTS_PRELOAD="Yes",
+        CHAT_HEARTBEAT=" 45 ",
+        DJANGO_HSTS_SECONDS="0",
+        DJANGO_ALLOWED_HOSTS=" chat.example.com , ,other.example.com,",
+        CHAT_ALLOWED_ORIGINS="",
+        CHAT_LOG_FORMAT="json",
+        CHAT_REDIS_PREFIX="chat2",
+        DJANGO_SECRET_KEY="$starts-with-a-dollar-" + "x" * 40,
+        DJANGO_CONN_MAX_AGE="0",
+        DATABASE_URL=None,
+    )
+
+    assert values == [
+        "False",
+        "False",
+        "True",
+        "False",
+        "True",
+        "45",
+        "0",
+        "['chat.example.com', 'other.example.com']",
+        "[]",
+        "'json'",
+        "'chat2'",
+        "'$starts-with-a-dollar-" + "x" * 40 + "'",
+        "0",
+        "'django.db.backends.sqlite3'",
+    ]
+
+
+def test_unset_values_keep_their_defaults():
+    values = settings_values(
+        "DEBUG",
+        "CHAT_FAST_PATH",
+        "CHAT_HEARTBEAT",
+        "SECURE_HSTS_SECONDS",
+        "CHAT_LOG_FORMAT",
+        "CHAT_REDIS_PREFIX",
+        "REDIS_URL",
+        "DATABASES['default']['CONN_MAX_AGE']",
+        "DATABASES['default']['NAME']",
+        DATABASE_URL=None,
+        REDIS_URL=None,
+        CHAT_HEARTBEAT=None,
+        CHAT_FAST_PATH=None,
+        CHAT_LOG_FORMAT=None,
+        CHAT_REDIS_PREFIX=None,
+    )
+
+    assert values == [
+        "False",
+        "True",
+        "30",
+        "31536000",
+        "'plain'",
+        "'chat'",
+        "''",
+        "300",
+        repr(str(ROOT / "db.sqlite3")),
+    ]
