@@ -20,6 +20,7 @@ from django.utils import timezone
 
 from chat import (
     fanout,
+    logs,
     metrics,
     policies,
     presence,
@@ -98,6 +99,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     presence_floors: Mapping[str, int] = MappingProxyType({})
     sends_in_flight: set[asyncio.Task[None]]
     last_seen: float  # time.monotonic() of the last frame received
+    opened_at: float  # time.monotonic() at connect
     rate_limits: throttle.SocketThrottle
     binary: bool  # chat.v1.bin framing
     # protocol.framing: the subprotocol's, and ?compress=gzip
@@ -138,6 +140,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.user_id = user.pk
         self.username = user.get_username()
         self.connection_id = f"{fanout.PROCESS_ID}-{next(_counter)}"
+        # Every line logged while this socket's frames are handled names it.
+        logs.bind_connection(self.connection_id, self.username)
         # A datetime in, a str out (timestamp only answers None for None).
         self.connected_at = cast(str, protocol.timestamp(timezone.now()))
         self.token_id = self.scope.get("token_id")
@@ -148,7 +152,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.device = (query.get("device") or [""])[0][:MAX_DEVICE_CHARS] or None
         self.rooms = {}
         self.sends_in_flight = set()
-        self.last_seen = time.monotonic()
+        self.last_seen = self.opened_at = time.monotonic()
         self.rate_limits = throttle.SocketThrottle(user_id=self.user_id)
         subprotocol = choose_subprotocol(self.scope.get("subprotocols", []))
         self.binary = subprotocol == protocol.SUBPROTOCOL_BINARY
@@ -194,6 +198,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 user=user,
                 heartbeat=settings.CHAT_HEARTBEAT,
             )
+        )
+        # The connection log: one line when a socket opens, one when it closes.
+        logger.info(
+            "socket open: %s, %s%s%s",
+            self.auth,
+            subprotocol or protocol.SUBPROTOCOL_JSON,
+            ", gzip" if self.framing >= protocol.FRAMING_JSON_GZIP else "",
+            f", device {self.device}" if self.device else "",
         )
 
     def _own_groups(self) -> list[str]:
@@ -258,6 +270,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.hub.connections.discard(self)
             metrics.connections.dec()
             metrics.closed(code)
+            logger.info(
+                "socket closed: code %s after %.1f s in %d rooms",
+                code,
+                time.monotonic() - self.opened_at,
+                len(self.rooms),
+            )
         self.closing = True
         for room in list(self.rooms.values()):
             try:

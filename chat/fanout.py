@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal, Required, TypedDict, final
 from channels.layers import BaseChannelLayer, get_channel_layer
 from django.conf import settings
 
-from chat import metrics, protocol, serving
+from chat import logs, metrics, protocol, serving
 from chat.loops import PerLoop, cancel_and_wait
 
 if TYPE_CHECKING:
@@ -205,7 +205,11 @@ class Hub:
     async def start(self) -> None:
         """Start receiving, once; later calls wait until it has started."""
         if self._started is None:
-            self._started = asyncio.ensure_future(self._start())
+            # The hub serves every socket: not the context of the one that
+            # happened to start it (its log lines would name that socket).
+            self._started = asyncio.get_running_loop().create_task(
+                self._start(), context=logs.context_without_connection()
+            )
         await asyncio.shield(self._started)
 
     async def _start(self) -> None:

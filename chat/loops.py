@@ -11,6 +11,8 @@ import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
+from chat import logs
+
 T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
@@ -52,7 +54,11 @@ class BackgroundTask:
         slot = self.slots.get()
         if slot.task is None or slot.task.done():
             loop = asyncio.get_running_loop()
-            slot.task = loop.create_task(self.coroutine_function(*args))
+            # Process-wide: not in the context of the socket that started it.
+            slot.task = loop.create_task(
+                self.coroutine_function(*args),
+                context=logs.context_without_connection(),
+            )
 
     async def stop(self) -> None:
         slot = self.slots.pop()
@@ -85,7 +91,9 @@ class RoomTasks:
 
     def start(self, room: Any) -> None:
         running = self.running.get()
-        task = asyncio.get_running_loop().create_task(self._run(room))
+        task = asyncio.get_running_loop().create_task(
+            self._run(room), context=logs.context_without_connection()
+        )
         running.add(task)
         task.add_done_callback(running.discard)
 

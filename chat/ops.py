@@ -43,9 +43,7 @@ def _database_ping() -> None:
 
 async def _database_state() -> str:
     try:
-        await asyncio.wait_for(
-            database_sync_to_async(_database_ping)(), READY_TIMEOUT
-        )
+        await asyncio.wait_for(database_sync_to_async(_database_ping)(), READY_TIMEOUT)
     except Exception as exc:
         logger.warning("readyz: the database does not answer: %r", exc)
         return "error"

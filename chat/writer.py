@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from channels.db import database_sync_to_async
 from django.db import DatabaseError
 
-from chat import services
+from chat import logs, services
 from chat.loops import PerLoop
 from chat.protocol import ChatError
 
@@ -45,7 +45,10 @@ class MessageWriter:
         future: asyncio.Future[services.SendResult] = loop.create_future()
         self.pending.append((request, future))
         if self.task is None or self.task.done():
-            self.task = loop.create_task(self._drain())
+            # One drain for every socket's sends: no socket's log context.
+            self.task = loop.create_task(
+                self._drain(), context=logs.context_without_connection()
+            )
         return future
 
     async def submit(self, request: services.SendRequest) -> tuple[Message, bool]:

@@ -161,3 +161,43 @@ async def test_metrics_are_refused_to_addresses_outside_chat_metrics_allow(
     status, _, body = await fetch(loopback, "/metrics")
     assert status == 200
     assert "chat_connections 0.0" in body.splitlines()
+
+
+async def test_json_logs_name_the_connection_and_log_each_request(start_daphne):
+    server = start_daphne(extra_env={"CHAT_LOG_FORMAT": "json"})
+    carol, key = await user_with_key("carol")
+    socket = await WsClient.open(server, key, "carol")
+    connection_id = socket.hello["connection_id"]
+    await socket.close()
+    assert (await fetch(server, "/healthz"))[0] == 200
+
+    def lines():
+        found = []
+        for line in server.output().splitlines():
+            if line.startswith("{"):
+                found.append(json.loads(line))
+        return found
+
+    def complete(found):
+        messages = [line["message"] for line in found]
+        return any(m.startswith("socket closed") for m in messages) and any(
+            line.get("path") == "/healthz" for line in found
+        )
+
+    found = await until(lines, complete, timeout=10, what="the log lines")
+    about_socket = [line for line in found if line["logger"] == "chat.consumers"]
+    assert [line["message"] for line in about_socket] == [
+        "socket open: token, chat.v1",
+        about_socket[1]["message"],
+    ]
+    assert about_socket[1]["message"].startswith("socket closed: code 1000 after ")
+    for line in about_socket:
+        assert line["level"] == "INFO"
+        assert (line["connection_id"], line["user"]) == (connection_id, "carol")
+    (request,) = [line for line in found if line["logger"] == "chat.requests"]
+    assert (request["method"], request["path"], request["status"]) == (
+        "GET",
+        "/healthz",
+        200,
+    )
+    assert "connection_id" not in request
