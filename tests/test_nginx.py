@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
+from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -571,7 +572,7 @@ async def test_two_clients_through_nginx_land_on_both_processes_and_chat(
 
 
 async def test_a_client_of_a_stopped_process_reconnects_through_nginx_and_recovers(
-    daphne_pair, open_client
+    nginx, tls, daphne_pair, open_client
 ):
     keys = {name: (await user_with_key(name))[1] for name in ["alice", "bob", "carol"]}
     ids = [await process_id(open_client, s, keys["carol"]) for s in daphne_pair]
@@ -616,6 +617,9 @@ async def test_a_client_of_a_stopped_process_reconnects_through_nginx_and_recove
             "complete": True,
         }
         await bob.nothing()
+        # Pages too go to the process that is up.
+        status, _, body = await asyncio.to_thread(https_get, nginx, tls, "/healthz")
+        assert (status, body) == (200, b"ok")
     finally:
         if not bobs_server.alive():
             bobs_server.start()  # the same port, a new process id
@@ -665,6 +669,31 @@ def test_metrics_are_refused_by_nginx_itself(nginx, tls, path):
     status, headers, body = https_get(nginx, tls, path)
     assert (status, body) == (404, NGINX_404)
     assert headers["content-type"] == "text/html"
+
+
+def test_metrics_are_served_to_nginx_s_own_address(daphne_pair):
+    # Why nginx must refuse /metrics: each process serves it to loopback, the
+    # address every request nginx forwards comes from.
+    for server in daphne_pair:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=TIMEOUT)
+        try:
+            conn.request("GET", "/metrics", headers={"X-Forwarded-Proto": "https"})
+            response = conn.getresponse()
+            body = response.read()
+        finally:
+            conn.close()
+        assert response.status == 200
+        assert response.getheader("content-type") == CONTENT_TYPE_LATEST
+        assert b"# TYPE chat_connections gauge\n" in body
+
+
+def test_health_answers_through_nginx(nginx, tls):
+    status, headers, body = https_get(nginx, tls, "/healthz")
+    assert (status, headers["content-type"], body) == (
+        200,
+        "text/plain; charset=utf-8",
+        b"ok",
+    )
 
 
 def test_static_files_come_from_nginx(nginx, tls, static_root):
