@@ -5,12 +5,14 @@ proxy, as in production) and ``/usr/sbin/nginx`` in a directory of its own, as
 an ordinary process (no daemon, no system-wide configuration). nginx runs the
 committed site file itself, rendered with only its ports, the upstream's
 addresses and its paths (certificate, static root) replaced; TLS uses a
-certificate made for the module. Clients are real WebSocket connections with
-API tokens, through nginx.
+self-signed certificate made for the module. Clients are real WebSocket
+connections with API tokens, through nginx.
 """
 
 import asyncio
+import datetime
 import http.client
+import ipaddress
 import json
 import os
 import re
@@ -23,6 +25,10 @@ from pathlib import Path
 
 import pytest
 from channels.db import database_sync_to_async
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from django.contrib.auth import get_user_model
 from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.asyncio.client import connect
@@ -86,33 +92,43 @@ def workdir():
 @pytest.fixture(scope="module")
 def certificate(workdir):
     """A self-signed certificate for 127.0.0.1: (certificate path, key path)."""
-    openssl = require_binary("openssl")
-    cert, key = workdir / "cert.pem", workdir / "key.pem"
-    subprocess.run(
-        [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    public = key.public_key()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(public), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False
+        )
+        .sign(key, hashes.SHA256())
     )
-    return cert, key
+    cert_path, key_path = workdir / "cert.pem", workdir / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
 
 
 @pytest.fixture(scope="module")
