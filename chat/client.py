@@ -1,16 +1,39 @@
-"""What a client of chatsite does on its side of the wire.
+"""What a client of chatsite does on its side of the wire, and a client.
 
 The room page (``chat/static/chat/chat.js``), the tests' socket clients and the
-benchmark's load generator reconnect by the same rule, so that a process that
-goes away does not bring all of its sockets back in one instant.
+benchmark's load generator reconnect by the same rule (``reconnect_delay``), so
+that a process that goes away does not bring all of its sockets back in one
+instant. ``ChatClient`` is an asyncio client that does all a client should:
+both framings, gzip, replies matched by ref, reconnect and resume.
 """
 
 from __future__ import annotations
 
+import asyncio
+import gzip
+import itertools
+import json
+import logging
 import random as _random
+import struct
+import uuid
 from collections.abc import Callable
+from typing import Any
 
-from chat.protocol import CLOSE_GOING_AWAY
+from chat.protocol import (
+    CLOSE_BANNED,
+    CLOSE_GOING_AWAY,
+    CLOSE_REPLACED,
+    COMPRESSED_CODE_BIT,
+    FRAME_CODES,
+    SUBPROTOCOL_BINARY,
+    SUBPROTOCOL_JSON,
+)
+
+logger = logging.getLogger(__name__)
+
+FRAME_NAMES = {code: name for name, code in FRAME_CODES.items()}
+CONNECT_TIMEOUT_SECONDS = 10.0
 
 # Full-jitter exponential backoff: retry n (from 0) waits a random time in
 # [0, min(BACKOFF_MAX, BACKOFF_FIRST * 2**n)).
@@ -35,3 +58,373 @@ def reconnect_delay(
     # Capped before the power: a client retrying for days must not overflow.
     ceiling = min(BACKOFF_MAX_SECONDS, BACKOFF_FIRST_SECONDS * 2 ** min(attempt, 32))
     return random() * ceiling
+
+
+# --- an asyncio client ----------------------------------------------------------
+
+# Closes after which a client must not come back on its own: banned or kicked,
+# replaced by a newer socket of the same device key.
+NO_RECONNECT = frozenset({CLOSE_BANNED, CLOSE_REPLACED})
+# A reply to a request of ours carries its ref; these frames are replies.
+REPLY_TYPES = frozenset(
+    {"joined", "left", "ack", "history", "pong", "error", "recovered"}
+)
+
+
+class ChatClosed(Exception):
+    """The client stopped: closed by us, or by a close it must not retry."""
+
+    def __init__(self, code: int | None, reason: str = "") -> None:
+        super().__init__(f"closed with {code} {reason}".strip())
+        self.code = code
+        self.reason = reason
+
+
+class ChatClient:
+    """An asyncio client of chatsite's WebSocket protocol.
+
+    - Speaks both framings (``binary``: ``chat.v1.bin``) and ``?compress=gzip``
+      (``compress``), and gives every frame as a dict with its ``type``.
+    - ``request`` sends a frame with a fresh ``ref`` and answers the reply that
+      carries it (an ``error`` reply too: look at its ``type``).
+    - When the socket drops it reconnects with ``reconnect_delay``'s jittered
+      backoff, to the next of ``urls`` in turn, rejoins every room it joined
+      with ``since`` (the highest seq it saw there) and sends again, with the
+      same ``client_msg_id``, every message not acknowledged yet; the server
+      stores each once. ``send_message`` answers the ``ack`` however many
+      sockets that took.
+    - Everything else the server sends (``message``, ``presence``, ``typing``,
+      ``push``…) waits in ``events`` in arrival order; ``frames`` keeps every
+      frame of every socket, a list per socket.
+
+    It needs the ``websockets`` package (a test and bench dependency of
+    chatsite; ``pip install websockets`` for a client of your own).
+    """
+
+    def __init__(
+        self,
+        urls: str | list[str],
+        *,
+        token: str | None = None,
+        binary: bool = False,
+        compress: bool = False,
+        device: str | None = None,
+        reconnect: bool = True,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        self.token = token
+        self.binary = binary
+        self.compress = compress
+        self.device = device
+        self.reconnect = reconnect
+        self.headers = dict(headers or {})
+        self.hello: dict[str, Any] | None = None
+        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.frames: list[list[dict[str, Any]]] = []
+        self.closes: list[tuple[int | None, str]] = []  # per socket that ended
+        self.rooms: dict[str, int | None] = {}  # joined: room -> highest seq seen
+        self.unacked: dict[str, dict[str, Any]] = {}  # client_msg_id -> send frame
+        self.reconnects = 0
+        self.connected = asyncio.Event()
+        self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._acks: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._refs = itertools.count(1)
+        self._url_index = 0
+        self._websocket: Any = None
+        self._runner: asyncio.Task[None] | None = None
+        self._closed: ChatClosed | None = None
+
+    # --- life ---------------------------------------------------------------
+
+    async def connect(self) -> ChatClient:
+        """Open the first socket and wait for its ``hello``; then keep it up."""
+        await self._open()
+        self._runner = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    async def __aenter__(self) -> ChatClient:
+        return await self.connect()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self, code: int = 1000) -> None:
+        """Close the socket and stop reconnecting."""
+        self._stop(ChatClosed(code, "closed by the client"))
+        if self._websocket is not None:
+            await self._websocket.close(code)
+        if self._runner is not None:
+            await asyncio.gather(self._runner, return_exceptions=True)
+
+    def _url(self) -> str:
+        url = self.urls[self._url_index % len(self.urls)]
+        query = []
+        if self.token is not None:
+            query.append(f"token={self.token}")
+        if self.device is not None:
+            query.append(f"device={self.device}")
+        if self.compress:
+            query.append("compress=gzip")
+        if query:
+            url += ("&" if "?" in url else "?") + "&".join(query)
+        return url
+
+    async def _open(self) -> None:
+        from websockets.asyncio.client import connect
+
+        subprotocol = SUBPROTOCOL_BINARY if self.binary else SUBPROTOCOL_JSON
+        websocket = await asyncio.wait_for(
+            connect(
+                self._url(),
+                subprotocols=[subprotocol],  # type: ignore[list-item]
+                additional_headers=self.headers,
+                max_queue=None,
+                ping_interval=None,
+                close_timeout=2,
+                max_size=None,
+            ),
+            CONNECT_TIMEOUT_SECONDS,
+        )
+        try:
+            hello = self._decode(
+                await asyncio.wait_for(websocket.recv(), CONNECT_TIMEOUT_SECONDS)
+            )
+        except BaseException:
+            await websocket.close()
+            raise
+        if hello.get("type") != "hello":
+            await websocket.close()
+            raise ChatClosed(None, f"expected hello, got {hello!r}")
+        self._websocket = websocket
+        self.hello = hello
+        self.frames.append([hello])
+        self.connected.set()
+
+    async def _run(self) -> None:
+        try:
+            await self._keep_connected()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.exception("chat client stopped")
+            self._stop(ChatClosed(None, f"client failed: {exc!r}"))
+
+    async def _keep_connected(self) -> None:
+        attempt = 0
+        while True:
+            code, reason = await self._read_until_closed()
+            self.closes.append((code, reason))
+            self.connected.clear()
+            self._fail_replies(ChatClosed(code, reason))
+            if self._closed is not None:
+                return
+            if not self.reconnect or code in NO_RECONNECT:
+                self._stop(ChatClosed(code, reason))
+                return
+            while True:
+                await asyncio.sleep(reconnect_delay(attempt, code))
+                self._url_index += 1
+                try:
+                    await self._open()
+                except (OSError, TimeoutError, ChatClosed) as exc:
+                    if isinstance(exc, ChatClosed) and self._closed is not None:
+                        return
+                    attempt, code = attempt + 1, None
+                    continue
+                except Exception:  # a refused handshake (HTTP 403 and such)
+                    attempt, code = attempt + 1, None
+                    continue
+                break
+            attempt = 0
+            self.reconnects += 1
+            self._resume()
+
+    def _resume(self) -> None:
+        # Rejoin with since and send again what was not acknowledged; the
+        # replies are not waited for here (the reader must run to get them).
+        for room, seq in self.rooms.items():
+            frame: dict[str, Any] = {"type": "join", "room": room}
+            if seq is not None:
+                frame["since"] = seq
+            asyncio.get_running_loop().create_task(self._send_quietly(frame))
+        for frame in list(self.unacked.values()):
+            asyncio.get_running_loop().create_task(self._send_quietly(frame))
+
+    async def _send_quietly(self, frame: dict[str, Any]) -> None:
+        try:
+            await self._send(frame)
+        except Exception:
+            pass  # dropped again: the next socket resumes it
+
+    async def _read_until_closed(self) -> tuple[int | None, str]:
+        from websockets.exceptions import ConnectionClosed
+
+        websocket = self._websocket
+        frames = self.frames[-1]
+        try:
+            async for raw in websocket:
+                frame = self._decode(raw)
+                frames.append(frame)
+                self._dispatch(frame)
+        except ConnectionClosed:
+            pass
+        # 1006 when no close frame came (the connection just dropped).
+        return websocket.close_code, websocket.close_reason or ""
+
+    def _dispatch(self, frame: dict[str, Any]) -> None:
+        kind = frame.get("type")
+        room = frame.get("room")
+        if isinstance(room, str) and room in self.rooms:
+            seq = frame.get("seq") if kind == "message" else None
+            if kind == "joined" and self.rooms[room] is None:
+                # Nothing seen there yet: what the room held at the join is.
+                seq = frame.get("last_seq")
+            if isinstance(seq, int):
+                seen = self.rooms[room]
+                self.rooms[room] = seq if seen is None else max(seen, seq)
+        ref = frame.get("ref")
+        # A send's ref is its client_msg_id: its ack or error answers it.
+        sent = frame.get("client_msg_id") if kind == "ack" else ref
+        if kind in ("ack", "error") and isinstance(sent, str):
+            if kind == "ack" or sent in self._acks:
+                self.unacked.pop(sent, None)
+            waiting = self._acks.pop(sent, None)
+            if waiting is not None:
+                if not waiting.done():
+                    waiting.set_result(frame)
+                return
+        if kind in REPLY_TYPES and isinstance(ref, str) and ref in self._replies:
+            waiting = self._replies.pop(ref)
+            if not waiting.done():
+                waiting.set_result(frame)
+            return
+        # Everything else, replies to the resume's own frames included.
+        self.events.put_nowait(frame)
+
+    def _fail_replies(self, error: ChatClosed) -> None:
+        for waiting in self._replies.values():
+            if not waiting.done():
+                waiting.set_exception(error)
+        self._replies.clear()
+
+    def _stop(self, error: ChatClosed) -> None:
+        self._closed = error
+        self._fail_replies(error)
+        for waiting in self._acks.values():
+            if not waiting.done():
+                waiting.set_exception(error)
+        self._acks.clear()
+
+    # --- the wire -------------------------------------------------------------
+
+    def _decode(self, raw: str | bytes) -> dict[str, Any]:
+        if isinstance(raw, str):
+            return json.loads(raw)
+        if not self.binary:  # JSON framing: a binary frame is gzipped JSON
+            return json.loads(gzip.decompress(raw))
+        (code,) = struct.unpack_from(">I", raw)
+        body = raw[4:]
+        if code & COMPRESSED_CODE_BIT:
+            code &= ~COMPRESSED_CODE_BIT
+            body = gzip.decompress(body)
+        return {"type": FRAME_NAMES[code], **json.loads(body)}
+
+    async def _send(self, frame: dict[str, Any]) -> None:
+        if self._websocket is None:
+            raise ChatClosed(None, "not connected")
+        if self.binary:
+            fields = {k: v for k, v in frame.items() if k != "type"}
+            data = (
+                struct.pack(">I", FRAME_CODES[frame["type"]])
+                + json.dumps(fields).encode()
+            )
+            await self._websocket.send(data)
+        else:
+            await self._websocket.send(json.dumps(frame))
+
+    # --- requests ---------------------------------------------------------------
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        """Send ``frame`` as it is, expecting no particular reply."""
+        if self._closed is not None:
+            raise self._closed
+        await self._send(frame)
+
+    async def request(
+        self, frame: dict[str, Any], *, timeout: float = 10.0
+    ) -> dict[str, Any]:
+        """Send ``frame`` with a fresh ref; answer the reply carrying it."""
+        if self._closed is not None:
+            raise self._closed
+        ref = f"r{next(self._refs)}"
+        waiting = asyncio.get_running_loop().create_future()
+        self._replies[ref] = waiting
+        try:
+            await self._send({**frame, "ref": ref})
+            return await asyncio.wait_for(waiting, timeout)
+        finally:
+            self._replies.pop(ref, None)
+
+    async def join(self, room: str, *, since: int | None = None) -> dict[str, Any]:
+        """Join ``room`` (replaying from ``since``); answer ``joined`` or ``error``.
+
+        From then on the room is rejoined after every reconnect.
+        """
+        frame: dict[str, Any] = {"type": "join", "room": room}
+        if since is not None:
+            frame["since"] = since
+        reply = await self.request(frame)
+        if reply["type"] == "joined":
+            self.rooms.setdefault(room, since if since is not None else None)
+            if self.rooms[room] is None:
+                self.rooms[room] = reply.get("last_seq")
+        return reply
+
+    async def leave(self, room: str) -> dict[str, Any]:
+        self.rooms.pop(room, None)
+        return await self.request({"type": "leave", "room": room})
+
+    async def send_message(
+        self,
+        room: str,
+        body: str,
+        *,
+        client_msg_id: str | None = None,
+        timeout: float = 60.0,
+    ) -> dict[str, Any]:
+        """Send a message; answer its ``ack`` (or the ``error`` refusing it).
+
+        Until the ack comes it is sent again, with the same ``client_msg_id``,
+        on every new socket.
+        """
+        if self._closed is not None:
+            raise self._closed
+        client_msg_id = client_msg_id or f"c-{uuid.uuid4().hex}"
+        frame = {
+            "type": "send",
+            "room": room,
+            "body": body,
+            "client_msg_id": client_msg_id,
+            "ref": client_msg_id,
+        }
+        waiting = asyncio.get_running_loop().create_future()
+        self._acks[client_msg_id] = waiting
+        self.unacked[client_msg_id] = frame
+        try:
+            await self._send(frame)
+        except Exception:
+            pass  # not sent: the next socket sends it
+        try:
+            return await asyncio.wait_for(waiting, timeout)
+        finally:
+            self._acks.pop(client_msg_id, None)
+
+    async def next_event(self, *types: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The next frame in ``events`` (of one of ``types``, skipping others)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            frame = await asyncio.wait_for(self.events.get(), max(remaining, 0))
+            if not types or frame["type"] in types:
+                return frame

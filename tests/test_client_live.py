@@ -1,0 +1,144 @@
+"""chat.client.ChatClient against real daphne processes sharing one Redis.
+
+Both framings and gzip give the same frames; a client whose process goes away
+comes back to the other, rejoins with ``since`` and misses nothing; a message
+sent as its process died is stored once, acknowledged on the next socket.
+"""
+
+import asyncio
+
+import pytest
+from channels.db import database_sync_to_async
+
+from chat.client import ChatClient
+from chat.models import Message
+from tests.servers import DaphneServer, RedisServer
+from tests.test_multiprocess import room_create, user_with_key
+
+pytestmark = [pytest.mark.redis, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_daphne(django_db_blocker, redis_server):
+    started = []
+
+    def start():
+        with django_db_blocker.unblock():
+            server = DaphneServer(redis_url=redis_server.url, verbosity=0)
+        started.append(server.start())
+        return server
+
+    yield start
+    for server in started:
+        print(f"--- daphne log ---\n{server.output()}")
+        server.stop()
+
+
+@database_sync_to_async
+def stored(client_msg_id):
+    return list(
+        Message.objects.filter(client_msg_id=client_msg_id).values_list("pk", "seq")
+    )
+
+
+@pytest.mark.parametrize(
+    ("binary", "compress"), [(False, False), (True, False), (False, True), (True, True)]
+)
+async def test_every_framing_gives_the_same_frames(start_daphne, binary, compress):
+    server = start_daphne()
+    alice, key = await user_with_key("alice")
+    await room_create("lobby")
+    async with ChatClient(
+        server.ws_url, token=key, binary=binary, compress=compress
+    ) as client:
+        assert client.hello["user"] == {"id": alice.pk, "username": "alice"}
+        joined = await client.join("lobby")
+        assert (joined["type"], joined["online"], joined["last_seq"]) == (
+            "joined",
+            ["alice"],
+            0,
+        )
+        body = "a long enough body to make the history page compress " * 3
+        for n in range(1, 9):
+            ack = await client.send_message("lobby", body, client_msg_id=f"m{n}")
+            assert (ack["type"], ack["seq"], ack["client_msg_id"]) == ("ack", n, f"m{n}")
+            message = await client.next_event("message")
+            assert (message["seq"], message["body"]) == (n, body)
+        page = await client.request({"type": "history", "room": "lobby"})
+        assert page["type"] == "history"
+        assert [m["seq"] for m in page["messages"]] == list(range(1, 9))
+        assert [m["client_msg_id"] for m in page["messages"]] == [
+            f"m{n}" for n in range(1, 9)
+        ]
+        refused = await client.request({"type": "join", "room": "nowhere"})
+        assert (refused["type"], refused["code"]) == ("error", "not_found")
+        assert client.unacked == {}
+
+
+async def test_a_client_whose_process_goes_away_resumes_on_the_other(start_daphne):
+    first, second = start_daphne(), start_daphne()
+    _, alice_key = await user_with_key("alice")
+    _, bob_key = await user_with_key("bob")
+    await room_create("lobby")
+    alice = await ChatClient([first.ws_url, second.ws_url], token=alice_key).connect()
+    bob = await ChatClient(second.ws_url, token=bob_key).connect()
+    try:
+        await alice.join("lobby")
+        await bob.join("lobby")
+        ack = await bob.send_message("lobby", "before", client_msg_id="b1")
+        assert (await alice.next_event("message"))["seq"] == ack["seq"] == 1
+
+        first.stop()  # SIGTERM: alice's socket closes with 1001
+        sent = [await bob.send_message("lobby", f"while away {n}") for n in range(3)]
+        assert [a["seq"] for a in sent] == [2, 3, 4]
+        await asyncio.wait_for(_until_reconnected(alice), 20)
+        assert alice.closes[0][0] == 1001
+        got = [(await alice.next_event("message"))["seq"] for _ in range(3)]
+        assert got == [2, 3, 4]
+        assert (await alice.next_event("recovered")) == {
+            "type": "recovered",
+            "room": "lobby",
+            "complete": True,
+        }
+        # Live again, on the second process.
+        await bob.send_message("lobby", "after", client_msg_id="b5")
+        message = await alice.next_event("message")
+        assert (message["seq"], message["body"]) == (5, "after")
+        assert alice.hello["connection_id"] != alice.frames[0][0]["connection_id"]
+    finally:
+        await alice.close()
+        await bob.close()
+
+
+async def _until_reconnected(client):
+    while client.reconnects == 0 or not client.connected.is_set():
+        await asyncio.sleep(0.05)
+
+
+async def test_a_send_cut_off_by_its_process_dying_is_stored_once(start_daphne):
+    first, second = start_daphne(), start_daphne()
+    _, key = await user_with_key("carol")
+    await room_create("lobby")
+    carol = await ChatClient([first.ws_url, second.ws_url], token=key).connect()
+    try:
+        await carol.join("lobby")
+        sending = asyncio.ensure_future(
+            carol.send_message("lobby", "cut off", client_msg_id="once")
+        )
+        await asyncio.sleep(0)  # the frame is on its way
+        first.kill()
+        ack = await asyncio.wait_for(sending, 30)
+        # Stored before the kill or after the resend: once either way.
+        assert await stored("once") == [(ack["id"], ack["seq"])]
+        assert ack["seq"] == 1
+        assert carol.unacked == {}
+        assert carol.reconnects == 1
+    finally:
+        await carol.close()
