@@ -68,7 +68,11 @@ async def test_every_framing_gives_the_same_frames(start_daphne, binary, compres
         body = "a long enough body to make the history page compress " * 3
         for n in range(1, 9):
             ack = await client.send_message("lobby", body, client_msg_id=f"m{n}")
-            assert (ack["type"], ack["seq"], ack["client_msg_id"]) == ("ack", n, f"m{n}")
+            assert (ack["type"], ack["seq"], ack["client_msg_id"]) == (
+                "ack",
+                n,
+                f"m{n}",
+            )
             message = await client.next_event("message")
             assert (message["seq"], message["body"]) == (n, body)
         page = await client.request({"type": "history", "room": "lobby"})
