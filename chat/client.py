@@ -133,6 +133,7 @@ class ChatClient:
         self._url_index = 0
         self._websocket: Any = None
         self._runner: asyncio.Task[None] | None = None
+        self._keepalive: asyncio.Task[None] | None = None
         self._closed: ChatClosed | None = None
 
     # --- life ---------------------------------------------------------------
@@ -140,7 +141,9 @@ class ChatClient:
     async def connect(self) -> ChatClient:
         """Open the first socket and wait for its ``hello``; then keep it up."""
         await self._open()
-        self._runner = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        self._runner = loop.create_task(self._run())
+        self._keepalive = loop.create_task(self._ping_forever())
         return self
 
     async def __aenter__(self) -> ChatClient:
@@ -152,6 +155,8 @@ class ChatClient:
     async def close(self, code: int = 1000) -> None:
         """Close the socket and stop reconnecting."""
         self._stop(ChatClosed(code, "closed by the client"))
+        if self._keepalive is not None:
+            self._keepalive.cancel()
         if self._websocket is not None:
             await self._websocket.close(code)
         if self._runner is not None:
@@ -240,6 +245,14 @@ class ChatClient:
             self.reconnects += 1
             self._resume()
 
+    async def _ping_forever(self) -> None:
+        # The server closes a socket silent for twice its heartbeat (4408).
+        while self._closed is None:
+            heartbeat = (self.hello or {}).get("heartbeat") or 30
+            await asyncio.sleep(heartbeat / 2)
+            if self.connected.is_set():
+                await self._send_quietly({"type": "ping"})
+
     def _resume(self) -> None:
         # Rejoin with since and send again what was not acknowledged; the
         # replies are not waited for here (the reader must run to get them).
@@ -299,6 +312,8 @@ class ChatClient:
             if not waiting.done():
                 waiting.set_result(frame)
             return
+        if kind == "pong":
+            return  # the keep-alive's
         # Everything else, replies to the resume's own frames included.
         self.events.put_nowait(frame)
 
