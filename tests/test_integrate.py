@@ -150,6 +150,23 @@ print(json.dumps({
 """
 
 
+PAGES = f"""
+from django.test import Client
+from django.test.utils import setup_test_environment
+setup_test_environment()  # lets the client's host, testserver, in
+signed_in = Client()
+assert signed_in.login(username="alice", password={PASSWORD!r})
+for client, path in [
+    (signed_in, "/"),
+    (signed_in, "/r/plaza/"),
+    (Client(), "/accounts/signup/"),
+    (Client(), "/accounts/login/"),
+]:
+    page = client.get(path)
+    print(path, page.status_code, [t.name for t in page.templates][:2])
+"""
+
+
 class Host:
     """The fresh project: its virtualenv, directory, user, token and server."""
 
@@ -337,6 +354,16 @@ def test_the_sign_in_page_and_chats_static_files_are_served(host):
     assert b'href="/static/chat/chat.css"' in body
     status, _, body = host.get("/static/chat/chat.css")
     assert (status, body) == (200, (ROOT / "chat/static/chat/chat.css").read_bytes())
+
+
+def test_chats_pages_render_for_a_signed_in_user_from_the_wheels_templates(host):
+    lines = host.manage("shell", "-c", PAGES).splitlines()[-4:]
+    assert lines == [
+        "/ 200 ['chat/room_list.html', 'base.html']",
+        "/r/plaza/ 200 ['chat/room.html', 'base.html']",
+        "/accounts/signup/ 200 ['registration/signup.html', 'base.html']",
+        "/accounts/login/ 200 ['registration/login.html', 'base.html']",
+    ]
 
 
 async def exchange(url):
