@@ -256,9 +256,6 @@ def message_create_many(*, requests: Sequence[SendRequest]) -> list[SendResult]:
         with transaction.atomic():
             fresh = _resolve_retries_and_refusals(requests, results)
             created = _store_fresh(requests, fresh, results)
-            if created:
-                count = len(created)
-                transaction.on_commit(lambda: metrics.messages_stored.inc(count))
             broadcasts = tuple(
                 (tuple(fanout.room_groups(room)), tuple(frames))
                 for room, frames in _frames_by_room(created)
@@ -266,6 +263,9 @@ def message_create_many(*, requests: Sequence[SendRequest]) -> list[SendResult]:
             if broadcasts:
                 # All rooms' frames in one layer message.
                 _emit(fanout.Batch(broadcasts))
+        # Out of the transaction: committed (the writer's own transaction is
+        # the outermost; under a caller's, counted before that one commits).
+        metrics.messages_stored.inc(len(created))
     except IntegrityError:
         if len(requests) == 1:
             # A concurrent retry of the same client_msg_id won the race.

@@ -300,7 +300,7 @@ def test_the_wheel_requires_what_chat_imports_at_the_locked_versions(host):
         "twisted",
         "txaio",
     ]
-    extras = ["websockets", "hiredis"]  # [client], [speedups]
+    extras = ["websockets", "prompt_toolkit", "hiredis"]  # [client], [speedups]
     declared = dict(r.strip().split("~=") for r in required)
     assert declared == {name: pins[name] for name in imported + extras}
 

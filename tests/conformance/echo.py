@@ -18,7 +18,11 @@ class Echoed:
     def __init__(self, *, text: str = "", binary: bytes = b"") -> None:
         self.text = text
         self.binary = binary
-        self.prepared: dict[bool, object] = {}
+        self.prepared: dict[int, object] = {}
+
+    def wire(self, framing: int) -> tuple[bytes, bool]:
+        """As ``Encoded.wire`` for the uncompressed framings (0 text, 1 binary)."""
+        return (self.binary, True) if framing else (self.text.encode(), False)
 
 
 class EchoConsumer(AsyncWebsocketConsumer):
