@@ -192,3 +192,34 @@ async def connect(token_for):
     for client in clients:
         if client.connected:
             await client.close()
+
+
+@pytest.fixture
+def own_redis():
+    """A redis-server of this test's own (it may stop and start it)."""
+    from tests.servers import RedisServer
+
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_daphne(django_db_blocker):
+    """``start_daphne(**DaphneServer options)`` → a started daphne, stopped after
+    the test (its log printed, shown when the test fails)."""
+    from tests.servers import DaphneServer
+
+    started = []
+
+    def start(**options):
+        # database_url() reads the test database's connection settings.
+        with django_db_blocker.unblock():
+            server = DaphneServer(verbosity=0, **options)
+        started.append(server.start())
+        return server
+
+    yield start
+    for server in started:
+        print(f"--- daphne log ---\n{server.output()}")
+        server.stop()

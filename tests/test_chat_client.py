@@ -12,7 +12,7 @@ from channels.db import database_sync_to_async
 from chat import services
 from chat.client import ChatClient
 from chat.models import Room
-from tests.servers import ROOT, DaphneServer, RedisServer, database_url
+from tests.servers import ROOT, database_url
 from tests.test_multiprocess import user_with_key
 
 pytestmark = [pytest.mark.redis, pytest.mark.django_db(transaction=True)]
@@ -21,23 +21,8 @@ TIMEOUT = 20
 
 
 @pytest.fixture
-def redis_server():
-    server = RedisServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def daphnes(django_db_blocker, redis_server):
-    with django_db_blocker.unblock():
-        servers = [
-            DaphneServer(redis_url=redis_server.url, verbosity=0).start()
-            for _ in range(2)
-        ]
-    yield servers
-    for server in servers:
-        print(f"--- daphne log ---\n{server.output()}")
-        server.stop()
+def daphnes(start_daphne, own_redis):
+    return [start_daphne(redis_url=own_redis.url) for _ in range(2)]
 
 
 @database_sync_to_async

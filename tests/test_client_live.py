@@ -12,33 +12,15 @@ from channels.db import database_sync_to_async
 
 from chat.client import ChatClient
 from chat.models import Message
-from tests.servers import DaphneServer, RedisServer
 from tests.test_multiprocess import room_create, user_with_key
 
 pytestmark = [pytest.mark.redis, pytest.mark.django_db(transaction=True)]
 
 
 @pytest.fixture
-def redis_server():
-    server = RedisServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def start_daphne(django_db_blocker, redis_server):
-    started = []
-
-    def start():
-        with django_db_blocker.unblock():
-            server = DaphneServer(redis_url=redis_server.url, verbosity=0)
-        started.append(server.start())
-        return server
-
-    yield start
-    for server in started:
-        print(f"--- daphne log ---\n{server.output()}")
-        server.stop()
+def start_daphne(start_daphne, own_redis):
+    """Daphnes on this test's own Redis."""
+    return lambda: start_daphne(redis_url=own_redis.url)
 
 
 @database_sync_to_async

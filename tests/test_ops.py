@@ -9,7 +9,6 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import DaphneServer, RedisServer
 from tests.test_multiprocess import WsClient, room_create, user_with_key
 from tests.waiting import until
 
@@ -32,30 +31,6 @@ async def fetch(server, path):
     return status, content_type, body.decode()
 
 
-@pytest.fixture
-def redis_server():
-    server = RedisServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def start_daphne(django_db_blocker):
-    started = []
-
-    def start(**options):
-        # database_url() reads the test database's connection settings.
-        with django_db_blocker.unblock():
-            server = DaphneServer(verbosity=0, **options)
-        started.append(server.start())
-        return server
-
-    yield start
-    for server in started:
-        print(f"--- daphne log ---\n{server.output()}")
-        server.stop()
-
-
 def samples(exposition):
     """{(name, labels as a sorted tuple): value} of a Prometheus exposition."""
     found = {}
@@ -71,23 +46,23 @@ async def test_healthz_answers_ok(start_daphne):
 
 
 async def test_readyz_says_each_dependency_and_503_while_redis_is_down(
-    start_daphne, redis_server
+    start_daphne, own_redis
 ):
-    with_redis = start_daphne(redis_url=redis_server.url)
+    with_redis = start_daphne(redis_url=own_redis.url)
     without = start_daphne()
     ok = (200, "application/json", json.dumps({"database": "ok", "redis": "ok"}))
     assert await fetch(with_redis, "/readyz") == ok
     off = {"database": "ok", "redis": "off"}
     assert await fetch(without, "/readyz") == (200, "application/json", json.dumps(off))
 
-    redis_server.stop()
+    own_redis.stop()
     failing = {"database": "ok", "redis": "error"}
     assert await fetch(with_redis, "/readyz") == (
         503,
         "application/json",
         json.dumps(failing),
     )
-    redis_server.start()
+    own_redis.start()
 
     async def answer():
         return await fetch(with_redis, "/readyz")
