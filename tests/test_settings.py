@@ -203,6 +203,12 @@ def start_up_error(**env):
             "(default plain)",
         ),
         (
+            {"CHAT_METRICS_ALLOW": "127.0.0.1,localhost"},
+            "CHAT_METRICS_ALLOW='127.0.0.1,localhost' is not valid: expected "
+            "comma-separated IP addresses or networks, such as 127.0.0.1,10.0.0.0/8 "
+            "(default 127.0.0.1,::1)",
+        ),
+        (
             {"CHAT_RATE_LIMIT": "60/0"},
             "CHAT_RATE_LIMIT='60/0' is not valid: expected \"N/S\" (N per S seconds) "
             'or "0" for no limit (default 60/10)',
