@@ -94,8 +94,9 @@ class ChatClient:
       stores each once. ``send_message`` answers the ``ack`` however many
       sockets that took.
     - Everything else the server sends (``message``, ``presence``, ``typing``,
-      ``push``…) waits in ``events`` in arrival order; ``frames`` keeps every
-      frame of every socket, a list per socket.
+      ``push``…) waits in ``events`` in arrival order. With ``record``,
+      ``frames`` keeps every frame of every socket, a list per socket (for
+      tests; a long session would grow it without end).
 
     It needs the ``websockets`` package (a test and bench dependency of
     chatsite; ``pip install websockets`` for a client of your own).
@@ -111,6 +112,7 @@ class ChatClient:
         device: str | None = None,
         reconnect: bool = True,
         headers: dict[str, str] | None = None,
+        record: bool = False,
     ) -> None:
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         self.token = token
@@ -121,6 +123,7 @@ class ChatClient:
         self.headers = dict(headers or {})
         self.hello: dict[str, Any] | None = None
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.record = record
         self.frames: list[list[dict[str, Any]]] = []
         self.closes: list[tuple[int | None, str]] = []  # per socket that ended
         self.rooms: dict[str, int | None] = {}  # joined: room -> highest seq seen
@@ -203,7 +206,8 @@ class ChatClient:
             raise ChatClosed(None, f"expected hello, got {hello!r}")
         self._websocket = websocket
         self.hello = hello
-        self.frames.append([hello])
+        if self.record:
+            self.frames.append([hello])
         self.connected.set()
 
     async def _run(self) -> None:
@@ -274,11 +278,12 @@ class ChatClient:
         from websockets.exceptions import ConnectionClosed
 
         websocket = self._websocket
-        frames = self.frames[-1]
+        frames = self.frames[-1] if self.record else None
         try:
             async for raw in websocket:
                 frame = self._decode(raw)
-                frames.append(frame)
+                if frames is not None:
+                    frames.append(frame)
                 self._dispatch(frame)
         except ConnectionClosed:
             pass

@@ -66,6 +66,7 @@ async def test_every_framing_gives_the_same_frames(start_daphne, binary, compres
         refused = await client.request({"type": "join", "room": "nowhere"})
         assert (refused["type"], refused["code"]) == ("error", "not_found")
         assert client.unacked == {}
+        assert client.frames == []  # kept only with record=True
 
 
 async def test_a_client_whose_process_goes_away_resumes_on_the_other(start_daphne):
@@ -73,7 +74,9 @@ async def test_a_client_whose_process_goes_away_resumes_on_the_other(start_daphn
     _, alice_key = await user_with_key("alice")
     _, bob_key = await user_with_key("bob")
     await room_create("lobby")
-    alice = await ChatClient([first.ws_url, second.ws_url], token=alice_key).connect()
+    alice = await ChatClient(
+        [first.ws_url, second.ws_url], token=alice_key, record=True
+    ).connect()
     bob = await ChatClient(second.ws_url, token=bob_key).connect()
     try:
         await alice.join("lobby")
@@ -98,6 +101,14 @@ async def test_a_client_whose_process_goes_away_resumes_on_the_other(start_daphn
         message = await alice.next_event("message")
         assert (message["seq"], message["body"]) == (5, "after")
         assert alice.hello["connection_id"] != alice.frames[0][0]["connection_id"]
+        # Recorded per socket: the first ended with the 1001, the second lives.
+        assert len(alice.frames) == 2
+        assert [f["seq"] for f in alice.frames[1] if f["type"] == "message"] == [
+            2,
+            3,
+            4,
+            5,
+        ]
     finally:
         await alice.close()
         await bob.close()
