@@ -15,10 +15,12 @@ import itertools
 import json
 import logging
 import random as _random
+import ssl as _ssl
 import struct
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import urlencode
 
 from chat.protocol import (
     CLOSE_BANNED,
@@ -71,11 +73,39 @@ REPLY_TYPES = frozenset(
 )
 
 
-class ChatClosed(Exception):
+# The keep-alive's ping carries this ref; its pong is dropped, never handed on.
+KEEPALIVE_REF = "keepalive"
+# Code of a socket that ended without a close frame (RFC 6455, 7.1.5).
+CLOSE_ABNORMAL = 1006
+
+
+class ChatError(Exception):
+    """Something the client was waiting for did not come as expected."""
+
+
+class ChatClosed(ChatError):
     """The client stopped: closed by us, or by a close it must not retry."""
 
     def __init__(self, code: int | None, reason: str = "") -> None:
         super().__init__(f"closed with {code} {reason}".strip())
+        self.code = code
+        self.reason = reason
+
+
+class ChatRefused(ChatError):
+    """The server refused the handshake with an HTTP status (403, say)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"handshake refused with HTTP {status}")
+        self.status = status
+
+
+class _SocketEnded:
+    """What ``inbox`` holds where a socket ended: its close code and reason."""
+
+    __slots__ = ("code", "reason")
+
+    def __init__(self, code: int | None, reason: str) -> None:
         self.code = code
         self.reason = reason
 
@@ -97,6 +127,11 @@ class ChatClient:
       ``push``…) waits in ``events`` in arrival order. With ``record``,
       ``frames`` keeps every frame of every socket, a list per socket (for
       tests; a long session would grow it without end).
+    - With ``ordered``, every frame instead waits in one queue in the order it
+      came, replies included, with each socket's end where it happened: read
+      it with ``next_frame``, ``expect``, ``nothing`` and ``expect_close`` (a
+      conversation read frame by frame, as a test or a bot does).
+    - ``until(condition)`` waits until a condition over what came holds.
 
     It needs the ``websockets`` package (a test and bench dependency of
     chatsite; ``pip install websockets`` for a client of your own).
@@ -113,7 +148,19 @@ class ChatClient:
         reconnect: bool = True,
         headers: dict[str, str] | None = None,
         record: bool = False,
+        ordered: bool = False,
+        keepalive: bool | float = True,
+        subprotocols: Sequence[str] | None = None,
+        query: dict[str, str] | None = None,
+        ssl: _ssl.SSLContext | None = None,
+        name: str = "client",
+        explain: Callable[[], str] | None = None,
     ) -> None:
+        """``keepalive``: seconds between pings, True for half the heartbeat,
+        False for none. ``subprotocols`` replaces the one ``binary`` picks (an
+        empty list offers none). ``query`` adds parameters to the URL. ``name``
+        and ``explain`` (text such as a server log) go into every ``ChatError``.
+        """
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         self.token = token
         self.binary = binary
@@ -121,8 +168,20 @@ class ChatClient:
         self.device = device
         self.reconnect = reconnect
         self.headers = dict(headers or {})
+        self.keepalive = keepalive
+        self.subprotocols = (
+            list(subprotocols)
+            if subprotocols is not None
+            else [SUBPROTOCOL_BINARY if binary else SUBPROTOCOL_JSON]
+        )
+        self.query = dict(query or {})
+        self.ssl = ssl
+        self.name = name
+        self.explain = explain
         self.hello: dict[str, Any] | None = None
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.ordered = ordered
+        self.inbox: asyncio.Queue[dict[str, Any] | _SocketEnded] = asyncio.Queue()
         self.record = record
         self.frames: list[list[dict[str, Any]]] = []
         self.closes: list[tuple[int | None, str]] = []  # per socket that ended
@@ -130,6 +189,7 @@ class ChatClient:
         self.unacked: dict[str, dict[str, Any]] = {}  # client_msg_id -> send frame
         self.reconnects = 0
         self.connected = asyncio.Event()
+        self._changed = asyncio.Event()
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._acks: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._refs = itertools.count(1)
@@ -142,12 +202,23 @@ class ChatClient:
     # --- life ---------------------------------------------------------------
 
     async def connect(self) -> ChatClient:
-        """Open the first socket and wait for its ``hello``; then keep it up."""
+        """Open the first socket and wait for its ``hello``; then keep it up.
+
+        Raises ``ChatRefused`` when the handshake is answered with an HTTP
+        status, ``ChatClosed`` when the socket closes before its ``hello``.
+        """
         await self._open()
         loop = asyncio.get_running_loop()
         self._runner = loop.create_task(self._run())
-        self._keepalive = loop.create_task(self._ping_forever())
+        if self.keepalive is not False:
+            self._keepalive = loop.create_task(self._ping_forever())
         return self
+
+    def stop_pinging(self) -> None:
+        """No more keep-alive pings (to let the server find the socket silent)."""
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
 
     async def __aenter__(self) -> ChatClient:
         return await self.connect()
@@ -158,8 +229,7 @@ class ChatClient:
     async def close(self, code: int = 1000) -> None:
         """Close the socket and stop reconnecting."""
         self._stop(ChatClosed(code, "closed by the client"))
-        if self._keepalive is not None:
-            self._keepalive.cancel()
+        self.stop_pinging()
         if self._websocket is not None:
             await self._websocket.close(code)
         if self._runner is not None:
@@ -167,37 +237,45 @@ class ChatClient:
 
     def _url(self) -> str:
         url = self.urls[self._url_index % len(self.urls)]
-        query = []
+        query = {}
         if self.token is not None:
-            query.append(f"token={self.token}")
+            query["token"] = self.token
         if self.device is not None:
-            query.append(f"device={self.device}")
+            query["device"] = self.device
         if self.compress:
-            query.append("compress=gzip")
+            query["compress"] = "gzip"
+        query.update(self.query)
         if query:
-            url += ("&" if "?" in url else "?") + "&".join(query)
+            url += ("&" if "?" in url else "?") + urlencode(query)
         return url
 
     async def _open(self) -> None:
         from websockets.asyncio.client import connect
+        from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-        subprotocol = SUBPROTOCOL_BINARY if self.binary else SUBPROTOCOL_JSON
-        websocket = await asyncio.wait_for(
-            connect(
-                self._url(),
-                subprotocols=[subprotocol],  # type: ignore[list-item]
-                additional_headers=self.headers,
-                max_queue=None,
-                ping_interval=None,
-                close_timeout=2,
-                max_size=None,
-            ),
-            CONNECT_TIMEOUT_SECONDS,
-        )
+        try:
+            websocket = await asyncio.wait_for(
+                connect(
+                    self._url(),
+                    subprotocols=self.subprotocols or None,  # type: ignore[arg-type]
+                    additional_headers=self.headers,
+                    max_queue=None,
+                    ping_interval=None,  # pings of the protocol, not WebSocket's
+                    close_timeout=2,
+                    max_size=None,
+                    ssl=self.ssl,
+                ),
+                CONNECT_TIMEOUT_SECONDS,
+            )
+        except InvalidStatus as exc:
+            raise ChatRefused(exc.response.status_code) from None
         try:
             hello = self._decode(
                 await asyncio.wait_for(websocket.recv(), CONNECT_TIMEOUT_SECONDS)
             )
+        except ConnectionClosed:
+            code, reason = websocket.close_code, websocket.close_reason or ""
+            raise ChatClosed(code, reason) from None
         except BaseException:
             await websocket.close()
             raise
@@ -225,6 +303,9 @@ class ChatClient:
             code, reason = await self._read_until_closed()
             self.closes.append((code, reason))
             self.connected.clear()
+            if self.ordered:
+                self.inbox.put_nowait(_SocketEnded(code, reason))
+            self._changed.set()
             self._fail_replies(ChatClosed(code, reason))
             if self._closed is not None:
                 return
@@ -252,10 +333,13 @@ class ChatClient:
     async def _ping_forever(self) -> None:
         # The server closes a socket silent for twice its heartbeat (4408).
         while self._closed is None:
-            heartbeat = (self.hello or {}).get("heartbeat") or 30
-            await asyncio.sleep(heartbeat / 2)
+            if self.keepalive is True:
+                interval = ((self.hello or {}).get("heartbeat") or 30) / 2
+            else:
+                interval = float(self.keepalive)
+            await asyncio.sleep(interval)
             if self.connected.is_set():
-                await self._send_quietly({"type": "ping"})
+                await self._send_quietly({"type": "ping", "ref": KEEPALIVE_REF})
 
     def _resume(self) -> None:
         # Rejoin with since and send again what was not acknowledged; the
@@ -285,6 +369,7 @@ class ChatClient:
                 if frames is not None:
                     frames.append(frame)
                 self._dispatch(frame)
+                self._changed.set()
         except ConnectionClosed:
             pass
         # 1006 when no close frame came (the connection just dropped).
@@ -292,6 +377,11 @@ class ChatClient:
 
     def _dispatch(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
+        ref = frame.get("ref")
+        if kind == "pong" and ref == KEEPALIVE_REF:
+            return  # the keep-alive's
+        if self.ordered:
+            self.inbox.put_nowait(frame)
         room = frame.get("room")
         if isinstance(room, str) and room in self.rooms:
             seq = frame.get("seq") if kind == "message" else None
@@ -301,7 +391,6 @@ class ChatClient:
             if isinstance(seq, int):
                 seen = self.rooms[room]
                 self.rooms[room] = seq if seen is None else max(seen, seq)
-        ref = frame.get("ref")
         # A send's ref is its client_msg_id: its ack or error answers it.
         sent = frame.get("client_msg_id") if kind == "ack" else ref
         if kind in ("ack", "error") and isinstance(sent, str):
@@ -317,10 +406,9 @@ class ChatClient:
             if not waiting.done():
                 waiting.set_result(frame)
             return
-        if kind == "pong":
-            return  # the keep-alive's
         # Everything else, replies to the resume's own frames included.
-        self.events.put_nowait(frame)
+        if not self.ordered:
+            self.events.put_nowait(frame)
 
     def _fail_replies(self, error: ChatClosed) -> None:
         for waiting in self._replies.values():
@@ -370,6 +458,12 @@ class ChatClient:
         if self._closed is not None:
             raise self._closed
         await self._send(frame)
+
+    async def send_raw(self, data: str | bytes) -> None:
+        """Send one WebSocket frame as given: text for ``str``, binary for bytes."""
+        if self._websocket is None:
+            raise ChatClosed(None, "not connected")
+        await self._websocket.send(data)
 
     async def request(
         self, frame: dict[str, Any], *, timeout: float = 10.0
@@ -448,3 +542,97 @@ class ChatClient:
             frame = await asyncio.wait_for(self.events.get(), max(remaining, 0))
             if not types or frame["type"] in types:
                 return frame
+
+    async def until(
+        self, condition: Callable[[], Any], what: str, *, timeout: float = 10.0
+    ) -> None:
+        """Wait until ``condition()`` holds, checked after every frame and close."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not condition():
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise self._error(f"{what} not within {timeout}s")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    # --- reading in order (``ordered``) --------------------------------------------
+
+    def _error(self, message: str, kind: type[ChatError] = ChatError) -> ChatError:
+        text = f"{self.name}: {message}"
+        if self.explain is not None:
+            text += "\n" + self.explain()
+        return kind(text)
+
+    async def _next(self, timeout: float) -> dict[str, Any] | _SocketEnded | None:
+        if not self.ordered:
+            raise ChatError("reading in order needs ChatClient(ordered=True)")
+        try:
+            return await asyncio.wait_for(self.inbox.get(), max(timeout, 0))
+        except TimeoutError:
+            return None
+
+    async def next_frame(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The next frame that came, whatever its type.
+
+        Raises ``ChatClosed`` where the socket ended, ``ChatError`` when nothing
+        came within ``timeout`` seconds.
+        """
+        item = await self._next(timeout)
+        if item is None:
+            raise self._error(f"no frame within {timeout}s")
+        if isinstance(item, _SocketEnded):
+            raise ChatClosed(item.code, item.reason)
+        return item
+
+    async def expect(
+        self,
+        frame_type: str | Sequence[str],
+        *,
+        skip: Sequence[str] = (),
+        timeout: float = 10.0,
+    ) -> dict[str, Any]:
+        """The next frame of ``frame_type`` (a type, or any of several types),
+        passing over frames whose type is in ``skip``; any other fails."""
+        wanted = {frame_type} if isinstance(frame_type, str) else set(frame_type)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                frame = await self.next_frame(remaining)
+            except ChatClosed as closed:
+                raise self._error(
+                    f"expected {frame_type!r}, the socket closed "
+                    f"with {closed.code} {closed.reason!r}"
+                ) from None
+            if frame["type"] in wanted:
+                return frame
+            if frame["type"] not in skip:
+                raise self._error(f"expected {frame_type!r}, got {frame}")
+
+    async def nothing(self, timeout: float = 0.3) -> None:
+        """Fail if any frame, or the socket's end, comes within ``timeout``."""
+        item = await self._next(timeout)
+        if isinstance(item, _SocketEnded):
+            raise self._error(f"expected nothing, closed with {item.code}")
+        if item is not None:
+            raise self._error(f"expected no frame, got {item}")
+
+    async def expect_close(
+        self, *, skip: Sequence[str] = (), timeout: float = 10.0
+    ) -> tuple[int, str]:
+        """The (code, reason) of the server's close frame, after any frames of
+        types in ``skip``; fails on another frame, or an end with no close frame."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            item = await self._next(deadline - asyncio.get_running_loop().time())
+            if item is None:
+                raise self._error(f"still open after {timeout}s")
+            if isinstance(item, _SocketEnded):
+                if item.code in (None, CLOSE_ABNORMAL):
+                    raise self._error("the connection ended without a close frame")
+                return item.code, item.reason
+            if item["type"] not in skip:
+                raise self._error(f"expected the close, got {item}")

@@ -1,8 +1,9 @@
 """chat.client.ChatClient against real daphne processes sharing one Redis.
 
-Both framings and gzip give the same frames; a client whose process goes away
-comes back to the other, rejoins with ``since`` and misses nothing; a message
-sent as its process died is stored once, acknowledged on the next socket.
+Both framings and gzip give the same frames; read in order, every frame comes
+as it was sent, replies and the close included; a client whose process goes
+away comes back to the other, rejoins with ``since`` and misses nothing; a
+message sent as its process died is stored once, acknowledged on the next socket.
 """
 
 import asyncio
@@ -10,7 +11,7 @@ import asyncio
 import pytest
 from channels.db import database_sync_to_async
 
-from chat.client import ChatClient
+from chat.client import ChatClient, ChatClosed, ChatError, ChatRefused
 from chat.models import Message
 from tests.test_multiprocess import room_create, user_with_key
 
@@ -67,6 +68,58 @@ async def test_every_framing_gives_the_same_frames(start_daphne, binary, compres
         assert (refused["type"], refused["code"]) == ("error", "not_found")
         assert client.unacked == {}
         assert client.frames == []  # kept only with record=True
+
+
+async def test_read_in_order_every_frame_comes_as_sent_then_the_close(start_daphne):
+    server = start_daphne()
+    _, key = await user_with_key("alice")
+    await room_create("lobby")
+    with pytest.raises(ChatRefused) as refused:
+        await ChatClient(server.ws_url, token="no-such-token").connect()
+    assert refused.value.status == 403
+
+    first = ChatClient(
+        server.ws_url, token=key, device="phone", ordered=True, reconnect=False
+    )
+    await first.connect()
+    await first.send({"type": "join", "room": "lobby", "ref": "j"})
+    joined = await first.expect("joined")
+    assert (joined["ref"], joined["online"]) == ("j", ["alice"])
+    await first.send(
+        {"type": "send", "room": "lobby", "body": "hi", "client_msg_id": "m1"}
+    )
+    two = [await first.next_frame(), await first.next_frame()]
+    assert sorted((f["type"], f["seq"]) for f in two) == [("ack", 1), ("message", 1)]
+    # A reply matched by ref is also in the order it came.
+    pong = await first.request({"type": "ping"})
+    assert pong == {"type": "pong", "ref": "r1"}
+    assert await first.next_frame() == pong
+    await first.nothing(0.3)
+    await first.send_raw("{not json")
+    error = await first.expect("error")
+    assert error["code"] == "bad_request"
+    with pytest.raises(ChatError, match="expected 'message', got"):
+        await first.send({"type": "ping", "ref": "p"})
+        await first.expect("message")
+
+    second = ChatClient(server.ws_url, token=key, device="phone", ordered=True)
+    await second.connect()
+    assert await first.expect_close() == (
+        4409,
+        "replaced by a newer connection with the same device key",
+    )
+    with pytest.raises(ChatClosed):
+        await first.send({"type": "ping"})
+    assert first.closes == [
+        (4409, "replaced by a newer connection with the same device key")
+    ]
+    await first.close()
+    with pytest.raises(ChatError, match="no frame within 0.1s"):
+        await second.next_frame(0.1)
+    await second.close()
+    with pytest.raises(ChatClosed) as closed:
+        await second.next_frame(0.1)
+    assert closed.value.code == 1000
 
 
 async def test_a_client_whose_process_goes_away_resumes_on_the_other(start_daphne):
