@@ -195,6 +195,25 @@ async def connect(token_for):
 
 
 @pytest.fixture
+async def chat_client():
+    """``await chat_client(server, key, name=…, **ChatClient options)``: a
+    connected ``ChatClient`` (``tests.clients.open_chat_client``), closed after
+    the test."""
+    from tests.clients import open_chat_client
+
+    clients = []
+
+    async def open_(server, key=None, **options):
+        client = await open_chat_client(server, key, **options)
+        clients.append(client)
+        return client
+
+    yield open_
+    for client in clients:
+        await client.close()
+
+
+@pytest.fixture
 def own_redis():
     """A redis-server of this test's own (it may stop and start it)."""
     from tests.servers import RedisServer

@@ -70,7 +70,9 @@ async def test_every_framing_gives_the_same_frames(start_daphne, binary, compres
         assert client.frames == []  # kept only with record=True
 
 
-async def test_read_in_order_every_frame_comes_as_sent_then_the_close(start_daphne):
+async def test_read_in_order_every_frame_comes_as_sent_then_the_close(
+    start_daphne, chat_client
+):
     server = start_daphne()
     _, key = await user_with_key("alice")
     await room_create("lobby")
@@ -78,10 +80,7 @@ async def test_read_in_order_every_frame_comes_as_sent_then_the_close(start_daph
         await ChatClient(server.ws_url, token="no-such-token").connect()
     assert refused.value.status == 403
 
-    first = ChatClient(
-        server.ws_url, token=key, device="phone", ordered=True, reconnect=False
-    )
-    await first.connect()
+    first = await chat_client(server, key, name="first", device="phone")
     await first.send({"type": "join", "room": "lobby", "ref": "j"})
     joined = await first.expect("joined")
     assert (joined["ref"], joined["online"]) == ("j", ["alice"])
@@ -98,7 +97,7 @@ async def test_read_in_order_every_frame_comes_as_sent_then_the_close(start_daph
     await first.send_raw("{not json")
     error = await first.expect("error")
     assert error["code"] == "bad_request"
-    with pytest.raises(ChatError, match="expected 'message', got"):
+    with pytest.raises(ChatError, match="first: expected 'message', got"):
         await first.send({"type": "ping", "ref": "p"})
         await first.expect("message")
 
