@@ -461,7 +461,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         | protocol.Typing
         | protocol.Edit
         | protocol.Delete
-        | protocol.Read,
+        | protocol.Read
+        | protocol.React,
     ) -> Room:
         room = self.rooms.get(frame.room)
         if room is None:
@@ -473,12 +474,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if slug in self.rooms:
             # Joined already: a fresh look at the room (its last_seq) and who
             # is online; the socket listens to it already.
-            room, read_seq = await db(services.room_join)(slug=slug, user=self.user)
+            room, state = await db(services.room_join)(slug=slug, user=self.user)
             self.rooms[slug] = room
             online, online_count = await presence.room_online(room)
-            await self._send_joined(room, online, online_count, read_seq, frame)
+            await self._send_joined(room, online, online_count, state, frame)
         else:
-            room, read_seq, held = await self._listen_and_join(slug)
+            room, state, held = await self._listen_and_join(slug)
             self.rooms[slug] = room
             try:
                 online, online_count, version = await services.room_presence_enter(
@@ -489,7 +490,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 )
                 if held is not None:
                     self.presence_floors = {**self.presence_floors, held: version}
-                await self._send_joined(room, online, online_count, read_seq, frame)
+                await self._send_joined(room, online, online_count, state, frame)
             finally:
                 if held is not None:
                     # What came for the room meanwhile follows the joined frame,
@@ -505,7 +506,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         room: Room,
         online: list[str],
         online_count: int,
-        read_seq: int,
+        state: selectors.ReadState,
         frame: protocol.Join,
     ) -> None:
         await self.send_frame(
@@ -513,12 +514,16 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 room=room,
                 online=online,
                 online_count=online_count,
-                read_seq=read_seq,
+                read_seq=state.read_seq,
+                unread=state.unread(room.last_seq),
+                mentions=state.mentions,
                 ref=frame.ref,
             )
         )
 
-    async def _listen_and_join(self, slug: str) -> tuple[Room, int, str | None]:
+    async def _listen_and_join(
+        self, slug: str
+    ) -> tuple[Room, selectors.ReadState, str | None]:
         """Check the join and read the room, listening to it since before the read.
 
         So that nothing stored after the read of ``last_seq`` can be missed, the
@@ -534,25 +539,25 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if known is not None:
             await self.hub.hold(known, self)
         try:
-            room, read_seq = await db(services.room_join)(slug=slug, user=self.user)
+            room, state = await db(services.room_join)(slug=slug, user=self.user)
         except BaseException:
             if known is not None:
                 await self.hub.release(known, self, keep=False)
             raise
         group = None if room.is_direct else fanout.room_group(room.pk)
         if group == known:
-            return room, read_seq, known
+            return room, state, known
         if known is not None:
             await self.hub.release(known, self, keep=False)
         if len(_room_groups) >= ROOM_GROUPS_KEPT:
             _room_groups.clear()
         if group is None:
             _room_groups.pop(slug, None)
-            return room, read_seq, None
+            return room, state, None
         _room_groups[slug] = group
         await self.hub.hold(group, self)
         try:
-            return await db(selectors.room_get)(slug=slug), read_seq, group
+            return await db(selectors.room_get)(slug=slug), state, group
         except BaseException:
             await self.hub.release(group, self, keep=False)
             raise
@@ -590,7 +595,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def on_send(self, frame: protocol.Send) -> None:
         room = self._joined_room(frame)
-        request = services.SendRequest(room, self.user, frame.body, frame.client_msg_id)
+        request = services.SendRequest(
+            room, self.user, frame.body, frame.client_msg_id, frame.reply_to
+        )
         # Queue the send and read the next frame at once: a client that sends
         # several messages without waiting gets them stored in one transaction
         # (in its order) instead of one transaction each. The ack follows the
@@ -638,11 +645,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 slug=frame.room, user=self.user
             )
         messages, has_more = await db(selectors.message_history)(
-            room=room, before=frame.before, limit=frame.limit
+            room=room, before=frame.before, limit=frame.limit, thread=frame.thread
         )
         await self.send_frame(
             protocol.history(
-                room_slug=room.slug, messages=messages, has_more=has_more, ref=frame.ref
+                room_slug=room.slug,
+                messages=messages,
+                has_more=has_more,
+                ref=frame.ref,
+                thread=frame.thread,
             )
         )
 
@@ -671,6 +682,37 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def on_read(self, frame: protocol.Read) -> None:
         room = self._joined_room(frame)
         await db(services.read_marker_set)(room=room, user=self.user, seq=frame.seq)
+
+    async def on_rooms(self, frame: protocol.Rooms) -> None:
+        rooms = await db(selectors.rooms_of_user)(user=self.user)
+        await self.send_frame(protocol.room_list(rooms=rooms, ref=frame.ref))
+
+    async def on_search(self, frame: protocol.Search) -> None:
+        results, has_more = await db(selectors.message_search)(
+            user=self.user,
+            query=frame.query,
+            room_slug=frame.room,
+            before=frame.before,
+            limit=frame.limit,
+        )
+        await self.send_frame(
+            protocol.search_results(
+                query=frame.query, results=results, has_more=has_more, ref=frame.ref
+            )
+        )
+
+    async def on_react(self, frame: protocol.React) -> None:
+        room = self._joined_room(frame)
+        message = await db(services.reaction_set)(
+            room=room,
+            message_id=frame.id,
+            user=self.user,
+            emoji=frame.emoji,
+            on=frame.on,
+        )
+        await self.send_frame(
+            protocol.ack(ref=frame.ref, room_slug=room.slug, message=message)
+        )
 
     async def on_ping(self, frame: protocol.Ping) -> None:
         await self.send_frame(protocol.pong(ref=frame.ref))

@@ -73,6 +73,20 @@ class Membership(models.Model):
     read_seq = models.PositiveBigIntegerField(
         default=0, help_text="The highest seq this user has read in the room."
     )
+    # What the unread count needs without counting the room's history: unread =
+    # room.last_seq - read_seq - uncounted_after_read. Both counters are moved in
+    # the transaction that stores or deletes a message or moves the marker.
+    uncounted_after_read = models.PositiveBigIntegerField(
+        default=0,
+        editable=False,
+        help_text="Messages after the read marker that are not unread: the user's"
+        " own, or deleted.",
+    )
+    unread_mentions = models.PositiveBigIntegerField(
+        default=0,
+        editable=False,
+        help_text="Unread messages (after the read marker) that mention the user.",
+    )
     joined_at = models.DateTimeField(default=timezone.now, editable=False)
 
     class Meta:
@@ -95,6 +109,22 @@ class Message(models.Model):
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     edited_at = models.DateTimeField(null=True, blank=True)
     deleted_at = models.DateTimeField(null=True, blank=True)
+    # The usernames the body mentioned when it was stored (rows in Mention too).
+    mention_names = models.JSONField(default=list, blank=True, editable=False)
+    reply_to = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="replies",
+        editable=False,
+        help_text="The message this one replies to (the thread's first message).",
+    )
+    reply_count = models.PositiveIntegerField(default=0, editable=False)
+    # The reactions as message objects carry them ([{"emoji", "count", "users"}],
+    # in order of first use), rebuilt from Reaction rows at every change, so
+    # that no page of messages needs a query for them.
+    reaction_summary = models.JSONField(default=list, blank=True, editable=False)
 
     class Meta:
         ordering = ["room", "seq"]
@@ -113,6 +143,57 @@ class Message(models.Model):
     @property
     def is_deleted(self) -> bool:
         return self.deleted_at is not None
+
+
+class Mention(models.Model):
+    """A user that a message's body mentions (``@username``), kept for counting."""
+
+    message = models.ForeignKey(
+        Message, on_delete=models.CASCADE, related_name="mentions"
+    )
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+"
+    )
+    # The message's room and seq, so that "mentions of me after my marker" is
+    # one range of an index.
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="+")
+    seq = models.PositiveBigIntegerField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["message", "user"], name="mention_message_user_unique"
+            )
+        ]
+        indexes = [
+            models.Index(fields=["user", "room", "seq"], name="mention_user_room_seq")
+        ]
+
+    def __str__(self) -> str:
+        return f"@{self.user} in {self.message}"
+
+
+class Reaction(models.Model):
+    """One user's emoji on one message; reacting twice is still one reaction."""
+
+    message = models.ForeignKey(
+        Message, on_delete=models.CASCADE, related_name="reactions"
+    )
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+"
+    )
+    emoji = models.CharField(max_length=16)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["message", "user", "emoji"], name="reaction_unique"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.emoji} by {self.user} on {self.message}"
 
 
 class ApiTokenQuerySet(models.QuerySet["ApiToken"]):

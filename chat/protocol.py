@@ -37,6 +37,12 @@ MAX_SAFE_INTEGER = 2**53 - 1
 HISTORY_DEFAULT_LIMIT = 50
 HISTORY_MAX_LIMIT = 100
 RECOVERY_MAX_MESSAGES = 1000
+SEARCH_DEFAULT_LIMIT = 20
+SEARCH_MAX_LIMIT = 50
+MAX_QUERY_CHARS = 200
+MAX_EMOJI_CHARS = 16
+MAX_ATTACHMENTS = 10
+REACTION_USERS_LISTED = 20
 
 # Close codes.
 CLOSE_NORMAL = 1000
@@ -88,6 +94,12 @@ FRAME_CODES: Final = {
     "recovered": 22,
     "removed": 23,
     "presence_batch": 24,
+    "rooms": 25,
+    "read_marker": 26,
+    "notification": 27,
+    "react": 28,
+    "reaction": 29,
+    "search": 30,
 }
 FRAME_TYPES: Final = {code: name for name, code in FRAME_CODES.items()}
 
@@ -125,6 +137,13 @@ Username = Annotated[
     str, Meta(min_length=1, max_length=MAX_USERNAME_CHARS, pattern=STORABLE_TEXT)
 ]
 Ref = Annotated[str, Meta(max_length=MAX_REF_CHARS)]
+# 1 to 16 characters, none of them whitespace (nor NUL).
+Emoji = Annotated[str, Meta(pattern=rf"^[^\s\x00]{{1,{MAX_EMOJI_CHARS}}}$")]
+SearchQuery = Annotated[
+    str, Meta(min_length=1, max_length=MAX_QUERY_CHARS, pattern=STORABLE_TEXT)
+]
+SearchLimit = Annotated[int, Meta(ge=1, le=SEARCH_MAX_LIMIT)]
+AttachmentIds = Annotated[list[MessageId], Meta(max_length=MAX_ATTACHMENTS)]
 
 
 # --- client frames ----------------------------------------------------------------
@@ -153,6 +172,8 @@ class Send(ClientFrame, tag="send"):
     room: RoomSlug
     body: Body
     client_msg_id: ClientMsgId
+    reply_to: MessageId | None = None
+    attachments: AttachmentIds | None = None
 
 
 class History(ClientFrame, tag="history"):
@@ -160,6 +181,7 @@ class History(ClientFrame, tag="history"):
     room: RoomSlug
     before: Seq | None = None
     limit: Limit | None = None
+    thread: MessageId | None = None
 
     def __post_init__(self) -> None:
         if self.limit is None:
@@ -201,13 +223,49 @@ class Ping(ClientFrame, tag="ping"):
     type: ClassVar[str] = "ping"
 
 
+class Rooms(ClientFrame, tag="rooms"):
+    type: ClassVar[str] = "rooms"
+
+
+class React(ClientFrame, tag="react"):
+    type: ClassVar[str] = "react"
+    room: RoomSlug
+    id: MessageId
+    emoji: Emoji
+    on: bool = True
+
+
+class Search(ClientFrame, tag="search"):
+    type: ClassVar[str] = "search"
+    query: SearchQuery
+    room: RoomSlug | None = None
+    before: MessageId | None = None
+    limit: SearchLimit | None = None
+
+    def __post_init__(self) -> None:
+        if self.limit is None:
+            self.limit = SEARCH_DEFAULT_LIMIT
+
+
 CLIENT_FRAMES: Final[dict[str, type[ClientFrame]]] = {
     cls.type: cls
     for cls in (Join, Leave, Send, History, Typing, Edit, Delete, Read, DirectMessage)
-    + (Ping,)
+    + (Ping, Rooms, React, Search)
 }
 _client_decoder = msgspec.json.Decoder(
-    Join | Leave | Send | History | Typing | Edit | Delete | Read | DirectMessage | Ping
+    Join
+    | Leave
+    | Send
+    | History
+    | Typing
+    | Edit
+    | Delete
+    | Read
+    | DirectMessage
+    | Ping
+    | Rooms
+    | React
+    | Search
 )
 _binary_decoders = {
     FRAME_CODES[name]: msgspec.json.Decoder(cls) for name, cls in CLIENT_FRAMES.items()
@@ -299,8 +357,27 @@ class User(Struct):
     username: str
 
 
+class ReactionData(Struct):
+    """One emoji on a message: how many users, and up to 20 of them."""
+
+    emoji: str
+    count: int
+    users: list[str]
+
+
+class AttachmentData(Struct):
+    """A file uploaded with ``POST /api/uploads``, as messages carry it."""
+
+    id: int
+    name: str
+    size: int
+    content_type: str
+    url: str
+
+
 class MessageData(Struct):
-    """A stored message as clients see it (``message``, ``history``, recovery)."""
+    """A stored message as clients see it (``message``, ``history``, recovery,
+    search, notifications)."""
 
     room: str
     id: int
@@ -311,6 +388,11 @@ class MessageData(Struct):
     client_msg_id: str | None
     edited_at: str | None
     deleted: bool
+    mentions: list[str]
+    reactions: list[ReactionData]
+    reply_to: int | None
+    reply_count: int
+    attachments: list[AttachmentData]
 
 
 class Hello(ServerFrame, tag="hello"):
@@ -327,6 +409,8 @@ class Joined(Reply, tag="joined"):
     online: list[str]  # at most presence.ONLINE_LISTED of them
     online_count: int
     read_seq: int
+    unread: int
+    mentions: int
     private: bool
     direct: bool
     closed: bool
@@ -355,6 +439,54 @@ class Ack(Reply, tag="ack"):
 class HistoryPage(Reply, tag="history"):
     room: str
     messages: list[MessageData]
+    has_more: bool
+    thread: int | None = None
+
+
+class RoomEntry(Struct):
+    """A room of the user's, as the ``rooms`` reply lists it."""
+
+    room: str
+    title: str
+    is_private: bool
+    is_direct: bool
+    last_seq: int
+    read_seq: int
+    unread: int
+    mentions: int
+    last_message: MessageData | None
+
+
+class RoomList(Reply, tag="rooms"):
+    rooms: list[RoomEntry]
+
+
+class ReadMarker(ServerFrame, tag="read_marker"):
+    room: str
+    seq: int
+    unread: int
+    mentions: int
+
+
+class Notification(ServerFrame, tag="notification"):
+    kind: str
+    room: str
+    message: MessageData
+
+
+class ReactionFrame(ServerFrame, tag="reaction"):
+    room: str
+    id: int
+    seq: int
+    emoji: str
+    user: str
+    on: bool
+    count: int
+
+
+class SearchResults(Reply, tag="search"):
+    query: str
+    results: list[MessageData]
     has_more: bool
 
 
@@ -428,6 +560,12 @@ SERVER_FRAMES: Final[dict[str, type[ServerFrame]]] = {
         Push,
         Pong,
         Error,
+        PresenceBatch,
+        RoomList,
+        ReadMarker,
+        Notification,
+        ReactionFrame,
+        SearchResults,
     )
 }
 
@@ -447,7 +585,10 @@ def user_payload(user: Any) -> User:
 
 
 def message_payload(message: Any, room_slug: str, author: Any) -> MessageData:
-    """The shared shape of a stored message (``message`` and ``history``)."""
+    """The shared shape of a stored message (``message``, ``history``, …).
+
+    A deleted message shows no body, mentions, reactions or attachments.
+    """
     deleted = message.deleted_at is not None
     return MessageData(
         room=room_slug,
@@ -459,7 +600,18 @@ def message_payload(message: Any, room_slug: str, author: Any) -> MessageData:
         client_msg_id=message.client_msg_id,
         edited_at=timestamp(message.edited_at),
         deleted=deleted,
+        mentions=[] if deleted else list(message.mention_names),
+        reactions=[] if deleted else _reactions(message.reaction_summary),
+        reply_to=message.reply_to_id,
+        reply_count=message.reply_count,
+        attachments=[],
     )
+
+
+def _reactions(summary: list[dict[str, Any]]) -> list[ReactionData]:
+    if not summary:
+        return []
+    return msgspec.convert(summary, list[ReactionData])
 
 
 def hello(*, connection_id: str, user: Any, heartbeat: int) -> Hello:
@@ -477,6 +629,8 @@ def joined(
     online: list[str],
     online_count: int,
     read_seq: int,
+    unread: int,
+    mentions: int,
     ref: str | None,
 ) -> Joined:
     return Joined(
@@ -486,6 +640,8 @@ def joined(
         online=online,
         online_count=online_count,
         read_seq=read_seq,
+        unread=unread,
+        mentions=mentions,
         private=room.is_private,
         direct=room.is_direct,
         closed=room.is_closed,
@@ -519,9 +675,48 @@ def ack(*, ref: str | None, room_slug: str, message: Any) -> Ack:
 
 
 def history(
-    *, room_slug: str, messages: list[MessageData], has_more: bool, ref: str | None
+    *,
+    room_slug: str,
+    messages: list[MessageData],
+    has_more: bool,
+    ref: str | None,
+    thread: int | None = None,
 ) -> HistoryPage:
-    return HistoryPage(room=room_slug, messages=messages, has_more=has_more, ref=ref)
+    return HistoryPage(
+        room=room_slug, messages=messages, has_more=has_more, ref=ref, thread=thread
+    )
+
+
+def room_list(*, rooms: list[RoomEntry], ref: str | None) -> RoomList:
+    return RoomList(rooms=rooms, ref=ref)
+
+
+def read_marker(*, room_slug: str, seq: int, unread: int, mentions: int) -> ReadMarker:
+    return ReadMarker(room=room_slug, seq=seq, unread=unread, mentions=mentions)
+
+
+def mention_notification(*, payload: MessageData) -> Notification:
+    return Notification(kind="mention", room=payload.room, message=payload)
+
+
+def reaction(
+    *, room_slug: str, message: Any, emoji: str, username: str, on: bool, count: int
+) -> ReactionFrame:
+    return ReactionFrame(
+        room=room_slug,
+        id=message.pk,
+        seq=message.seq,
+        emoji=emoji,
+        user=username,
+        on=on,
+        count=count,
+    )
+
+
+def search_results(
+    *, query: str, results: list[MessageData], has_more: bool, ref: str | None
+) -> SearchResults:
+    return SearchResults(query=query, results=results, has_more=has_more, ref=ref)
 
 
 def typing(*, room_slug: str, username: str) -> TypingFrame:

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+import re
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
 from django.db import connection, models
-from django.db.models import Q, QuerySet
+from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from chat import protocol
-from chat.models import ApiToken, Ban, Membership, Message, Mute, Room, model_column
-from chat.protocol import FORBIDDEN, NOT_FOUND, ChatError
+from chat.models import (
+    ApiToken,
+    Ban,
+    Membership,
+    Message,
+    Mute,
+    Room,
+    model_column,
+)
+from chat.protocol import BAD_REQUEST, FORBIDDEN, NOT_FOUND, ChatError
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
@@ -54,17 +63,39 @@ def membership_get(*, room: Room, user: User) -> Membership | None:
     return Membership.objects.filter(room=room, user=user).first()
 
 
+class ReadState(NamedTuple):
+    """Where a member is in a room: the read marker; the messages after it that
+    are not unread (own or deleted); the unread ones that mention the member."""
+
+    read_seq: int
+    uncounted: int
+    mentions: int
+
+    def unread(self, last_seq: int) -> int:
+        """Unread messages when the room's newest seq is ``last_seq``."""
+        return max(last_seq - self.read_seq - self.uncounted, 0)
+
+
+def read_state(membership: Membership) -> ReadState:
+    """A membership's read state, from its counters (no count of messages)."""
+    return ReadState(
+        membership.read_seq,
+        membership.uncounted_after_read,
+        membership.unread_mentions,
+    )
+
+
 def room_get_readable(*, slug: str, user: User) -> Room:
     """The room, if ``user`` may read it: public or a member, and not banned."""
     return room_access_get(slug=slug, user=user)[0]
 
 
-def room_access_get(*, slug: str, user: User) -> tuple[Room, int | None]:
-    """``(room, read_seq)`` if ``user`` may read the room, in one query.
+def room_access_get(*, slug: str, user: User) -> tuple[Room, ReadState | None]:
+    """``(room, read state)`` if ``user`` may read the room, in one query.
 
-    ``read_seq`` is None when they are not a member. ``ChatError`` when there is
-    no such room, or it is private and they are not a member, or they are banned
-    from it.
+    The read state is None when they are not a member. ``ChatError`` when there
+    is no such room, or it is private and they are not a member, or they are
+    banned from it.
     """
     room_id, member_user, ban_room, ban_user = (
         _column(Room, "id"),
@@ -74,6 +105,8 @@ def room_access_get(*, slug: str, user: User) -> tuple[Room, int | None]:
     )
     rows = Room.objects.raw(
         f"SELECT r.*, m.{_column(Membership, 'read_seq')} AS chat_read_seq,"
+        f" m.{_column(Membership, 'uncounted_after_read')} AS chat_uncounted,"
+        f" m.{_column(Membership, 'unread_mentions')} AS chat_mentions,"
         f" m.{_column(Membership, 'id')} AS chat_membership_id,"
         f" (SELECT b.{_column(Ban, 'reason')} FROM {_table(Ban)} b"
         f"  WHERE b.{ban_room} = r.{room_id} AND b.{ban_user} = %s"
@@ -88,13 +121,17 @@ def room_access_get(*, slug: str, user: User) -> tuple[Room, int | None]:
         raise ChatError(NOT_FOUND, f"no room {slug!r}")
     state = vars(room)
     read_seq = state.pop("chat_read_seq")
+    uncounted = state.pop("chat_uncounted")
+    mentions = state.pop("chat_mentions")
     is_member = state.pop("chat_membership_id") is not None
     ban_reason = state.pop("chat_ban_reason")
     if room.is_private and not is_member:
         raise ChatError(FORBIDDEN, f"room {slug!r} is private")
     if ban_reason is not None:
         raise ChatError(FORBIDDEN, f"you are banned from {slug!r}: {ban_reason}")
-    return room, read_seq if is_member else None
+    if not is_member:
+        return room, None
+    return room, ReadState(read_seq, uncounted, mentions)
 
 
 def _site_ban_exists(user_id_sql: str) -> str:
@@ -145,11 +182,18 @@ def user_can_moderate(*, room: Room, user: User) -> bool:
     ).exists()
 
 
-def _payloads(room: Room, messages: list[Message]) -> list[protocol.MessageData]:
+def message_payloads(messages: list[Message]) -> list[protocol.MessageData]:
+    """Message objects for messages loaded with their ``room`` and ``author``."""
     return [
-        protocol.message_payload(message, room.slug, message.author)
+        protocol.message_payload(message, message.room.slug, message.author)
         for message in messages
     ]
+
+
+def _payloads(room: Room, messages: list[Message]) -> list[protocol.MessageData]:
+    for message in messages:
+        message.room = room
+    return message_payloads(messages)
 
 
 def message_history(
@@ -157,9 +201,17 @@ def message_history(
     room: Room,
     before: int | None = None,
     limit: int = protocol.HISTORY_DEFAULT_LIMIT,
+    thread: int | None = None,
 ) -> tuple[list[protocol.MessageData], bool]:
-    """Up to ``limit`` messages before seq ``before``, ascending, and if more exist."""
+    """Up to ``limit`` messages before seq ``before``, ascending, and if more exist.
+
+    With ``thread`` (a message id of the room), that message's replies only.
+    """
     query = Message.objects.filter(room=room).select_related("author")
+    if thread is not None:
+        if not Message.objects.filter(room=room, pk=thread).exists():
+            raise ChatError(NOT_FOUND, f"no message {thread} in room {room.slug!r}")
+        query = query.filter(reply_to_id=thread)
     if before is not None:
         query = query.filter(seq__lt=before)
     newest_first = list(query.order_by("-seq")[: limit + 1])
@@ -182,6 +234,126 @@ def messages_since(
     complete = len(newest_first) <= limit
     messages = list(reversed(newest_first[:limit]))
     return _payloads(room, messages), complete
+
+
+def rooms_of_user(*, user: User) -> list[protocol.RoomEntry]:
+    """The rooms ``user`` is a member of and may read, direct ones included,
+    with their read state and last message, most recent activity first."""
+    memberships = list(
+        Membership.objects.filter(user=user)
+        .select_related("room")
+        .exclude(
+            room__in=Ban.objects.active()
+            .filter(user=user, room__isnull=False)
+            .values("room")
+        )
+    )
+    rooms = {m.room_id: m.room for m in memberships}
+    last_messages = list(
+        Message.objects.filter(room__memberships__user=user, seq=F("room__last_seq"))
+        .filter(room_id__in=rooms)
+        .select_related("author")
+    )
+    for message in last_messages:
+        message.room = rooms[message.room_id]
+    payloads = {
+        payload.room: (payload, message.created_at)
+        for payload, message in zip(
+            message_payloads(last_messages), last_messages, strict=True
+        )
+    }
+
+    def activity(membership: Membership) -> tuple[float, int]:
+        found = payloads.get(membership.room.slug)
+        when = found[1] if found is not None else membership.joined_at
+        return (when.timestamp(), membership.room_id)
+
+    entries = []
+    for membership in sorted(memberships, key=activity, reverse=True):
+        room = membership.room
+        state = read_state(membership)
+        found = payloads.get(room.slug)
+        entries.append(
+            protocol.RoomEntry(
+                room=room.slug,
+                title=room.title,
+                is_private=room.is_private,
+                is_direct=room.is_direct,
+                last_seq=room.last_seq,
+                read_seq=state.read_seq,
+                unread=state.unread(room.last_seq),
+                mentions=state.mentions,
+                last_message=found[0] if found is not None else None,
+            )
+        )
+    return entries
+
+
+# --- search -------------------------------------------------------------------------
+
+# The text search configuration: words as written, lowercased, no stemming and
+# no stop words, so that PostgreSQL matches whole words as SQLite's fallback
+# does. The GIN index of migration 0006 is over this very expression.
+SEARCH_CONFIG = "simple"
+_WORD_RE = re.compile(r"\w+")
+
+
+def search_words(query: str) -> list[str]:
+    """The words of a search query, lowercased, each once, in order."""
+    return list(dict.fromkeys(word.lower() for word in _WORD_RE.findall(query)))
+
+
+def _readable_room_ids(user: User) -> QuerySet[Room, Any]:
+    """Public rooms and the user's own, less those they are banned from."""
+    banned = Ban.objects.active().filter(user=user, room__isnull=False)
+    return (
+        Room.objects.filter(Q(is_private=False) | Q(memberships__user=user))
+        .exclude(pk__in=banned.values("room"))
+        .values("pk")
+    )
+
+
+def message_search(
+    *,
+    user: User,
+    query: str,
+    room_slug: str | None = None,
+    before: int | None = None,
+    limit: int = protocol.SEARCH_DEFAULT_LIMIT,
+) -> tuple[list[protocol.MessageData], bool]:
+    """Messages with every word of ``query``, newest first, from the rooms
+    ``user`` may read (or the one ``room_slug`` names); never deleted ones.
+
+    ``before`` (a message id) pages back. PostgreSQL answers from its full-text
+    index; SQLite matches each word as a whole word, case-insensitively.
+    """
+    words = search_words(query)
+    if not words:
+        raise ChatError(BAD_REQUEST, "search: the query has no words")
+    found = Message.objects.filter(deleted_at__isnull=True)
+    if room_slug is not None:
+        found = found.filter(room=room_get_readable(slug=room_slug, user=user))
+    else:
+        found = found.filter(room_id__in=_readable_room_ids(user))
+    if before is not None:
+        found = found.filter(pk__lt=before)
+    if connection.vendor == "postgresql":
+        from django.contrib.postgres.search import SearchQuery, SearchVector
+
+        found = found.annotate(
+            document=SearchVector("body", config=SEARCH_CONFIG)
+        ).filter(
+            document=SearchQuery(
+                " ".join(words), config=SEARCH_CONFIG, search_type="plain"
+            )
+        )
+    else:
+        for word in words:
+            found = found.filter(body__iregex=rf"\b{re.escape(word)}\b")
+    newest_first = list(
+        found.select_related("room", "author").order_by("-pk")[: limit + 1]
+    )
+    return message_payloads(newest_first[:limit]), len(newest_first) > limit
 
 
 class TokenUser(NamedTuple):

@@ -14,10 +14,11 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
+from django.contrib.auth import get_user_model
 from django.db import (
     IntegrityError,
     InterfaceError,
@@ -25,17 +26,20 @@ from django.db import (
     connection,
     transaction,
 )
+from django.db.models import F, Q
 from django.utils import timezone
 
-from chat import fanout, metrics, presence, protocol, registry, selectors
+from chat import fanout, mentions, metrics, presence, protocol, registry, selectors
 from chat.loops import BackgroundTask, PerLoop, RoomTasks
 from chat.models import (
     ApiToken,
     Ban,
     Membership,
+    Mention,
     Message,
     ModerationAction,
     Mute,
+    Reaction,
     Room,
 )
 from chat.protocol import (
@@ -154,19 +158,22 @@ def room_create(
 def membership_add(
     *, room: Room, user: User, role: Membership.Role = Membership.Role.MEMBER
 ) -> Membership:
+    """Make ``user`` a member. A new member starts with the room read: what
+    was said before they came is history, not unread."""
+    last_seq = Room.objects.values_list("last_seq", flat=True).get(pk=room.pk)
     membership, _ = Membership.objects.get_or_create(
-        room=room, user=user, defaults={"role": role}
+        room=room, user=user, defaults={"role": role, "read_seq": last_seq}
     )
     return membership
 
 
-def room_join(*, slug: str, user: User) -> tuple[Room, int]:
+def room_join(*, slug: str, user: User) -> tuple[Room, selectors.ReadState]:
     """Check ``user`` may enter the room; a public room makes them a member.
 
-    Return the room and the user's read marker.
+    Return the room and the user's read state there (marker, unread, mentions).
     """
-    room, read_seq = selectors.room_access_get(slug=slug, user=user)
-    if read_seq is None:
+    room, state = selectors.room_access_get(slug=slug, user=user)
+    if state is None:
         try:
             membership = membership_add(room=room, user=user)
         except IntegrityError:
@@ -174,8 +181,8 @@ def room_join(*, slug: str, user: User) -> tuple[Room, int]:
             if found is None:
                 raise
             membership = found
-        read_seq = membership.read_seq
-    return room, read_seq
+        state = selectors.read_state(membership)
+    return room, state
 
 
 def direct_room_get_or_create(*, user: User, other: User) -> Room:
@@ -221,6 +228,7 @@ class SendRequest:
     author: User
     body: str
     client_msg_id: str
+    reply_to: int | None = None  # the id of a message in the same room
 
 
 # What a send comes to: (message, created), or the ChatError that refused it.
@@ -228,14 +236,19 @@ SendResult = tuple[Message, bool] | ChatError
 
 
 def message_create(
-    *, room: Room, author: User, body: str, client_msg_id: str
+    *,
+    room: Room,
+    author: User,
+    body: str,
+    client_msg_id: str,
+    reply_to: int | None = None,
 ) -> tuple[Message, bool]:
     """Store a message with the room's next seq and broadcast it after commit.
 
     A retry (same author and ``client_msg_id``) stores nothing and returns the
     message stored the first time. Return (message, created).
     """
-    request = SendRequest(room, author, body, client_msg_id)
+    request = SendRequest(room, author, body, client_msg_id, reply_to)
     [result] = message_create_many(requests=[request])
     if isinstance(result, ChatError):
         raise result
@@ -248,14 +261,20 @@ def message_create_many(*, requests: Sequence[SendRequest]) -> list[SendResult]:
     Return, per request and in order, (message, created) or the ChatError that
     refused it. Each room's seq stays gapless: the rooms are locked in id order,
     bumped once by the number of their new messages, and the messages inserted
-    in one statement. Broadcasts go out after commit, one per room.
+    in one statement. In the same transaction: replies counted on their
+    thread's first message, mentions stored, and the read state of the authors
+    and the mentioned members moved. Broadcasts go out after commit, one per
+    room, and a ``notification`` to each mentioned user.
     """
     # Every slot is filled below, before it is returned (None is only a placeholder).
     results: list[SendResult] = [None] * len(requests)  # type: ignore[list-item]
     try:
         with transaction.atomic():
             fresh = _resolve_retries_and_refusals(requests, results)
-            created = _store_fresh(requests, fresh, results)
+            threads = _thread_roots(requests, fresh, results)
+            fresh = [(i, dups) for i, dups in fresh if results[i] is None]
+            created = _store_fresh(requests, fresh, results, threads)
+            mentioned = _store_mentions(created) if created else {}
             broadcasts = tuple(
                 (tuple(fanout.room_groups(room)), tuple(frames))
                 for room, frames in _frames_by_room(created)
@@ -263,6 +282,7 @@ def message_create_many(*, requests: Sequence[SendRequest]) -> list[SendResult]:
             if broadcasts:
                 # All rooms' frames in one layer message.
                 _emit(fanout.Batch(broadcasts))
+            _emit(*_mention_notifications(created, mentioned))
         # Out of the transaction: committed (the writer's own transaction is
         # the outermost; under a caller's, counted before that one commits).
         metrics.messages_stored.inc(len(created))
@@ -317,10 +337,49 @@ def _key(request: SendRequest) -> tuple[int, str]:
     return (request.author.pk, request.client_msg_id)
 
 
+def _thread_roots(
+    requests: Sequence[SendRequest],
+    fresh: list[tuple[int, list[int]]],
+    results: list[SendResult],
+) -> dict[int, int]:
+    """Per fresh request index with a ``reply_to``: its thread's first message.
+
+    A reply to a reply belongs to the first message's thread (threads are one
+    level deep). A ``reply_to`` that is not a live message of the same room
+    refuses the send with ``not_found`` in ``results``.
+    """
+    wanted = {r for i, _ in fresh if (r := requests[i].reply_to) is not None}
+    if not wanted:
+        return {}
+    parents = {
+        pk: (room_id, root)
+        for pk, room_id, root in Message.objects.filter(
+            pk__in=wanted, deleted_at__isnull=True
+        ).values_list("pk", "room_id", "reply_to_id")
+    }
+    roots: dict[int, int] = {}
+    for index, duplicates in fresh:
+        request = requests[index]
+        if not request.reply_to:
+            continue
+        found = parents.get(request.reply_to)
+        if found is None or found[0] != request.room.pk:
+            error = ChatError(
+                NOT_FOUND,
+                f"no message {request.reply_to} in room {request.room.slug!r}",
+            )
+            for i in duplicates:
+                results[i] = error
+            continue
+        roots[index] = found[1] or request.reply_to
+    return roots
+
+
 def _store_fresh(
     requests: Sequence[SendRequest],
     fresh: list[tuple[int, list[int]]],
     results: list[SendResult],
+    threads: dict[int, int],
 ) -> list[Message]:
     room_ids = sorted({requests[index].room.pk for index, _ in fresh})
     # Lock the rooms in id order (no deadlock between two batches); on SQLite
@@ -354,6 +413,7 @@ def _store_fresh(
                 author=request.author,
                 body=request.body,
                 client_msg_id=request.client_msg_id,
+                reply_to_id=threads.get(index),
             )
         )
         owners.append(duplicates)
@@ -361,11 +421,132 @@ def _store_fresh(
     if bumped:
         _room_last_seqs_set(bumped)
     Message.objects.bulk_create(messages)
+    _own_messages_uncount(messages)
+    _replies_count(messages)
     for message, duplicates in zip(messages, owners, strict=True):
         results[duplicates[0]] = (message, True)
         for i in duplicates[1:]:
             results[i] = (message, False)
     return messages
+
+
+def _own_messages_uncount(messages: list[Message]) -> None:
+    """An author's own messages are never unread to them: count them out."""
+    own: dict[tuple[int, int], int] = {}
+    for message in messages:
+        key = (message.room_id, message.author_id)
+        own[key] = own.get(key, 0) + 1
+    for (room_id, user_id), count in own.items():
+        Membership.objects.filter(room_id=room_id, user_id=user_id).update(
+            uncounted_after_read=F("uncounted_after_read") + count
+        )
+
+
+def _replies_count(messages: list[Message]) -> None:
+    counts: dict[int, int] = {}
+    for message in messages:
+        if message.reply_to_id is not None:
+            counts[message.reply_to_id] = counts.get(message.reply_to_id, 0) + 1
+    for root, count in counts.items():
+        Message.objects.filter(pk=root).update(reply_count=F("reply_count") + count)
+
+
+def _store_mentions(messages: list[Message]) -> dict[int, list[int]]:
+    """Parse, store and count the mentions of new messages.
+
+    Sets each message's ``mention_names``; answers, per message id, the ids of
+    the users mentioned other than its author (to notify after commit).
+    """
+    candidates = {m.pk: mentions.mention_candidates(m.body) for m in messages}
+    names = {name for found in candidates.values() for c in found for name in c}
+    if not names:
+        return {}
+    User = get_user_model()
+    users = {
+        username: pk
+        for pk, username in User.objects.filter(
+            **{f"{User.USERNAME_FIELD}__in": names, "is_active": True}
+        ).values_list("pk", User.USERNAME_FIELD)
+    }
+    by_message = {
+        m.pk: mentions.resolve_mentions(candidates[m.pk], set(users)) for m in messages
+    }
+    readers = _readers_among(
+        messages, {users[n] for found in by_message.values() for n in found}
+    )
+    rows: list[Mention] = []
+    notify: dict[int, list[int]] = {}
+    for message in messages:
+        allowed = [
+            name
+            for name in by_message[message.pk]
+            if (message.room_id, users[name]) in readers
+        ]
+        if not allowed:
+            continue
+        message.mention_names = allowed
+        Message.objects.filter(pk=message.pk).update(mention_names=allowed)
+        for name in allowed:
+            rows.append(
+                Mention(
+                    message=message,
+                    user_id=users[name],
+                    room_id=message.room_id,
+                    seq=message.seq,
+                )
+            )
+        others = [users[n] for n in allowed if users[n] != message.author_id]
+        if others:
+            notify[message.pk] = others
+            Membership.objects.filter(
+                room_id=message.room_id, user_id__in=others
+            ).update(unread_mentions=F("unread_mentions") + 1)
+    Mention.objects.bulk_create(rows)
+    return notify
+
+
+def _readers_among(messages: list[Message], user_ids: set[int]) -> set[tuple[int, int]]:
+    """The (room id, user id) pairs where the user may read the room: members,
+    or anyone in a public room, unless banned from it."""
+    if not user_ids:
+        return set()
+    room_ids = {m.room_id for m in messages}
+    members = set(
+        Membership.objects.filter(
+            room_id__in=room_ids, user_id__in=user_ids
+        ).values_list("room_id", "user_id")
+    )
+    banned = set(
+        Ban.objects.active()
+        .filter(room_id__in=room_ids, user_id__in=user_ids)
+        .values_list("room_id", "user_id")
+    )
+    readers = set()
+    for message in messages:
+        for user_id in user_ids:
+            pair = (message.room_id, user_id)
+            if pair in banned:
+                continue
+            if pair in members or not message.room.is_private:
+                readers.add(pair)
+    return readers
+
+
+def _mention_notifications(
+    messages: list[Message], mentioned: dict[int, list[int]]
+) -> list[fanout.Delivery]:
+    deliveries: list[fanout.Delivery] = []
+    for message in messages:
+        user_ids = mentioned.get(message.pk)
+        if not user_ids:
+            continue
+        payload = protocol.message_payload(message, message.room.slug, message.author)
+        frame = protocol.mention_notification(payload=payload)
+        deliveries.extend(
+            fanout.Delivery((fanout.user_group(user_id),), frame=frame)
+            for user_id in user_ids
+        )
+    return deliveries
 
 
 def _room_last_seqs_set(last_seqs: dict[int, int]) -> None:
@@ -476,6 +657,15 @@ def message_delete(*, room: Room, message_id: int, user: User) -> Message:
 def _message_soft_delete(message: Message, room: Room) -> None:
     message.deleted_at = timezone.now()
     message.save(update_fields=["deleted_at"])
+    # Unread to those whose marker is before it: no longer.
+    before_it = Membership.objects.filter(room=room, read_seq__lt=message.seq)
+    before_it.exclude(user_id=message.author_id).update(
+        uncounted_after_read=F("uncounted_after_read") + 1
+    )
+    mentioned = Mention.objects.filter(message=message).values("user_id")
+    before_it.filter(user_id__in=mentioned, unread_mentions__gt=0).exclude(
+        user_id=message.author_id
+    ).update(unread_mentions=F("unread_mentions") - 1)
     frame = protocol.message_deleted(room_slug=room.slug, message=message)
     _emit(_to_room(room, frame))
 
@@ -504,14 +694,125 @@ def message_hide(
     return message
 
 
-def read_marker_set(*, room: Room, user: User, seq: int) -> int:
-    """Move the read marker forward to ``seq``: never back, never past the end."""
-    last_seq = Room.objects.values_list("last_seq", flat=True).get(pk=room.pk)
-    seq = min(seq, last_seq)
-    Membership.objects.filter(room=room, user=user, read_seq__lt=seq).update(
-        read_seq=seq
+def read_marker_set(
+    *, room: Room, user: User, seq: int
+) -> tuple[selectors.ReadState, int]:
+    """Move the read marker forward to ``seq``: never back, never past the end.
+
+    The counters lose what the marker passed over (own or deleted messages,
+    mentions), counted over that range only. Every socket of the user, on every
+    process, gets ``read_marker`` after commit, so other tabs clear their
+    badges. Answers the read state after the move and the room's last seq.
+    """
+    with transaction.atomic():
+        # The membership row's lock orders this with a concurrent delete, which
+        # moves the counters of markers before the deleted message.
+        membership = (
+            Membership.objects.select_for_update().filter(room=room, user=user).first()
+        )
+        if membership is None:
+            raise ChatError(NOT_FOUND, f"you are not a member of {room.slug!r}")
+        last_seq = Room.objects.values_list("last_seq", flat=True).get(pk=room.pk)
+        seq = min(seq, last_seq)
+        if seq > membership.read_seq:
+            passed = Message.objects.filter(
+                room=room, seq__gt=membership.read_seq, seq__lte=seq
+            )
+            uncounted = passed.filter(
+                Q(author=user) | Q(deleted_at__isnull=False)
+            ).count()
+            mentioned = (
+                Mention.objects.filter(
+                    user=user, room=room, seq__gt=membership.read_seq, seq__lte=seq
+                )
+                .filter(message__deleted_at__isnull=True)
+                .exclude(message__author=user)
+                .count()
+            )
+            membership.read_seq = seq
+            membership.uncounted_after_read = max(
+                membership.uncounted_after_read - uncounted, 0
+            )
+            membership.unread_mentions = max(membership.unread_mentions - mentioned, 0)
+            membership.save(
+                update_fields=["read_seq", "uncounted_after_read", "unread_mentions"]
+            )
+        state = selectors.read_state(membership)
+        frame = protocol.read_marker(
+            room_slug=room.slug,
+            seq=state.read_seq,
+            unread=state.unread(last_seq),
+            mentions=state.mentions,
+        )
+        _emit(fanout.Delivery((fanout.user_group(user.pk),), frame=frame))
+    return state, last_seq
+
+
+# --- reactions ------------------------------------------------------------------
+
+
+def _reaction_summary(message: Message) -> list[dict[str, Any]]:
+    """A message's reactions as message objects carry them, from its rows."""
+    summary: dict[str, dict[str, Any]] = {}
+    rows = (
+        Reaction.objects.filter(message=message)
+        .order_by("id")
+        .values_list("emoji", "user__username")
     )
-    return seq
+    for emoji, username in rows:
+        entry = summary.setdefault(emoji, {"emoji": emoji, "count": 0, "users": []})
+        entry["count"] += 1
+        if len(entry["users"]) < protocol.REACTION_USERS_LISTED:
+            entry["users"].append(username)
+    return list(summary.values())
+
+
+def reaction_set(
+    *, room: Room, message_id: int, user: User, emoji: str, on: bool = True
+) -> Message:
+    """Add (``on``) or take back ``user``'s ``emoji`` on a message of ``room``.
+
+    Reacting twice is one reaction, taking back one never given changes
+    nothing; a change goes to the room as ``reaction`` after commit.
+    """
+    _check_not_muted(room=room, user=user)
+    with transaction.atomic():
+        # Locked: concurrent reactions to one message rebuild its summary in turn.
+        message = (
+            Message.objects.select_for_update()
+            .filter(room=room, pk=message_id, deleted_at__isnull=True)
+            .first()
+        )
+        if message is None:
+            raise ChatError(NOT_FOUND, f"no message {message_id} in room {room.slug!r}")
+        if Room.objects.filter(pk=room.pk, is_closed=True).exists():
+            raise ChatError(ROOM_CLOSED, f"room {room.slug!r} is closed")
+        if on:
+            _, changed = Reaction.objects.get_or_create(
+                message=message, user=user, emoji=emoji
+            )
+        else:
+            deleted, _ = Reaction.objects.filter(
+                message=message, user=user, emoji=emoji
+            ).delete()
+            changed = deleted > 0
+        if changed:
+            message.reaction_summary = _reaction_summary(message)
+            message.save(update_fields=["reaction_summary"])
+            count = next(
+                (r["count"] for r in message.reaction_summary if r["emoji"] == emoji),
+                0,
+            )
+            frame = protocol.reaction(
+                room_slug=room.slug,
+                message=message,
+                emoji=emoji,
+                username=user.get_username(),
+                on=on,
+                count=count,
+            )
+            _emit(_to_room(room, frame))
+    return message
 
 
 def api_token_create(*, user: User, name: str = "") -> tuple[ApiToken, str]:

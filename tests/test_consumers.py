@@ -108,6 +108,8 @@ async def test_join_replies_joined_with_room_state(connect, alice, lobby):
         "online": ["alice"],
         "online_count": 1,
         "read_seq": 0,
+        "unread": 0,
+        "mentions": 0,
         "private": False,
         "direct": False,
         "closed": False,
@@ -149,6 +151,8 @@ async def test_join_private_room_as_member_works(connect, alice, bob):
         "online": ["bob"],
         "online_count": 1,
         "read_seq": 0,
+        "unread": 0,
+        "mentions": 0,
         "private": True,
         "direct": False,
         "closed": False,
@@ -227,7 +231,9 @@ async def test_join_since_recovers_missed_messages_in_order(connect, alice, bob,
         "last_seq": 5,
         "online": ["alice", "bob"],
         "online_count": 2,
-        "read_seq": 0,
+        "read_seq": 5,
+        "unread": 0,
+        "mentions": 0,
         "private": False,
         "direct": False,
         "closed": False,
@@ -310,6 +316,8 @@ async def test_presence_online_once_per_user_and_offline_after_last_socket(
         "online": ["alice", "bob"],
         "online_count": 2,
         "read_seq": 0,
+        "unread": 0,
+        "mentions": 0,
         "private": False,
         "direct": False,
         "closed": False,
@@ -355,6 +363,11 @@ async def test_send_acks_the_sender_and_delivers_to_the_room(
         "client_msg_id": "c-1",
         "edited_at": None,
         "deleted": False,
+        "mentions": [],
+        "reactions": [],
+        "reply_to": None,
+        "reply_count": 0,
+        "attachments": [],
     }
     assert frames["message"] == message
 
@@ -706,15 +719,32 @@ async def test_edit_of_unknown_message_is_not_found(connect, alice, lobby):
 # --- read ------------------------------------------------------------------
 
 
-async def test_read_stores_the_marker_without_reply(connect, alice, lobby):
+def read_marker(seq, unread=0, mentions=0, room="lobby"):
+    return {
+        "type": "read_marker",
+        "room": room,
+        "seq": seq,
+        "unread": unread,
+        "mentions": mentions,
+    }
+
+
+async def test_read_stores_the_marker_and_tells_every_socket_of_the_user(
+    connect, alice, lobby
+):
     client = await connect(alice)
+    other_tab = await connect(alice)
     await client.join("lobby")
     for n in range(3):
         await send_message(client, "m", f"c{n}")
     await client.send(type="read", room="lobby", seq=2)
-    assert await client.nothing() is True
+    # Her own messages are never unread to her.
+    assert await client.recv() == read_marker(2)
+    assert await other_tab.recv() == read_marker(2)
     await client.send(type="read", room="lobby", seq=1)  # never moves back
+    assert await client.recv() == read_marker(2)
     await client.send(type="read", room="lobby", seq=99)  # never past the end
+    assert await client.recv() == read_marker(3)
     assert await client.request(type="ping") == {"type": "pong"}
     membership = await adb(Membership.objects.get)(room=lobby, user=alice)
     assert membership.read_seq == 3
@@ -727,6 +757,8 @@ async def test_read_stores_the_marker_without_reply(connect, alice, lobby):
         "online": ["alice"],
         "online_count": 1,
         "read_seq": 3,
+        "unread": 0,
+        "mentions": 0,
         "private": False,
         "direct": False,
         "closed": False,
@@ -764,6 +796,8 @@ async def test_dm_reaches_the_other_user_without_a_join(connect, alice, bob):
         "online": ["bob"],
         "online_count": 1,
         "read_seq": 0,
+        "unread": 1,
+        "mentions": 0,
         "private": True,
         "direct": True,
         "closed": False,
@@ -825,6 +859,8 @@ async def test_binary_subprotocol_frames_carry_a_4_byte_action_code(
         "online": ["alice"],
         "online_count": 1,
         "read_seq": 0,
+        "unread": 0,
+        "mentions": 0,
         "private": False,
         "direct": False,
         "closed": False,

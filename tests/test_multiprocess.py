@@ -141,10 +141,17 @@ def stored_message(slug, seq):
         "client_msg_id": message.client_msg_id,
         "edited_at": protocol.timestamp(message.edited_at),
         "deleted": deleted,
+        "mentions": [] if deleted else message.mention_names,
+        "reactions": [] if deleted else message.reaction_summary,
+        "reply_to": message.reply_to_id,
+        "reply_count": message.reply_count,
+        "attachments": [],
     }
 
 
-def joined_frame(slug, *, online, last_seq=0, read_seq=0, **extra):
+def joined_frame(
+    slug, *, online, last_seq=0, read_seq=None, unread=0, mentions=0, **extra
+):
     """The ``joined`` frame of a public, open room made by ``room_create``."""
     return {
         "type": "joined",
@@ -153,7 +160,10 @@ def joined_frame(slug, *, online, last_seq=0, read_seq=0, **extra):
         "last_seq": last_seq,
         "online": online,
         "online_count": len(online),
-        "read_seq": read_seq,
+        # A new member starts with the room read.
+        "read_seq": last_seq if read_seq is None else read_seq,
+        "unread": unread,
+        "mentions": mentions,
         "private": False,
         "direct": False,
         "closed": False,

@@ -52,7 +52,10 @@ def test_every_client_type_has_a_schema_and_a_binary_code():
         "join",
         "leave",
         "ping",
+        "react",
         "read",
+        "rooms",
+        "search",
         "send",
         "typing",
     ]
@@ -264,12 +267,18 @@ STORED = SimpleNamespace(
     created_at=datetime(2026, 12, 2, 12, 0, 0, 123456, tzinfo=UTC),
     edited_at=None,
     deleted_at=None,
+    mention_names=["bob"],
+    reaction_summary=[{"emoji": "👍", "count": 2, "users": ["bob", "carol"]}],
+    reply_to_id=1200,
+    reply_count=0,
 )
 MESSAGE_JSON = (
     '{"type":"message","room":"lobby","id":1234,"seq":99,'
     '"user":{"id":7,"username":"alice"},"body":"hi",'
     '"created_at":"2026-12-02T12:00:00.123Z","client_msg_id":"c1",'
-    '"edited_at":null,"deleted":false}'
+    '"edited_at":null,"deleted":false,"mentions":["bob"],'
+    '"reactions":[{"emoji":"👍","count":2,"users":["bob","carol"]}],'
+    '"reply_to":1200,"reply_count":0,"attachments":[]}'
 )
 
 

@@ -261,6 +261,11 @@ def message_frame(message, *, room, author, body):
         "client_msg_id": message.client_msg_id,
         "edited_at": None,
         "deleted": False,
+        "mentions": [],
+        "reactions": [],
+        "reply_to": None,
+        "reply_count": 0,
+        "attachments": [],
     }
 
 
@@ -833,6 +838,8 @@ async def test_closing_a_room_removes_sockets_and_refuses_sends(connect, alice, 
         "online": ["alice"],
         "online_count": 1,
         "read_seq": 0,
+        "unread": 0,  # her own
+        "mentions": 0,
         "private": False,
         "direct": False,
         "closed": True,
