@@ -5,8 +5,8 @@ proxy, as in production) and ``/usr/sbin/nginx`` in a directory of its own, as
 an ordinary process (no daemon, no system-wide configuration). nginx runs the
 committed site file itself, rendered with only its ports, the upstream's
 addresses and its paths (certificate, static root) replaced; TLS uses a
-self-signed certificate made for the module. Clients are real WebSocket
-connections with API tokens, through nginx.
+self-signed certificate made for the module. Clients are ``ChatClient``s with
+API tokens, real WebSocket connections through nginx (wss).
 """
 
 import asyncio
