@@ -1,19 +1,18 @@
 """Several real server processes behind one Redis: what crosses between them.
 
 The module starts its own redis-server and two daphne processes (A and B) on the
-test database; clients are real WebSocket connections. Every test commits its
-data (``transaction=True``) so the server processes see it.
+test database; clients are real WebSocket connections (``ChatClient``s of the
+``chat_client`` fixture, read in order). Every test commits its data
+(``transaction=True``) so the server processes see it.
 """
 
 import asyncio
-import json
 import re
 import time
 
 import pytest
 from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
-from websockets.asyncio.client import connect
 
 from chat import protocol, services
 from chat.client import ChatClosed, ChatError
@@ -162,102 +161,6 @@ def joined_frame(slug, *, online, last_seq=0, read_seq=0, **extra):
 
 
 # --- clients -------------------------------------------------------------------
-
-
-class WsClient:
-    """One WebSocket connection to a server process, speaking ``chat.v1`` JSON."""
-
-    def __init__(self, server, websocket, name):
-        self.server = server
-        self.websocket = websocket
-        self.name = name
-        self.hello = None
-        self._keepalive = None
-
-    @classmethod
-    async def open(cls, server, key, name):
-        try:
-            # An unbounded queue: the socket keeps reading frames the test skips,
-            # so it never stops reading and then misses the server's close.
-            websocket = await asyncio.wait_for(
-                connect(
-                    f"{server.ws_url}?token={key}", max_queue=None, close_timeout=2
-                ),
-                TIMEOUT,
-            )
-        except Exception as exc:
-            raise AssertionError(
-                f"{name} could not connect: {exc!r}\n{server.output()}"
-            ) from exc
-        client = cls(server, websocket, name)
-        client.hello = await client.recv()
-        assert client.hello["type"] == "hello", client.hello
-        assert CONNECTION_ID.fullmatch(client.hello["connection_id"]), client.hello
-        # Idle sockets are closed after twice the heartbeat; tests wait longer.
-        client._keepalive = asyncio.create_task(client._ping_forever())
-        return client
-
-    async def _ping_forever(self):
-        while True:
-            await asyncio.sleep(HEARTBEAT / 2)
-            await self.send(type="ping", ref="keepalive")
-
-    def _fail(self, message):
-        log = self.server.output()[-6000:]
-        raise AssertionError(f"{self.name}: {message}\n--- daphne log ---\n{log}")
-
-    async def send(self, **frame):
-        await self.websocket.send(json.dumps(frame))
-
-    async def recv(self, timeout=TIMEOUT):
-        """The next frame (keep-alive pongs are dropped)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                raw = await asyncio.wait_for(self.websocket.recv(), max(remaining, 0))
-            except TimeoutError:
-                self._fail(f"no frame within {timeout}s")
-            except Exception as exc:
-                self._fail(f"connection failed: {exc!r}")
-            frame = json.loads(raw)
-            if frame == {"type": "pong", "ref": "keepalive"}:
-                continue
-            return frame
-
-    async def expect(self, frame_type, *, skip=(), timeout=TIMEOUT):
-        """The next frame of ``frame_type``, passing over those of types in ``skip``."""
-        while True:
-            frame = await self.recv(timeout)
-            if frame["type"] == frame_type:
-                return frame
-            if frame["type"] not in skip:
-                self._fail(f"expected {frame_type!r}, got {frame}")
-
-    async def nothing(self, timeout=QUIET):
-        """Assert no frame arrives for ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                raw = await asyncio.wait_for(self.websocket.recv(), remaining)
-            except TimeoutError:
-                return
-            frame = json.loads(raw)
-            if frame != {"type": "pong", "ref": "keepalive"}:
-                self._fail(f"expected no frame, got {frame}")
-
-    async def join(self, room, *, skip=(), **extra):
-        await self.send(type="join", room=room, **extra)
-        return await self.expect("joined", skip=skip)
-
-    def stop_pinging(self):
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-            self._keepalive = None
-
-    async def close(self):
-        self.stop_pinging()
-        await self.websocket.close()
 
 
 async def join(client, room, *, skip=(), **extra):
@@ -486,9 +389,8 @@ async def test_join_since_on_the_other_process_recovers_exactly_the_missed_messa
     last_seen = 2
 
     await bob.close()
-    assert await alice.expect(
-        "presence", skip=("message",), timeout=TIMEOUT
-    ) == presence("recover", "bob", "offline")
+    offline = await alice.expect("presence", skip=("message",), timeout=TIMEOUT)
+    assert offline == presence("recover", "bob", "offline")
     for n in range(3, 8):
         await alice.send(
             {
@@ -498,9 +400,8 @@ async def test_join_since_on_the_other_process_recovers_exactly_the_missed_messa
                 "client_msg_id": f"r{n}",
             }
         )
-        assert (await alice.expect("ack", skip=("message",), timeout=TIMEOUT))[
-            "seq"
-        ] == n
+        ack = await alice.expect("ack", skip=("message",), timeout=TIMEOUT)
+        assert ack["seq"] == n
 
     bob = await chat_client(server_a, keys["bob"], name="bob@A")
     joined = await join(bob, "recover", since=last_seen, ref="rejoin")
