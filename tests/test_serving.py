@@ -2,9 +2,9 @@
 
 The socket tests start daphne processes of their own (one with the fast path on,
 one with ``CHAT_FAST_PATH=0``) on the test database and talk to them through
-real WebSocket clients: ``ChatClient``, and a bare ``websockets`` connection
-where the bytes on the wire are the point. Every test commits its data
-(``transaction=True``) so the server processes see it.
+real WebSocket clients (``ChatClient``; with ``record=True`` where the bytes on
+the wire are the point). Every test commits its data (``transaction=True``) so
+the server processes see it.
 """
 
 import asyncio
@@ -234,44 +234,25 @@ async def log_lines(server, timeout=TIMEOUT):
 # A test's sockets are ChatClients (the ``chat_client`` fixture: read in order,
 # no reconnect, failures explained by the server's log). Where the point is the
 # bytes on the wire (a text or a binary frame, gzip or not, the exact payload),
-# which ChatClient decodes away, a bare ``websockets`` connection checks them.
+# which ChatClient decodes away, the socket records them (``record=True``):
+# ``client.wire`` keeps every frame as it came, beside its decoded form in
+# ``client.frames``.
 
 
-@pytest.fixture
-async def open_wire():
-    """``await open_wire(server, key, …)`` → a bare ``websockets`` connection,
-    for the checks of the bytes on the wire only."""
-    websockets = []
-
-    async def open_(server, key, *, subprotocol=None, query=""):
-        url = f"{server.ws_url}?token={key}{query}"
-        subprotocols = [subprotocol] if subprotocol else None
-        websocket = await asyncio.wait_for(
-            connect(url, subprotocols=subprotocols, max_queue=None, close_timeout=2),
-            TIMEOUT,
-        )
-        websockets.append(websocket)
-        return websocket
-
-    yield open_
-    for websocket in websockets:
-        await websocket.close()
+def as_it_came(client, frame):
+    """How ``frame``, received by ``client`` (``record=True``), came on the wire:
+    the text (a text frame) or bytes (a binary frame) recorded beside it."""
+    for frames, wire in zip(client.frames, client.wire, strict=True):
+        for decoded, raw in zip(frames, wire, strict=True):
+            if decoded is frame:
+                return raw
+    raise AssertionError(f"{client.name}: {frame} is not among its recorded frames")
 
 
-async def raw(websocket):
-    """The next frame of a bare connection as it came: text, or bytes."""
-    try:
-        return await asyncio.wait_for(websocket.recv(), TIMEOUT)
-    except TimeoutError:
-        raise AssertionError(f"no frame within {TIMEOUT}s") from None
-
-
-async def pong_on_the_wire(open_wire, server, key):
-    """The text of the pong a bare socket of ``server`` gets for a ping."""
-    websocket = await open_wire(server, key)
-    assert json.loads(await raw(websocket))["type"] == "hello"
-    await websocket.send(json.dumps({"type": "ping", "ref": "p1"}))
-    return await raw(websocket)
+async def next_raw(client):
+    """The next frame ``client`` (``record=True``) got, decoded and as it came."""
+    frame = await client.next_frame(timeout=TIMEOUT)
+    return frame, as_it_came(client, frame)
 
 
 def hello(frame, user):
@@ -314,15 +295,13 @@ async def test_start_up_logs_which_path_is_in_use(daphnes):
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_frames_arrive_exactly_with_the_fast_path_on_and_off(
-    daphne, chat_client, open_wire
-):
+async def test_frames_arrive_exactly_with_the_fast_path_on_and_off(daphne, chat_client):
     alice, alice_key = await user_with_key("alice")
     bob, bob_key = await user_with_key("bob")
     await room_create("plaza")
     on_alice = await chat_client(daphne, alice_key, name="alice")
     assert on_alice.hello == hello(on_alice.hello, alice)
-    on_bob = await chat_client(daphne, bob_key, name="bob")
+    on_bob = await chat_client(daphne, bob_key, name="bob", record=True)
     assert on_bob.hello == hello(on_bob.hello, bob)
 
     await on_alice.send({"type": "join", "room": "plaza", "ref": "j1"})
@@ -359,60 +338,64 @@ async def test_frames_arrive_exactly_with_the_fast_path_on_and_off(
     assert own == sorted([ack, message], key=str)
 
     await on_bob.send({"type": "ping", "ref": "p1"})
-    assert await on_bob.next_frame() == {"type": "pong", "ref": "p1"}
+    pong, text = await next_raw(on_bob)
+    assert pong == {"type": "pong", "ref": "p1"}
     # And on the wire, the exact text.
-    pong = await pong_on_the_wire(open_wire, daphne, bob_key)
-    assert pong == '{"type":"pong","ref":"p1"}'
+    assert text == '{"type":"pong","ref":"p1"}'
     await on_alice.nothing()
     await on_bob.nothing()
 
 
 @pytest.mark.django_db(transaction=True)
 async def test_binary_frames_arrive_exactly_with_the_fast_path_on_and_off(
-    daphne, chat_client, open_wire
+    daphne, chat_client
 ):
     carol, key = await user_with_key("carol")
-    client = await chat_client(daphne, key, name="carol", binary=True)
+    client = await chat_client(daphne, key, name="carol", binary=True, record=True)
+    assert client.subprotocol == protocol.SUBPROTOCOL_BINARY
     assert client.hello == hello(client.hello, carol)
-    await client.send({"type": "ping", "ref": "p1"})
-    assert await client.next_frame() == {"type": "pong", "ref": "p1"}
-
     # On the wire: a 4-byte action code, then the frame's JSON without its type.
-    socket = await open_wire(daphne, key, subprotocol=protocol.SUBPROTOCOL_BINARY)
-    assert socket.subprotocol == protocol.SUBPROTOCOL_BINARY
-    first = await raw(socket)
+    first = as_it_came(client, client.hello)
     assert first[:4] == struct.pack(">I", protocol.FRAME_CODES["hello"])
     frame = {"type": "hello", **json.loads(first[4:])}
     assert frame == hello(frame, carol)
-    ping = struct.pack(">I", protocol.FRAME_CODES["ping"]) + b'{"ref":"p1"}'
-    await socket.send(ping)
     pong = struct.pack(">I", protocol.FRAME_CODES["pong"]) + b'{"ref":"p1"}'
-    assert await raw(socket) == pong
+    await client.send({"type": "ping", "ref": "p1"})
+    assert await next_raw(client) == ({"type": "pong", "ref": "p1"}, pong)
+    # A ping in exactly these bytes gets exactly these bytes back.
+    ping = struct.pack(">I", protocol.FRAME_CODES["ping"]) + b'{"ref":"p1"}'
+    await client.send_raw(ping)
+    assert await next_raw(client) == ({"type": "pong", "ref": "p1"}, pong)
 
 
 @pytest.mark.django_db(transaction=True)
 async def test_compress_gzip_sends_frames_over_1024_bytes_gzipped_in_both_framings(
-    daphne, chat_client, open_wire
+    daphne, chat_client
 ):
     # Which frames come gzipped, and how, is on the wire: the two gzip sockets
-    # are bare connections; the plain one is a ChatClient.
+    # record every frame as it came.
     dave, key = await user_with_key("dave")
     await room_create("annals")
     plain = await chat_client(daphne, key, name="plain")
-    json_gzip = await open_wire(daphne, key, query="&compress=gzip")
-    bin_gzip = await open_wire(
-        daphne, key, subprotocol=protocol.SUBPROTOCOL_BINARY, query="&compress=gzip"
+    json_gzip = await chat_client(
+        daphne, key, name="json_gzip", compress=True, record=True
     )
+    bin_gzip = await chat_client(
+        daphne, key, name="bin_gzip", binary=True, compress=True, record=True
+    )
+    assert bin_gzip.subprotocol == protocol.SUBPROTOCOL_BINARY
     await plain.send({"type": "join", "room": "annals", "ref": "j"})
     assert (await plain.next_frame())["type"] == "joined"
-    assert isinstance(await raw(json_gzip), str)  # hello: short, a text frame
-    await json_gzip.send(json.dumps({"type": "join", "room": "annals", "ref": "j"}))
-    assert json.loads(await raw(json_gzip))["type"] == "joined"
-    await raw(bin_gzip)
-    await bin_gzip.send(
+    # hello: short, a text frame
+    assert isinstance(as_it_came(json_gzip, json_gzip.hello), str)
+    await json_gzip.send({"type": "join", "room": "annals", "ref": "j"})
+    frame, text = await next_raw(json_gzip)
+    assert isinstance(text, str)
+    assert frame["type"] == json.loads(text)["type"] == "joined"
+    await bin_gzip.send_raw(
         struct.pack(">I", protocol.FRAME_CODES["join"]) + b'{"room":"annals"}'
     )
-    await raw(bin_gzip)  # joined
+    assert (await bin_gzip.next_frame())["type"] == "joined"
     body = "the quick brown fox jumps over the lazy dog " * 2
     for n in range(12):
         await plain.send(
@@ -423,33 +406,38 @@ async def test_compress_gzip_sends_frames_over_1024_bytes_gzipped_in_both_framin
     sent = [await plain.next_frame() for _ in range(24)]
     assert sorted(frame["type"] for frame in sent) == ["ack"] * 12 + ["message"] * 12
     for _ in range(12):
-        assert isinstance(await raw(json_gzip), str)
-        assert (await raw(bin_gzip))[:4] == struct.pack(
-            ">I", protocol.FRAME_CODES["message"]
-        )
+        frame, text = await next_raw(json_gzip)
+        assert (frame["type"], type(text)) == ("message", str)
+        frame, framed = await next_raw(bin_gzip)
+        assert framed[:4] == struct.pack(">I", protocol.FRAME_CODES["message"])
 
     await plain.send({"type": "history", "room": "annals", "ref": "h"})
     page = await plain.next_frame()
     assert page["type"] == "history"
-    await json_gzip.send(json.dumps({"type": "history", "room": "annals", "ref": "h"}))
-    compressed = await raw(json_gzip)
+    await json_gzip.send({"type": "history", "room": "annals", "ref": "h"})
+    frame, compressed = await next_raw(json_gzip)
+    assert frame == page
     assert isinstance(compressed, bytes)  # a binary frame holding the gzip
     # The page the plain socket got, in the server's compact JSON: over 1024.
     text = gzip.decompress(compressed).decode()
     assert text == json.dumps(page, separators=(",", ":"), ensure_ascii=False)
     assert len(text.encode()) > 1024
     assert len(compressed) < len(text.encode()) / 4
-    await bin_gzip.send(
+    await bin_gzip.send_raw(
         struct.pack(">I", protocol.FRAME_CODES["history"])
         + b'{"room":"annals","ref":"h"}'
     )
-    framed = await raw(bin_gzip)
+    frame, framed = await next_raw(bin_gzip)
+    assert frame == page
     code = protocol.FRAME_CODES["history"] | protocol.COMPRESSED_CODE_BIT
     assert framed[:4] == struct.pack(">I", code)
     assert {"type": "history", **json.loads(gzip.decompress(framed[4:]))} == page
     # Short frames stay as they were.
-    await json_gzip.send(json.dumps({"type": "ping", "ref": "p"}))
-    assert await raw(json_gzip) == '{"type":"pong","ref":"p"}'
+    await json_gzip.send({"type": "ping", "ref": "p"})
+    assert await next_raw(json_gzip) == (
+        {"type": "pong", "ref": "p"},
+        '{"type":"pong","ref":"p"}',
+    )
 
 
 @pytest.mark.django_db(transaction=True)
@@ -523,7 +511,7 @@ async def test_sigterm_closes_every_socket_with_1001_and_its_reason(
 
 @pytest.mark.django_db(transaction=True)
 async def test_another_twisted_installed_serves_through_plain_asgi(
-    tmp_path, django_db_blocker, chat_client, open_wire
+    tmp_path, django_db_blocker, chat_client
 ):
     # A distribution's metadata found first on the path is what is installed,
     # as far as importlib.metadata, and so the guard, can tell.
@@ -539,12 +527,16 @@ async def test_another_twisted_installed_serves_through_plain_asgi(
             "To fix, install the lock: pip install -r requirements.txt" in (warnings[0])
         )
         user, key = await user_with_key("fred")
-        socket = await chat_client(server, key, name="tablet", device="tablet")
+        socket = await chat_client(
+            server, key, name="tablet", device="tablet", record=True
+        )
         assert socket.hello == hello(socket.hello, user)
         await socket.send({"type": "ping", "ref": "p1"})
-        assert await socket.next_frame() == {"type": "pong", "ref": "p1"}
-        pong = await pong_on_the_wire(open_wire, server, key)
-        assert pong == '{"type":"pong","ref":"p1"}'
+        # Decoded, and on the wire the exact text.
+        assert await next_raw(socket) == (
+            {"type": "pong", "ref": "p1"},
+            '{"type":"pong","ref":"p1"}',
+        )
         # Twisted is none of the close patch's business: still applied.
         await chat_client(server, key, name="newer", device="tablet")
         assert await socket.expect_close() == REPLACED
