@@ -17,6 +17,7 @@ import logging
 import random as _random
 import ssl as _ssl
 import struct
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -86,8 +87,9 @@ class ChatError(Exception):
 class ChatClosed(ChatError):
     """The client stopped: closed by us, or by a close it must not retry."""
 
-    def __init__(self, code: int | None, reason: str = "") -> None:
-        super().__init__(f"closed with {code} {reason}".strip())
+    def __init__(self, code: int | None, reason: str = "", detail: str = "") -> None:
+        message = f"closed with {code} {reason}".strip()
+        super().__init__(f"{detail}: {message}" if detail else message)
         self.code = code
         self.reason = reason
 
@@ -125,8 +127,10 @@ class ChatClient:
       sockets that took.
     - Everything else the server sends (``message``, ``presence``, ``typing``,
       ``push``…) waits in ``events`` in arrival order. With ``record``,
-      ``frames`` keeps every frame of every socket, a list per socket (for
-      tests; a long session would grow it without end).
+      ``frames`` keeps every frame of every socket, a list per socket, and
+      ``wire`` the same frames as they came (text, or bytes), for tests; a
+      long session would grow them without end. ``retries`` says when each
+      reconnect attempt began, after which delay.
     - With ``ordered``, every frame instead waits in one queue in the order it
       came, replies included, with each socket's end where it happened: read
       it with ``next_frame``, ``expect``, ``nothing`` and ``expect_close`` (a
@@ -155,11 +159,13 @@ class ChatClient:
         ssl: _ssl.SSLContext | None = None,
         name: str = "client",
         explain: Callable[[], str] | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
     ) -> None:
         """``keepalive``: seconds between pings, True for half the heartbeat,
         False for none. ``subprotocols`` replaces the one ``binary`` picks (an
         empty list offers none). ``query`` adds parameters to the URL. ``name``
         and ``explain`` (text such as a server log) go into every ``ChatError``.
+        ``connect_timeout`` bounds each handshake and its ``hello``.
         """
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         self.token = token
@@ -178,12 +184,17 @@ class ChatClient:
         self.ssl = ssl
         self.name = name
         self.explain = explain
+        self.connect_timeout = connect_timeout
         self.hello: dict[str, Any] | None = None
+        self.subprotocol: str | None = None  # the one the server chose
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.ordered = ordered
         self.inbox: asyncio.Queue[dict[str, Any] | _SocketEnded] = asyncio.Queue()
         self.record = record
         self.frames: list[list[dict[str, Any]]] = []
+        self.wire: list[list[str | bytes]] = []
+        # Per reconnect attempt: (time.monotonic() it began, the delay before it).
+        self.retries: list[tuple[float, float]] = []
         self.closes: list[tuple[int | None, str]] = []  # per socket that ended
         self.rooms: dict[str, int | None] = {}  # joined: room -> highest seq seen
         self.unacked: dict[str, dict[str, Any]] = {}  # client_msg_id -> send frame
@@ -265,14 +276,13 @@ class ChatClient:
                     max_size=None,
                     ssl=self.ssl,
                 ),
-                CONNECT_TIMEOUT_SECONDS,
+                self.connect_timeout,
             )
         except InvalidStatus as exc:
             raise ChatRefused(exc.response.status_code) from None
         try:
-            hello = self._decode(
-                await asyncio.wait_for(websocket.recv(), CONNECT_TIMEOUT_SECONDS)
-            )
+            raw = await asyncio.wait_for(websocket.recv(), self.connect_timeout)
+            hello = self._decode(raw)
         except ConnectionClosed:
             code, reason = websocket.close_code, websocket.close_reason or ""
             raise ChatClosed(code, reason) from None
@@ -284,9 +294,12 @@ class ChatClient:
             raise ChatClosed(None, f"expected hello, got {hello!r}")
         self._websocket = websocket
         self.hello = hello
+        self.subprotocol = websocket.subprotocol
         if self.record:
             self.frames.append([hello])
+            self.wire.append([raw])
         self.connected.set()
+        self._changed.set()
 
     async def _run(self) -> None:
         try:
@@ -313,7 +326,9 @@ class ChatClient:
                 self._stop(ChatClosed(code, reason))
                 return
             while True:
-                await asyncio.sleep(reconnect_delay(attempt, code))
+                delay = reconnect_delay(attempt, code)
+                await asyncio.sleep(delay)
+                self.retries.append((time.monotonic(), delay))
                 self._url_index += 1
                 try:
                     await self._open()
@@ -363,11 +378,15 @@ class ChatClient:
 
         websocket = self._websocket
         frames = self.frames[-1] if self.record else None
+        wire = self.wire[-1] if self.record else None
         try:
             async for raw in websocket:
                 frame = self._decode(raw)
-                if frames is not None:
+                if frame.get("type") == "pong" and frame.get("ref") == KEEPALIVE_REF:
+                    continue  # the keep-alive's
+                if frames is not None and wire is not None:
                     frames.append(frame)
+                    wire.append(raw)
                 self._dispatch(frame)
                 self._changed.set()
         except ConnectionClosed:
@@ -378,8 +397,6 @@ class ChatClient:
     def _dispatch(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
         ref = frame.get("ref")
-        if kind == "pong" and ref == KEEPALIVE_REF:
-            return  # the keep-alive's
         if self.ordered:
             self.inbox.put_nowait(frame)
         room = frame.get("room")
@@ -439,17 +456,27 @@ class ChatClient:
         return {"type": FRAME_NAMES[code], **json.loads(body)}
 
     async def _send(self, frame: dict[str, Any]) -> None:
-        if self._websocket is None:
-            raise ChatClosed(None, "not connected")
         if self.binary:
             fields = {k: v for k, v in frame.items() if k != "type"}
-            data = (
+            data: str | bytes = (
                 struct.pack(">I", FRAME_CODES[frame["type"]])
                 + json.dumps(fields).encode()
             )
-            await self._websocket.send(data)
         else:
-            await self._websocket.send(json.dumps(frame))
+            data = json.dumps(frame)
+        await self._send_data(data)
+
+    async def _send_data(self, data: str | bytes) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        if self._websocket is None:
+            raise ChatClosed(None, "not connected")
+        try:
+            await self._websocket.send(data)
+        except ConnectionClosed:
+            # Closed before its close was read: say so as the client's own error.
+            code, reason = self._websocket.close_code, self._websocket.close_reason
+            raise ChatClosed(code, reason or "") from None
 
     # --- requests ---------------------------------------------------------------
 
@@ -461,17 +488,16 @@ class ChatClient:
 
     async def send_raw(self, data: str | bytes) -> None:
         """Send one WebSocket frame as given: text for ``str``, binary for bytes."""
-        if self._websocket is None:
-            raise ChatClosed(None, "not connected")
-        await self._websocket.send(data)
+        await self._send_data(data)
 
     async def request(
         self, frame: dict[str, Any], *, timeout: float = 10.0
     ) -> dict[str, Any]:
-        """Send ``frame`` with a fresh ref; answer the reply carrying it."""
+        """Send ``frame`` with a fresh ref (or the ``ref`` it has); answer the
+        reply carrying it."""
         if self._closed is not None:
             raise self._closed
-        ref = f"r{next(self._refs)}"
+        ref = frame.get("ref") or f"r{next(self._refs)}"
         waiting = asyncio.get_running_loop().create_future()
         self._replies[ref] = waiting
         try:
@@ -584,7 +610,8 @@ class ChatClient:
         if item is None:
             raise self._error(f"no frame within {timeout}s")
         if isinstance(item, _SocketEnded):
-            raise ChatClosed(item.code, item.reason)
+            detail = self._error("the socket ended").args[0]
+            raise ChatClosed(item.code, item.reason, detail)
         return item
 
     async def expect(

@@ -3,7 +3,7 @@
 Up to 50 users online a room's changes come as one ``presence`` frame each;
 above, as one ``presence_batch`` a second with the exact ``online_count``, and
 ``joined`` lists at most 100 names. The other users here are real WebSocket
-clients (the ``websockets`` library, API tokens) of the same daphne process.
+clients (``chat.client.ChatClient``, API tokens) of the same daphne process.
 They run in an event loop of a thread of their own: Playwright's sync API holds
 the test thread's loop, and the sockets stay open while the page is checked.
 """
@@ -15,10 +15,10 @@ import threading
 import pytest
 from django.contrib.auth import get_user_model
 from playwright.sync_api import expect
-from websockets.asyncio.client import connect
 
 from chat import services
 from tests import test_browser
+from tests.clients import open_chat_client
 from tests.test_browser import in_thread, open_room, room_create, sign_up
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -41,44 +41,26 @@ def users_with_keys(*, names):
 
 
 class Crowd:
-    """Users in a room through sockets of their own: ``join``, ``leave``, ``close``."""
+    """Users in a room through ``ChatClient``s of their own: ``join``, ``leave``,
+    ``close``. Each pings on its own (half the heartbeat) and does not reconnect.
+    """
 
     def __init__(self, server, room):
         self.server = server
         self.room = room
-        self.sockets = {}  # username -> open socket that joined the room
+        self.clients = {}  # username -> connected ChatClient that joined the room
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.keepalive = self._call(self._keepalive_start())
 
     def _call(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(TIMEOUT)
 
-    async def _keepalive_start(self):
-        return asyncio.create_task(self._keepalive())
-
-    async def _keepalive(self):
-        # Any frame counts against the heartbeat's idle close.
-        while True:
-            await asyncio.sleep(10)
-            for socket in list(self.sockets.values()):
-                await socket.send(json.dumps({"type": "ping"}))
-
-    async def _next(self, socket, frame_type):
-        while True:
-            frame = json.loads(await socket.recv())
-            if frame["type"] == frame_type:
-                return frame
-            assert frame["type"] != "error", frame
-
     async def _join(self, name, key):
-        url = f"{self.server.ws_url}?token={key}"
-        socket = await connect(url, max_queue=None, close_timeout=2)
-        await self._next(socket, "hello")
-        await socket.send(json.dumps({"type": "join", "room": self.room}))
-        await self._next(socket, "joined")
-        self.sockets[name] = socket
+        client = await open_chat_client(self.server, key, name=name, ordered=False)
+        self.clients[name] = client
+        joined = await client.join(self.room)
+        assert joined["type"] == "joined", joined
 
     async def _join_all(self, keys):
         async with asyncio.timeout(TIMEOUT):
@@ -91,26 +73,25 @@ class Crowd:
     async def _leave_all(self, names, by_frame):
         async with asyncio.timeout(TIMEOUT):
             for name in names:
-                socket = self.sockets.pop(name)
+                client = self.clients.pop(name)
                 if by_frame:
-                    await socket.send(json.dumps({"type": "leave", "room": self.room}))
-                    await self._next(socket, "left")
-                await socket.close()
+                    left = await client.leave(self.room)
+                    assert left["type"] == "left", left
+                await client.close()
 
     async def _settle(self, name, quiet):
-        socket = self.sockets[name]
+        client = self.clients[name]
         async with asyncio.timeout(TIMEOUT):
             while True:
                 try:
-                    async with asyncio.timeout(quiet):
-                        await socket.recv()
+                    await client.next_event(timeout=quiet)
                 except TimeoutError:
                     return
 
     def settle(self, quiet=1.5):
-        """Back once the first socket has had no frame for ``quiet`` seconds:
+        """Back once the first client has had no frame for ``quiet`` seconds:
         the room's last presence_batch has gone out."""
-        self._call(self._settle(next(iter(self.sockets)), quiet))
+        self._call(self._settle(next(iter(self.clients)), quiet))
 
     def leave(self, names):
         """Send ``leave`` (and then close the socket) for each of ``names``."""
@@ -121,9 +102,8 @@ class Crowd:
         self._call(self._leave_all(names, by_frame=False))
 
     async def _shut(self):
-        self.keepalive.cancel()
-        await asyncio.gather(*(s.close() for s in self.sockets.values()))
-        self.sockets.clear()
+        await asyncio.gather(*(c.close() for c in self.clients.values()))
+        self.clients.clear()
 
     def shut(self):
         try:

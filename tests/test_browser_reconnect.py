@@ -7,6 +7,7 @@ six pages through a deploy: their server goes away with 1001 while the next
 one already serves the same port, as behind a load balancer.
 """
 
+import asyncio
 import json
 import socket
 import threading
@@ -15,10 +16,10 @@ import time
 import pytest
 from django.contrib.auth import get_user_model
 from playwright.sync_api import expect
-from websockets.sync.client import connect as ws_connect
 
 from chat import services
 from tests import test_browser
+from tests.clients import open_chat_client
 from tests.servers import DaphneServer
 from tests.test_browser import (
     expect_online,
@@ -252,11 +253,22 @@ def key_of_new_user(*, username):
 
 def warm_up(server, *, key):
     """One socket through a join with since and out: the process's first
-    handshake and recovery are slower than the rest."""
-    with ws_connect(f"{server.ws_url}?token={key}", open_timeout=10) as ws:
-        ws.send(json.dumps({"type": "join", "room": "lobby", "since": 0}))
-        while json.loads(ws.recv(timeout=10))["type"] != "recovered":
-            pass
+    handshake and recovery are slower than the rest.
+
+    A ``ChatClient`` in an event loop of a thread of its own (Playwright's sync
+    API holds the test thread's).
+    """
+
+    async def join_and_recover():
+        client = await open_chat_client(server, key, name="warm-up")
+        try:
+            await client.send({"type": "join", "room": "lobby", "since": 0})
+            while (await client.next_frame(10))["type"] != "recovered":
+                pass
+        finally:
+            await client.close()
+
+    in_thread(lambda: asyncio.run(join_and_recover()))
 
 
 def test_pages_dropped_by_a_deploy_come_back_apart_and_recover_what_they_missed(

@@ -89,10 +89,16 @@ async def test_read_in_order_every_frame_comes_as_sent_then_the_close(
     )
     two = [await first.next_frame(), await first.next_frame()]
     assert sorted((f["type"], f["seq"]) for f in two) == [("ack", 1), ("message", 1)]
-    # A reply matched by ref is also in the order it came.
+    # A reply matched by ref is also in the order it came; a ref of the
+    # caller's own is kept.
     pong = await first.request({"type": "ping"})
     assert pong == {"type": "pong", "ref": "r1"}
     assert await first.next_frame() == pong
+    assert await first.request({"type": "ping", "ref": "mine"}) == {
+        "type": "pong",
+        "ref": "mine",
+    }
+    assert await first.next_frame() == {"type": "pong", "ref": "mine"}
     await first.nothing(0.3)
     await first.send_raw("{not json")
     error = await first.expect("error")
@@ -119,6 +125,43 @@ async def test_read_in_order_every_frame_comes_as_sent_then_the_close(
     with pytest.raises(ChatClosed) as closed:
         await second.next_frame(0.1)
     assert closed.value.code == 1000
+
+
+@pytest.mark.parametrize(
+    ("binary", "compress", "subprotocol", "page_on_the_wire"),
+    [
+        (False, False, "chat.v1", str),
+        (True, False, "chat.v1.bin", bytes),
+        (False, True, "chat.v1", bytes),
+    ],
+)
+async def test_record_keeps_each_frame_as_it_came_beside_its_decoded_form(
+    start_daphne, binary, compress, subprotocol, page_on_the_wire
+):
+    server = start_daphne()
+    _, key = await user_with_key("alice")
+    await room_create("lobby")
+    async with ChatClient(
+        server.ws_url,
+        token=key,
+        binary=binary,
+        compress=compress,
+        record=True,
+        keepalive=0.05,
+    ) as client:
+        assert client.subprotocol == subprotocol
+        await client.join("lobby")
+        for n in range(20):
+            await client.send_message("lobby", f"message {n} " * 10)
+        await client.request({"type": "history", "room": "lobby", "ref": "h"})
+        [frames], [wire] = client.frames, client.wire
+        assert len(frames) == len(wire) == 2 + 40 + 1  # hello, joined; history
+        assert [f["type"] for f in frames[:2]] == ["hello", "joined"]
+        assert frames[-1]["ref"] == "h"
+        assert len(frames[-1]["messages"]) == 20
+        assert type(wire[-1]) is page_on_the_wire
+        # No keep-alive pong is recorded, though pings went out every 50 ms.
+        assert not [f for f in frames if f["type"] == "pong"]
 
 
 async def test_a_client_whose_process_goes_away_resumes_on_the_other(start_daphne):

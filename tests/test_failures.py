@@ -8,17 +8,17 @@ Redis that came back depends on it. Clients are real WebSocket connections.
 """
 
 import asyncio
-import json
+import itertools
 import time
 
 import pytest
 import redis.asyncio
 from channels.db import database_sync_to_async
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from chat import push
+from chat.client import ChatClient, ChatClosed, ChatError, ChatRefused
 from chat.models import Message
+from tests.clients import process_of
 from tests.servers import (
     DaphneServer,
     PostgresServer,
@@ -26,7 +26,7 @@ from tests.servers import (
     manage,
     this_process_uses_redis,
 )
-from tests.test_moderation_multiprocess import Socket
+from tests.test_moderation_multiprocess import QUIET, alive, join
 from tests.test_multiprocess import (
     TIMEOUT,
     joined_frame,
@@ -70,27 +70,24 @@ def start_daphne(django_db_blocker):
 
 
 @pytest.fixture
-async def open_socket():
-    """``await open_socket(server, name, key)`` → a connected ``Socket``, no pings."""
-    sockets = []
+async def open_socket(chat_client):
+    """``await open_socket(server, name, key)`` → a connected ``ChatClient`` read
+    in order, with no keep-alive pings, closed after the test."""
 
     async def open_(server, name, key):
-        socket = await Socket.open(server, name, key=key, keepalive=None)
-        sockets.append(socket)
-        return socket
+        return await chat_client(server, key, name=name, keepalive=False)
 
-    yield open_
-    for socket in sockets:
-        await socket.close()
+    return open_
 
 
 async def next_frame(socket, seconds):
     """The socket's next frame within ``seconds``, or None."""
     try:
-        raw = await asyncio.wait_for(socket.websocket.recv(), seconds)
-    except TimeoutError:
+        return await socket.next_frame(seconds)
+    except ChatClosed:
+        raise
+    except ChatError:
         return None
-    return json.loads(raw)
 
 
 async def handshake_answer(server, key):
@@ -99,22 +96,15 @@ async def handshake_answer(server, key):
     ``("http", status)`` when refused before it opens, ``("close", code, reason)``
     when it opens and closes before ``hello``, ``("open", type)`` when served.
     """
-    url = f"{server.ws_url}?token={key}"
+    client = ChatClient(server.ws_url, token=key, reconnect=False, keepalive=False)
     try:
-        websocket = await asyncio.wait_for(
-            connect(url, close_timeout=2, ping_interval=None), TIMEOUT
-        )
-    except InvalidStatus as exc:
-        return ("http", exc.response.status_code)
-    try:
-        frame = json.loads(await asyncio.wait_for(websocket.recv(), TIMEOUT))
-    except ConnectionClosed as exc:
-        if exc.rcvd is None:
-            return ("close", None, "")
-        return ("close", exc.rcvd.code, exc.rcvd.reason)
-    finally:
-        await websocket.close()
-    return ("open", frame["type"])
+        await client.connect()
+    except ChatRefused as refused:
+        return ("http", refused.status)
+    except ChatClosed as closed:
+        return ("close", closed.code, closed.reason)
+    await client.close()
+    return ("open", client.hello["type"])
 
 
 def history_entry(message_frame):
@@ -130,122 +120,50 @@ ACKS_BEFORE_KILL = 20  # per client: the kill comes mid-stream, not at its start
 SENDS_AFTER_RECONNECT = 20  # fresh sends of each client that moved
 
 
-class Streamer:
-    """A client that sends to both rooms without pause and records what it gets.
+async def stream(client, sent, stop, *, fresh_after_reconnect=None):
+    """Send to both rooms without pause until ``stop`` is set.
 
-    It keeps ``WINDOW`` sends in flight (the next goes out as an ack comes back),
-    each with its own client_msg_id and ref. ``sockets`` holds, per socket it
-    opened, every frame that socket received, in order.
+    ``WINDOW`` sends stay in flight (``send_message``: the next goes out as an
+    ack comes back, an unacked one is sent again on the next socket), each with
+    its own client_msg_id. With ``fresh_after_reconnect``, it ends once that many
+    were first sent after the first socket ended. ``sent`` gets client_msg_id ->
+    (room, how many of the client's sockets had ended when it was first sent).
     """
+    numbers = itertools.count(1)
+    fresh = 0
 
-    def __init__(self, name, key):
-        self.name = name
-        self.key = key
-        self.sent = {}  # client_msg_id -> room, in the order first sent
-        self.acks = {}  # client_msg_id -> the last ack for it
-        self.sockets = []
-        self.websocket = None
-        self.count = 0
-        self.changed = asyncio.Event()
+    async def one_in_flight():
+        nonlocal fresh
+        while not stop.is_set():
+            if fresh_after_reconnect is not None and client.closes:
+                if fresh >= fresh_after_reconnect:
+                    return
+                fresh += 1
+            number = next(numbers)
+            msg_id, room = f"{client.name}-{number}", ROOMS[number % 2]
+            sent[msg_id] = (room, len(client.closes))
+            await client.send_message(room, f"body {msg_id}", client_msg_id=msg_id)
 
-    async def open(self, server):
-        self.server = server
-        url = f"{server.ws_url}?token={self.key}"
-        self.websocket = await asyncio.wait_for(
-            connect(url, max_queue=None, close_timeout=2, ping_interval=None), TIMEOUT
-        )
-        hello = json.loads(await asyncio.wait_for(self.websocket.recv(), TIMEOUT))
-        assert hello["type"] == "hello", hello
-        self.frames = []
-        self.sockets.append(self.frames)
-        self.window = asyncio.Semaphore(WINDOW)
-        self.dead = False
-        self.reader = asyncio.create_task(self._read(self.websocket, self.frames))
+    await asyncio.gather(*(one_in_flight() for _ in range(WINDOW)))
 
-    async def _read(self, websocket, frames):
-        try:
-            async for raw in websocket:
-                frame = json.loads(raw)
-                frames.append(frame)
-                if frame["type"] == "ack":
-                    self.acks[frame["client_msg_id"]] = frame
-                    self.window.release()
-                self.changed.set()
-        except ConnectionClosed:
-            pass
-        finally:
-            self.dead = True
-            for _ in range(WINDOW):
-                self.window.release()  # a sender waiting for a slot sees it died
-            self.changed.set()
 
-    async def until(self, condition, what, timeout=30):
-        deadline = time.monotonic() + timeout
-        while not condition():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"{self.name}: {what} not within {timeout}s")
-            self.changed.clear()
-            try:
-                await asyncio.wait_for(self.changed.wait(), remaining)
-            except TimeoutError:
-                pass
+def frames_of(socket, frame_type):
+    return [f for f in socket if f["type"] == frame_type]
 
-    async def join_all(self, since=None):
-        """Join both rooms (with ``since``, a room -> seq map); wait for the answers."""
-        for room in ROOMS:
-            extra = {} if since is None else {"since": since[room]}
-            await self.send(type="join", room=room, ref=f"join-{room}", **extra)
-        done_type = "joined" if since is None else "recovered"
-        await self.until(
-            lambda: (
-                {f.get("room") for f in self.frames if f["type"] == done_type}
-                >= set(ROOMS)
-            ),
-            f"{done_type} for both rooms",
-        )
 
-    async def send(self, **frame):
-        await self.websocket.send(json.dumps(frame))
+def acked(socket):
+    """client_msg_ids of the acks a socket received."""
+    return {f["client_msg_id"] for f in frames_of(socket, "ack")}
 
-    async def send_message(self, client_msg_id, room):
-        self.sent.setdefault(client_msg_id, room)
-        await self.send(
-            type="send",
-            room=room,
-            body=f"body {client_msg_id}",
-            client_msg_id=client_msg_id,
-            ref=client_msg_id,
-        )
 
-    async def stream(self, stop, *, limit=None):
-        """Send fresh messages until ``stop`` is set, ``limit`` are sent or it dies."""
-        sent = 0
-        while not stop.is_set() and (limit is None or sent < limit):
-            await self.window.acquire()
-            if self.dead or stop.is_set():
-                return
-            self.count += 1
-            sent += 1
-            try:
-                await self.send_message(f"{self.name}-{self.count}", ROOMS[sent % 2])
-            except ConnectionClosed:
-                return
+def seqs(socket, room):
+    """Seqs of the ``message`` frames of ``room`` the socket received, in order."""
+    return [f["seq"] for f in frames_of(socket, "message") if f["room"] == room]
 
-    def unacked(self):
-        return [msg_id for msg_id in self.sent if msg_id not in self.acks]
 
-    def seqs(self, socket, room):
-        """Seqs of the ``message`` frames of ``room`` the socket received, in order."""
-        return [
-            f["seq"] for f in socket if f["type"] == "message" and f["room"] == room
-        ]
-
-    def messages(self):
-        return [f for socket in self.sockets for f in socket if f["type"] == "message"]
-
-    def errors(self):
-        return [f for socket in self.sockets for f in socket if f["type"] == "error"]
+def every(client, frame_type):
+    """The frames of ``frame_type`` of every socket of the client."""
+    return [f for socket in client.frames for f in frames_of(socket, frame_type)]
 
 
 @database_sync_to_async
@@ -263,7 +181,7 @@ async def stored_frames(rows):
 @pytest.mark.redis
 @pytest.mark.django_db(transaction=True)
 async def test_clients_of_a_process_killed_mid_stream_resume_elsewhere_losing_nothing(
-    redis_server, start_daphne
+    redis_server, start_daphne, chat_client
 ):
     # The stream is faster than anyone types; the rate limit is not under test.
     options = {"redis_url": redis_server.url, "extra_env": {"CHAT_RATE_LIMIT": "0"}}
@@ -271,53 +189,87 @@ async def test_clients_of_a_process_killed_mid_stream_resume_elsewhere_losing_no
     server_b = start_daphne(**options)
     for room in ROOMS:
         await room_create(room)
-    streamers = {}
-    for name, server in [("a1", server_a), ("a2", server_a)] + [
-        ("b1", server_b),
-        ("b2", server_b),
+    # Each client keeps every frame per socket; one whose socket drops goes to
+    # the next of its URLs: a client of B's to A.
+    clients, sent = {}, {}
+    for name, server, other in [
+        ("a1", server_a, server_b),
+        ("a2", server_a, server_b),
+        ("b1", server_b, server_a),
+        ("b2", server_b, server_a),
     ]:
-        streamers[name] = Streamer(name, (await user_with_key(name))[1])
-        await streamers[name].open(server)
-    for streamer in streamers.values():
-        await streamer.join_all()
-    on_a = [streamers["a1"], streamers["a2"]]
-    moved = [streamers["b1"], streamers["b2"]]
+        clients[name] = await chat_client(
+            server,
+            (await user_with_key(name))[1],
+            name=name,
+            url=[server.ws_url, other.ws_url],
+            ordered=False,
+            reconnect=True,
+            record=True,
+            keepalive=False,
+        )
+        sent[name] = {}
+    for client in clients.values():
+        for room in ROOMS:
+            assert (await client.join(room))["type"] == "joined"
+    on_a = [clients["a1"], clients["a2"]]
+    moved = [clients["b1"], clients["b2"]]
 
+    # The clients that move send SENDS_AFTER_RECONNECT fresh ones on A; the
+    # others stream until those are all acknowledged.
     stop = asyncio.Event()
-    streams = [asyncio.create_task(s.stream(stop)) for s in streamers.values()]
-    for streamer in streamers.values():
-        await streamer.until(
-            lambda s=streamer: len(s.acks) >= ACKS_BEFORE_KILL, "acks before the kill"
+    streams = {
+        name: asyncio.create_task(
+            stream(
+                client,
+                sent[name],
+                stop,
+                fresh_after_reconnect=SENDS_AFTER_RECONNECT
+                if client in moved
+                else None,
+            )
+        )
+        for name, client in clients.items()
+    }
+    for client in clients.values():
+        await client.until(
+            lambda c=client: len(acked(c.frames[0])) >= ACKS_BEFORE_KILL,
+            "acks before the kill",
+            timeout=30,
         )
     server_b.kill()
-    for streamer in moved:
-        await streamer.until(lambda s=streamer: s.dead, "the killed socket's end")
-    # What the moved clients knew when their socket died.
-    in_flight = {s.name: s.unacked() for s in moved}
-    since = {
-        s.name: {room: max(s.seqs(s.sockets[0], room), default=0) for room in ROOMS}
-        for s in moved
-    }
-    for streamer in moved:
-        assert in_flight[streamer.name], f"{streamer.name} had no send in flight"
-
-    # Reconnect to A, resume each room from the highest seq seen, send again
-    # what was never acknowledged (same client_msg_id), then stream on.
-    resumed_streams = []
-    for streamer in moved:
-        await streamer.open(server_a)
-        await streamer.join_all(since=since[streamer.name])
-        for msg_id in in_flight[streamer.name]:
-            await streamer.window.acquire()
-            await streamer.send_message(msg_id, streamer.sent[msg_id])
-        resumed_streams.append(
-            asyncio.create_task(streamer.stream(stop, limit=SENDS_AFTER_RECONNECT))
+    for client in moved:
+        await client.until(
+            lambda c=client: c.closes, "the killed socket's end", timeout=30
         )
-    await asyncio.gather(*resumed_streams)
+    # What the moved clients knew when their socket died: the sends it carried
+    # that it never acknowledged, the highest seq it saw in each room.
+    in_flight = {
+        c.name: [
+            msg_id
+            for msg_id, (_, ended) in sent[c.name].items()
+            if ended == 0 and msg_id not in acked(c.frames[0])
+        ]
+        for c in moved
+    }
+    since = {
+        c.name: {room: max(seqs(c.frames[0], room), default=0) for room in ROOMS}
+        for c in moved
+    }
+    for client in moved:
+        assert in_flight[client.name], f"{client.name} had no send in flight"
+
+    # The client reconnects to A on its own, resumes each room from the highest
+    # seq seen, sends again what was never acknowledged (same client_msg_id),
+    # and streams on.
+    await asyncio.gather(*(streams[c.name] for c in moved))
     stop.set()
-    await asyncio.gather(*streams)
-    for streamer in streamers.values():
-        await streamer.until(lambda s=streamer: not s.unacked(), "the last acks")
+    await asyncio.gather(*streams.values())
+    for client in moved:
+        assert (client.reconnects, len(client.frames)) == (1, 2), client.closes
+        assert process_of(client) == process_of(on_a[0]), client.hello
+    for client in clients.values():
+        assert client.unacked == {}, client.name
 
     rows = await stored_rows()
     frames = await stored_frames(rows)
@@ -332,19 +284,21 @@ async def test_clients_of_a_process_killed_mid_stream_resume_elsewhere_losing_no
         (author, msg_id): (slug, seq, pk) for slug, seq, pk, author, msg_id in rows
     }
     assert len(stored) == len(rows)
-    sent = {(s.name, msg_id) for s in streamers.values() for msg_id in s.sent}
-    assert set(stored) == sent
-    for streamer in streamers.values():
-        for msg_id, ack in streamer.acks.items():
+    assert set(stored) == {(name, msg_id) for name in sent for msg_id in sent[name]}
+    for name, client in clients.items():
+        acks = every(client, "ack")
+        assert {ack["client_msg_id"] for ack in acks} == set(sent[name]), name
+        for ack in acks:
+            msg_id = ack["client_msg_id"]
             assert ack == {
                 "type": "ack",
                 "ref": msg_id,
-                "room": streamer.sent[msg_id],
+                "room": sent[name][msg_id][0],
                 "client_msg_id": msg_id,
-                "id": stored[(streamer.name, msg_id)][2],
-                "seq": stored[(streamer.name, msg_id)][1],
+                "id": stored[(name, msg_id)][2],
+                "seq": stored[(name, msg_id)][1],
             }
-        assert streamer.errors() == []
+        assert every(client, "error") == []
 
     # Messages B stored without its client hearing the ack may never have left
     # B (killed between commit and broadcast); every other message was
@@ -356,52 +310,53 @@ async def test_clients_of_a_process_killed_mid_stream_resume_elsewhere_losing_no
     }
     everything = {(slug, seq) for slug, seq, *_ in rows}
     await until_each_has_seen(on_a, everything - uncertain)
-    for streamer in on_a:
-        seen = [(f["room"], f["seq"]) for f in streamer.messages()]
-        assert len(seen) == len(set(seen)), f"{streamer.name} got a message twice"
+    for client in on_a:
+        seen = [(f["room"], f["seq"]) for f in every(client, "message")]
+        assert len(seen) == len(set(seen)), f"{client.name} got a message twice"
         assert everything - uncertain <= set(seen) <= everything
-    for streamer in moved:
-        since_of = since[streamer.name]
-        resumed = streamer.sockets[1]
+    for client in moved:
+        since_of = since[client.name]
+        resumed = client.frames[1]
         for room in ROOMS:
             last_seq = max(seq for slug, seq, *_ in rows if slug == room)
             # Every message after since, exactly, on the new socket: the
             # recovery, then the live stream (a seq may come twice, as
             # docs/protocol.md says around a join).
             expected = set(range(since_of[room] + 1, last_seq + 1))
-            await streamer.until(
-                lambda s=streamer, r=room, e=expected: (
-                    set(s.seqs(s.sockets[1], r)) >= e
-                ),
+            await client.until(
+                lambda c=client, r=room, e=expected: set(seqs(c.frames[1], r)) >= e,
                 f"every message of {room} after since",
+                timeout=30,
             )
-            assert set(streamer.seqs(resumed, room)) == expected, room
-            joined = next(f for f in resumed if f.get("ref") == f"join-{room}")
+            assert set(seqs(resumed, room)) == expected, room
+            # The client's own rejoin carries no ref.
+            joined = next(
+                f for f in resumed if f["type"] == "joined" and f["room"] == room
+            )
             assert joined == joined_frame(
                 room,
                 online=joined["online"],
                 last_seq=joined["last_seq"],
                 read_seq=0,
-                ref=f"join-{room}",
             )
             recovered = {"type": "recovered", "room": room, "complete": True}
             between = resumed[resumed.index(joined) + 1 : resumed.index(recovered)]
             recovery = {f["seq"] for f in between if f.get("room") == room}
             assert recovery >= set(range(since_of[room] + 1, joined["last_seq"] + 1))
             # Below since, all the socket that died missed is what never left B.
-            seen_before = set(streamer.seqs(streamer.sockets[0], room))
+            seen_before = set(seqs(client.frames[0], room))
             missed = set(range(1, since_of[room] + 1)) - seen_before
             assert {(room, seq) for seq in missed} <= uncertain
-    for streamer in streamers.values():
-        for frame in streamer.messages():
+    for client in clients.values():
+        for frame in every(client, "message"):
             assert frame == frames[(frame["room"], frame["seq"])]
 
 
-async def until_each_has_seen(streamers, expected, timeout=30):
-    for streamer in streamers:
-        await streamer.until(
-            lambda s=streamer: (
-                {(f["room"], f["seq"]) for f in s.messages()} >= expected
+async def until_each_has_seen(clients, expected, timeout=30):
+    for client in clients:
+        await client.until(
+            lambda c=client: (
+                {(f["room"], f["seq"]) for f in every(c, "message")} >= expected
             ),
             "every broadcast message",
             timeout=timeout,
@@ -434,9 +389,9 @@ async def until_delivery_resumes(carol, dave, frank, frank_user):
     while pending and time.monotonic() - started < PROBE_FOR:
         round_started = time.monotonic()
         if "A to B" in pending:
-            await carol.send(type="typing", room="outage")
+            await carol.send({"type": "typing", "room": "outage"})
         if "B to A" in pending:
-            await dave.send(type="typing", room="outage")
+            await dave.send({"type": "typing", "room": "outage"})
         if "to C" in pending:
             await push.to_user(frank_user, "probe", {})
         probes = {
@@ -461,7 +416,7 @@ async def until_delivery_resumes(carol, dave, frank, frank_user):
 
 async def ack_and_own_message(socket):
     """The ack of a send and the sender's own message frame, in either order."""
-    frames = [await socket.expect_one_of(("ack", "message")) for _ in range(2)]
+    frames = [await socket.expect(("ack", "message")) for _ in range(2)]
     frames.sort(key=lambda frame: frame["type"])
     assert [frame["type"] for frame in frames] == ["ack", "message"], frames
     return frames
@@ -486,41 +441,59 @@ async def test_redis_back_after_10_s_delivery_resumes_on_its_own_and_the_gap_fil
     dave = await open_socket(server_b, "dave@B", keys["dave"])
     frank = await open_socket(server_c, "frank@C", keys["frank"])
     for socket in (alice, bob, carol, dave):
-        await socket.join("outage", skip=("presence",))
+        await join(socket, "outage", skip=("presence",))
     # Each hears of those who joined after it.
     for socket, later in ((alice, 3), (bob, 2), (carol, 1)):
         for _ in range(later):
-            assert (await socket.recv())["type"] == "presence"
+            assert (await socket.next_frame())["type"] == "presence"
     dm = direct_slug(users["carol"], users["frank"])
 
     await alice.send(
-        type="send", room="outage", body="before", client_msg_id="before", ref="b"
+        {
+            "type": "send",
+            "room": "outage",
+            "body": "before",
+            "client_msg_id": "before",
+            "ref": "b",
+        }
     )
     _, before = await ack_and_own_message(alice)
     assert before == await stored_message("outage", 1)
     for socket in (bob, carol, dave):
-        assert await socket.recv() == before
-    await carol.send(type="dm", to="frank", body="hi", client_msg_id="dm-1", ref="d")
+        assert await socket.next_frame() == before
+    await carol.send(
+        {"type": "dm", "to": "frank", "body": "hi", "client_msg_id": "dm-1", "ref": "d"}
+    )
     await ack_and_own_message(carol)
-    assert await frank.recv() == await stored_message(dm, 1)
+    assert await frank.next_frame() == await stored_message(dm, 1)
 
     redis_server.stop()
     stopped_at = time.monotonic()
     # A send is stored, but its broadcast cannot leave: the sender's socket is
     # closed (1011) without its ack, and the client reconnects.
     await alice.send(
-        type="send", room="outage", body="during A", client_msg_id="during-a"
+        {
+            "type": "send",
+            "room": "outage",
+            "body": "during A",
+            "client_msg_id": "during-a",
+        }
     )
     assert await alice.expect_close() == (1011, "server error")
     await bob.send(
-        type="send", room="outage", body="during B", client_msg_id="during-b"
+        {
+            "type": "send",
+            "room": "outage",
+            "body": "during B",
+            "client_msg_id": "during-b",
+        }
     )
     assert await bob.expect_close() == (1011, "server error")
     # A new socket cannot be registered: it opens and closes at once (1011).
     assert await handshake_answer(server_a, keys["erin"]) == ("close", 1011, "")
     # The quiet sockets stay open; what needs no Redis is served.
     for socket in (carol, dave, frank):
-        await socket.alive()
+        await alive(socket)
     await asyncio.sleep(OUTAGE_SECONDS - (time.monotonic() - stopped_at))
     redis_server.start()  # the same port, empty: no groups, no presence
 
@@ -536,7 +509,13 @@ async def test_redis_back_after_10_s_delivery_resumes_on_its_own_and_the_gap_fil
     # The sockets that stayed open are served again, not deaf: messages cross
     # both ways and a direct message reaches C.
     await carol.send(
-        type="send", room="outage", body="back A", client_msg_id="back-a", ref="ba"
+        {
+            "type": "send",
+            "room": "outage",
+            "body": "back A",
+            "client_msg_id": "back-a",
+            "ref": "ba",
+        }
     )
     ack, own = await ack_and_own_message(carol)
     back_a = await stored_message("outage", 4)
@@ -551,17 +530,31 @@ async def test_redis_back_after_10_s_delivery_resumes_on_its_own_and_the_gap_fil
         },
         back_a,
     )
-    assert await dave.recv() == back_a
+    assert await dave.next_frame() == back_a
     await dave.send(
-        type="send", room="outage", body="back B", client_msg_id="back-b", ref="bb"
+        {
+            "type": "send",
+            "room": "outage",
+            "body": "back B",
+            "client_msg_id": "back-b",
+            "ref": "bb",
+        }
     )
     _, own = await ack_and_own_message(dave)
     back_b = await stored_message("outage", 5)
     assert own == back_b
-    assert await carol.recv() == back_b
-    await carol.send(type="dm", to="frank", body="back", client_msg_id="dm-2", ref="d")
+    assert await carol.next_frame() == back_b
+    await carol.send(
+        {
+            "type": "dm",
+            "to": "frank",
+            "body": "back",
+            "client_msg_id": "dm-2",
+            "ref": "d",
+        }
+    )
     await ack_and_own_message(carol)
-    assert await frank.recv() == await stored_message(dm, 2)
+    assert await frank.next_frame() == await stored_message(dm, 2)
 
     # The gap fills from the database, exactly: what was stored while Redis
     # was down (seqs 2 and 3) never crossed live.
@@ -573,23 +566,29 @@ async def test_redis_back_after_10_s_delivery_resumes_on_its_own_and_the_gap_fil
     stored = [await stored_message("outage", seq) for seq in range(1, 6)]
     # alice reconnects and resumes from the last seq she saw.
     alice = await open_socket(server_a, "alice@A again", keys["alice"])
-    assert await alice.join("outage", since=1, ref="rejoin") == joined_frame(
+    assert await join(alice, "outage", since=1, ref="rejoin") == joined_frame(
         "outage", online=["alice", "carol", "dave"], last_seq=5, ref="rejoin"
     )
-    assert [await alice.recv() for _ in range(4)] == stored[1:]
-    assert await alice.recv() == {
+    assert [await alice.next_frame() for _ in range(4)] == stored[1:]
+    assert await alice.next_frame() == {
         "type": "recovered",
         "room": "outage",
         "complete": True,
     }
     # Her entry went with Redis's data, so she comes online again.
     for socket in (carol, dave):
-        assert await socket.recv() == presence_frame("outage", "alice", "online")
+        assert await socket.next_frame() == presence_frame("outage", "alice", "online")
     # Her unacknowledged send, sent again, gets the ack of the stored message.
     await alice.send(
-        type="send", room="outage", body="during A", client_msg_id="during-a", ref="r"
+        {
+            "type": "send",
+            "room": "outage",
+            "body": "during A",
+            "client_msg_id": "during-a",
+            "ref": "r",
+        }
     )
-    assert await alice.recv() == {
+    assert await alice.next_frame() == {
         "type": "ack",
         "ref": "r",
         "room": "outage",
@@ -598,8 +597,8 @@ async def test_redis_back_after_10_s_delivery_resumes_on_its_own_and_the_gap_fil
         "seq": 2,
     }
     # dave saw 1, then 4: history before 4 gives what he missed.
-    await dave.send(type="history", room="outage", before=4, ref="h")
-    assert await dave.recv() == {
+    await dave.send({"type": "history", "room": "outage", "before": 4, "ref": "h"})
+    assert await dave.next_frame() == {
         "type": "history",
         "room": "outage",
         "messages": [history_entry(frame) for frame in stored[:3]],
@@ -607,10 +606,10 @@ async def test_redis_back_after_10_s_delivery_resumes_on_its_own_and_the_gap_fil
         "ref": "h",
     }
     bob = await open_socket(server_b, "bob@B again", keys["bob"])
-    await bob.send(type="history", room="outage", ref="h")
-    assert (await bob.recv())["messages"] == [history_entry(f) for f in stored]
+    await bob.send({"type": "history", "room": "outage", "ref": "h"})
+    assert (await bob.next_frame())["messages"] == [history_entry(f) for f in stored]
     for socket in (alice, carol, dave, frank):
-        await socket.nothing()
+        await socket.nothing(QUIET)
 
 
 @pytest.mark.redis
@@ -648,7 +647,7 @@ async def test_an_idle_process_neither_logs_nor_reconnects_to_redis_for_20_s(
     assert len(before) >= 2, before  # the layer's receive, presence
     assert after == before
     assert log == ""
-    await socket.alive()
+    await alive(socket)
 
 
 # --- 3. PostgreSQL stopped and started again -------------------------------------
@@ -704,11 +703,17 @@ async def test_postgres_down_answers_unavailable_and_sends_are_acked_once_it_is_
     key = manage("shell", "-c", SETUP, database_url=database).split()[-1]
     server = start_daphne(extra_env={"DATABASE_URL": database})
     pat = await open_socket(server, "pat", key)
-    assert await pat.join("lifeline", ref="j") == joined_frame(
+    assert await join(pat, "lifeline", ref="j") == joined_frame(
         "lifeline", online=["pat"], ref="j"
     )
     await pat.send(
-        type="send", room="lifeline", body="before", client_msg_id="before", ref="b"
+        {
+            "type": "send",
+            "room": "lifeline",
+            "body": "before",
+            "client_msg_id": "before",
+            "ref": "b",
+        }
     )
     ack, before = await ack_and_own_message(pat)
     assert (ack["ref"], ack["seq"], before["client_msg_id"]) == ("b", 1, "before")
@@ -717,13 +722,15 @@ async def test_postgres_down_answers_unavailable_and_sends_are_acked_once_it_is_
     log_start = len(server.output())
     for n in range(3):
         await pat.send(
-            type="send",
-            room="lifeline",
-            body=f"refused {n}",
-            client_msg_id=f"refused-{n}",
-            ref=f"s{n}",
+            {
+                "type": "send",
+                "room": "lifeline",
+                "body": f"refused {n}",
+                "client_msg_id": f"refused-{n}",
+                "ref": f"s{n}",
+            }
         )
-    assert [await pat.recv() for _ in range(3)] == [
+    assert [await pat.next_frame() for _ in range(3)] == [
         unavailable(f"s{n}") for n in range(3)
     ]
     for frame in (
@@ -734,9 +741,9 @@ async def test_postgres_down_answers_unavailable_and_sends_are_acked_once_it_is_
         {"type": "read", "room": "lifeline", "seq": 1},
         {"type": "dm", "to": "quinn", "body": "hi", "client_msg_id": "dm-1"},
     ):
-        await pat.send(**frame, ref=frame["type"])
-        assert await pat.recv() == unavailable(frame["type"]), frame
-    await pat.alive()  # the socket stays open and served
+        await pat.send({**frame, "ref": frame["type"]})
+        assert await pat.next_frame() == unavailable(frame["type"]), frame
+    await alive(pat)  # the socket stays open and served
 
     # A new socket is told to come back (1013, with the reason), every time
     # alike, and each costs one line of log, not a traceback.
@@ -745,7 +752,7 @@ async def test_postgres_down_answers_unavailable_and_sends_are_acked_once_it_is_
     outage_log = server.output()[log_start:]
     assert outage_log.count("Traceback") == 0, outage_log
     assert outage_log.count("handshake: database unavailable: ") == HANDSHAKES
-    await pat.alive()
+    await alive(pat)
 
     postgres.start()
     back_at = time.monotonic()
@@ -754,9 +761,15 @@ async def test_postgres_down_answers_unavailable_and_sends_are_acked_once_it_is_
     while True:
         msg_id = f"after-{len(retried)}"
         await pat.send(
-            type="send", room="lifeline", body="after", client_msg_id=msg_id, ref=msg_id
+            {
+                "type": "send",
+                "room": "lifeline",
+                "body": "after",
+                "client_msg_id": msg_id,
+                "ref": msg_id,
+            }
         )
-        frame = await pat.expect_one_of(("ack", "error"), skip=("message",))
+        frame = await pat.expect(("ack", "error"), skip=("message",))
         if frame["type"] == "ack":
             break
         assert frame == unavailable(msg_id)
@@ -769,7 +782,7 @@ async def test_postgres_down_answers_unavailable_and_sends_are_acked_once_it_is_
     assert await handshake_answer(server, key) == ("open", "hello")
 
     # History holds what was acked, before and after; nothing refused.
-    await pat.send(type="history", room="lifeline", ref="h")
+    await pat.send({"type": "history", "room": "lifeline", "ref": "h"})
     history = await pat.expect("history", skip=("message",))
     assert [m["client_msg_id"] for m in history["messages"]] == ["before", msg_id]
     assert history["messages"][0] == history_entry(before)

@@ -1,13 +1,15 @@
 """chat as a reusable app: the wheel, its setting defaults, and a fresh project.
 
 The module's fixture builds the wheel from this checkout, installs it with its
-dependencies (at requirements.txt's versions) into a virtualenv of its own, makes
-a project with ``django-admin startproject hostsite``, changes it with the code
+``[client]`` extra and their dependencies (at requirements.txt's versions, the
+extra's websockets at the dev lock's) into a virtualenv of its own, makes a
+project with ``django-admin startproject hostsite``, changes it with the code
 blocks of docs/integrate.md, migrates it and serves it with daphne. The project
-lives outside this checkout, so the ``chat`` it imports is the installed one.
+lives outside this checkout, so the ``chat`` it imports is the installed one; a
+socket test chats with the installed ``chat.client.ChatClient``, run by that
+virtualenv's Python.
 """
 
-import asyncio
 import http.client
 import json
 import os
@@ -23,7 +25,6 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 from django.test import override_settings
-from websockets.asyncio.client import connect
 
 from chat import conf
 from tests.ports import free_port, wait_for_port
@@ -194,9 +195,11 @@ class Host:
 
     def install(self):
         run(sys.executable, "-m", "venv", str(self.venv), cwd=self.directory)
+        # The [client] extra's websockets is pinned by the dev lock only.
         self.python(
-            *("-m", "pip", "install", "--quiet", str(self.wheel)),
+            *("-m", "pip", "install", "--quiet", f"{self.wheel}[client]"),
             *("-c", str(ROOT / "requirements.txt")),
+            *("-c", str(ROOT / "requirements-dev.txt")),
             timeout=900,
         )
         make_project(self.project, self.venv)
@@ -366,35 +369,44 @@ def test_chats_pages_render_for_a_signed_in_user_from_the_wheels_templates(host)
     ]
 
 
-async def exchange(url):
-    """Over one socket: hello, join plaza, send; the frames received, in order."""
-    async with connect(url, open_timeout=30) as socket:
+# Run by the host's virtualenv: over one socket of the installed ChatClient
+# (read in order), hello, join plaza, send; the frames received, in order.
+EXCHANGE = """
+import asyncio, json, sys
+import chat.client
+from chat.client import ChatClient
 
-        async def receive():
-            return json.loads(await asyncio.wait_for(socket.recv(), 30))
-
-        hello = await receive()
-        await socket.send(json.dumps({"type": "join", "room": "plaza", "ref": "j1"}))
-        joined = await receive()
-        await socket.send(
-            json.dumps(
-                {
-                    "type": "send",
-                    "room": "plaza",
-                    "body": "hi from a host project",
-                    "client_msg_id": "c-1",
-                    "ref": "s1",
-                }
-            )
-        )
+async def exchange(url, token):
+    client = ChatClient(url, token=token, ordered=True, reconnect=False)
+    await client.connect()
+    try:
+        await client.send({"type": "join", "room": "plaza", "ref": "j1"})
+        joined = await client.next_frame(30)
+        await client.send({
+            "type": "send", "room": "plaza", "body": "hi from a host project",
+            "client_msg_id": "c-1", "ref": "s1",
+        })
         # The ack and the sender's own message, in either order.
-        own = [await receive(), await receive()]
-    return hello, joined, own
+        own = [await client.next_frame(30), await client.next_frame(30)]
+    finally:
+        await client.close()
+    return client.hello, joined, own
+
+hello, joined, own = asyncio.run(exchange(*sys.argv[1:]))
+print(json.dumps({
+    "client": chat.client.__file__, "hello": hello, "joined": joined, "own": own,
+}))
+"""
 
 
 def test_a_token_socket_gets_hello_joins_and_sends(host):
-    url = f"ws://127.0.0.1:{host.port}/ws/?token={host.token}"
-    hello, joined, own = asyncio.run(exchange(url))
+    url = f"ws://127.0.0.1:{host.port}/ws/"
+    done = json.loads(host.python("-c", EXCHANGE, url, host.token).splitlines()[-1])
+    hello, joined, own = done["hello"], done["joined"], done["own"]
+    # The [client] extra's ChatClient, installed from the wheel.
+    assert done["client"] == str(
+        host.venv / "lib" / "python3.11" / "site-packages" / "chat" / "client.py"
+    )
 
     assert re.fullmatch(r"[0-9a-f]{8}-[0-9]+", hello.get("connection_id", ""))
     assert hello == {

@@ -10,6 +10,7 @@ observed on real WebSocket connections held by A and B, never by this process.
 """
 
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -20,7 +21,6 @@ import urllib.request
 from datetime import timedelta
 from io import StringIO
 from types import SimpleNamespace
-from urllib.parse import urlencode
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -35,11 +35,12 @@ from django.test import Client as HttpClient
 from django.urls import reverse
 from django.utils import timezone
 from pytest_django.asserts import assertContains
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed
 
 from chat import protocol, push, registry, services
+from chat.client import ChatClient, ChatClosed, ChatRefused
 from chat.models import ApiToken, Ban, Membership, Message, ModerationAction, Mute, Room
+from tests.clients import process_of
 from tests.servers import (
     ROOT,
     SECRET_KEY,
@@ -48,10 +49,8 @@ from tests.servers import (
     this_process_uses_redis,
 )
 from tests.test_multiprocess import (
-    CONNECTION_ID,
     HEARTBEAT,
     TIMEOUT,
-    WsClient,
     daphne_start,
     joined_frame,
     key_for,
@@ -116,149 +115,67 @@ def server_b(cluster):
 
 # --- clients -----------------------------------------------------------------------
 
-
-def ws_url(server, *, key=None, **query):
-    params = {"token": key} if key else {}
-    params.update(query)
-    return server.ws_url + (f"?{urlencode(params)}" if params else "")
-
-
-class Socket(WsClient):
-    """``WsClient`` with a device key, a session cookie, and close expectations."""
-
-    pings = 0
-
-    @classmethod
-    async def open(
-        cls, server, name, *, key=None, headers=None, keepalive=HEARTBEAT / 2, **query
-    ):
-        try:
-            # ping_interval=None: no protocol-level pings from the library (they
-            # never reach the application; the idle test in test_policies.py
-            # must see true silence).
-            websocket = await asyncio.wait_for(
-                connect(
-                    ws_url(server, key=key, **query),
-                    additional_headers=headers,
-                    max_queue=None,
-                    close_timeout=2,
-                    ping_interval=None,
-                ),
-                TIMEOUT,
-            )
-        except Exception as exc:
-            raise AssertionError(
-                f"{name} could not connect: {exc!r}\n{server.output()[-6000:]}"
-            ) from exc
-        client = cls(server, websocket, name)
-        client.hello = await client.recv()
-        assert client.hello["type"] == "hello", client.hello
-        assert CONNECTION_ID.fullmatch(client.hello["connection_id"]), client.hello
-        if keepalive:
-            client._keepalive = asyncio.create_task(client._ping_every(keepalive))
-        return client
-
-    @property
-    def connection_id(self):
-        return self.hello["connection_id"]
-
-    @property
-    def process(self):
-        return self.connection_id.rsplit("-", 1)[0]
-
-    async def _ping_every(self, seconds):
-        try:
-            while True:
-                await asyncio.sleep(seconds)
-                await self.send(type="ping", ref="keepalive")
-        except ConnectionClosed:
-            pass
-
-    def _stop_keepalive(self):
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-            self._keepalive = None
-
-    async def expect_close(self, timeout=TIMEOUT, *, skip=()):
-        """Read until the server closes; return its close frame's (code, reason).
-
-        Frames of types in ``skip`` may come first; any other frame fails.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = max(deadline - time.monotonic(), 0)
-            try:
-                raw = await asyncio.wait_for(self.websocket.recv(), remaining)
-            except TimeoutError:
-                self._fail(f"still open after {timeout:.2f}s")
-            except ConnectionClosed as exc:
-                self._stop_keepalive()
-                if exc.rcvd is None:
-                    self._fail(f"closed without a close frame from the server: {exc}")
-                return exc.rcvd.code, exc.rcvd.reason
-            frame = json.loads(raw)
-            if frame == {"type": "pong", "ref": "keepalive"}:
-                continue
-            if frame["type"] not in skip:
-                self._fail(f"expected the close, got {frame}")
-
-    async def expect_one_of(self, frame_types, *, skip=(), timeout=TIMEOUT):
-        """The next frame of one of ``frame_types``, passing over those in ``skip``."""
-        while True:
-            frame = await self.recv(timeout)
-            if frame["type"] in frame_types:
-                return frame
-            if frame["type"] not in skip:
-                self._fail(f"expected one of {frame_types}, got {frame}")
-
-    async def alive(self):
-        """Assert the socket is open and served: a ping gets its pong."""
-        Socket.pings += 1
-        ref = f"alive-{Socket.pings}"
-        try:
-            await self.send(type="ping", ref=ref)
-        except ConnectionClosed as exc:
-            self._fail(f"closed: {exc}")
-        assert await self.recv() == {"type": "pong", "ref": ref}, self.name
-
-    async def request(self, **frame):
-        await self.send(**frame)
-        return await self.recv()
-
-    async def history(self, room):
-        frame = await self.request(type="history", room=room, ref="h")
-        assert frame["type"] == "history", frame
-        return frame["messages"]
-
-    async def close(self):
-        self._stop_keepalive()
-        await self.websocket.close()
+QUIET = 0.4  # seconds of silence that show a frame does not come
+_pings = itertools.count(1)
 
 
 @pytest.fixture
-async def open_socket(cluster):
-    """``await open_socket(server, name, key=…, device=…)`` → a connected ``Socket``."""
-    sockets = []
+async def open_socket(cluster, chat_client):
+    """``await open_socket(server, name, key=…, device=…, headers=…)`` → a connected
+    ``ChatClient`` (read in order, a keep-alive ping every half heartbeat), closed
+    after the test."""
 
-    async def open_(server, name, **options):
-        socket = await Socket.open(server, name, **options)
-        sockets.append(socket)
-        return socket
+    async def open_(server, name, *, key=None, **options):
+        return await chat_client(server, key, name=name, **options)
 
-    yield open_
-    for socket in sockets:
-        await socket.close()
+    return open_
+
+
+async def alive(client):
+    """Assert the socket is open and served: a ping gets its pong."""
+    ref = f"alive-{next(_pings)}"
+    try:
+        try:
+            await client.send({"type": "ping", "ref": ref})
+        except ConnectionClosed:
+            pass  # the socket's end comes next, with its close code
+        pong = await client.next_frame()
+    except ChatClosed as closed:
+        raise AssertionError(f"{client.name}: {closed}") from None
+    assert pong == {"type": "pong", "ref": ref}, client.name
+
+
+async def request(client, frame):
+    """Send ``frame`` as it is (its own ref); answer the next frame that comes."""
+    await client.send(frame)
+    return await client.next_frame()
+
+
+async def join(client, room, *, skip=(), **extra):
+    """Send a join (``extra``: ref, since…); answer the ``joined`` frame, passing
+    over frames of types in ``skip``."""
+    await client.send({"type": "join", "room": room, **extra})
+    return await client.expect("joined", skip=skip)
+
+
+async def room_history(client, room):
+    frame = await request(client, {"type": "history", "room": room, "ref": "h"})
+    assert frame["type"] == "history", frame
+    return frame["messages"]
 
 
 async def handshake_status(server, *, key=None, headers=None):
     """The HTTP status of a WebSocket handshake: 101 when it opens."""
+    client = ChatClient(
+        server.ws_url, token=key, headers=headers, reconnect=False, keepalive=False
+    )
     try:
-        websocket = await connect(
-            ws_url(server, key=key), additional_headers=headers, ping_interval=None
-        )
-    except InvalidStatus as exc:
-        return exc.response.status_code
-    await websocket.close()
+        await client.connect()
+    except ChatRefused as refused:
+        return refused.status
+    except ChatClosed:
+        return 101  # it opened, then closed before its hello
+    await client.close()
     return 101
 
 
@@ -266,7 +183,7 @@ async def closes_within(clients, started, expected, *, seconds=WITHIN, skip=()):
     """Each client's socket closes with ``expected`` (code, reason) in time."""
     remaining = started + seconds - time.monotonic()
     results = await asyncio.gather(
-        *(c.expect_close(max(remaining, 0.05), skip=skip) for c in clients)
+        *(c.expect_close(timeout=max(remaining, 0.05), skip=skip) for c in clients)
     )
     elapsed = time.monotonic() - started
     assert results == [expected] * len(clients), [c.name for c in clients]
@@ -466,10 +383,10 @@ async def ack_and_echo(socket, echo, **frame):
 
     Both come back to the sender, in either order; presence frames may mix in.
     """
-    await socket.send(**frame)
+    await socket.send(frame)
     got = {}
     while len(got) < 2:
-        reply = await socket.expect_one_of(("ack", echo), skip=("presence",))
+        reply = await socket.expect(("ack", echo), skip=("presence",))
         assert reply["type"] not in got, reply
         got[reply["type"]] = reply
     assert got["ack"]["ref"] == frame["ref"], got
@@ -528,7 +445,7 @@ async def test_site_ban_in_the_admin_closes_the_users_sockets_on_both_processes(
     await admin.add("ban", user=bob.pk, room="", reason="spamming", **NO_EXPIRY)
 
     await closes_within([bob_a, bob_b], started, (4403, "banned: spamming"))
-    await carol_b.alive()
+    await alive(carol_b)
     assert await handshake_status(server_a, key=bob_key) == 403
     assert await handshake_status(server_b, key=bob_key) == 403
 
@@ -575,7 +492,7 @@ async def test_site_ban_in_the_admin_closes_the_users_sockets_on_both_processes(
         assert again.hello == {
             "type": "hello",
             "protocol": 1,
-            "connection_id": again.connection_id,
+            "connection_id": again.hello["connection_id"],
             "user": {"id": bob.pk, "username": "bob"},
             "heartbeat": HEARTBEAT,
         }
@@ -635,7 +552,7 @@ async def test_a_ban_that_already_ended_refuses_nothing(
     assert await handshake_status(server_b, key=bob_key) == 101
     # A ban that is over must not throw out the sockets it no longer refuses.
     try:
-        await bob_b.alive()
+        await alive(bob_b)
         closed = None
     except AssertionError as exc:
         closed = str(exc).splitlines()[0]
@@ -665,7 +582,7 @@ async def test_token_revoke_action_closes_only_the_sockets_opened_with_that_toke
     await admin.action("admin:chat_apitoken_changelist", "revoke_tokens", [token.pk])
 
     await closes_within(doomed, started, (4403, "token revoked"))
-    await kept.alive()
+    await alive(kept)
     assert await handshake_status(server_a, key=revoked_key) == 403
     await open_socket(server_a, "bob@A token 2", key=kept_key)
     [row] = await moderation_log()
@@ -704,7 +621,7 @@ async def test_sign_out_everywhere_closes_the_sockets_opened_with_a_session(
     await admin.action("admin:auth_user_changelist", "sign_out_everywhere", [bob.pk])
 
     await closes_within(by_session, started, (4403, "signed out"))
-    await by_token.alive()
+    await alive(by_token)
     headers = browser_headers(server_b, cookie)
     assert await handshake_status(server_b, headers=headers) == 403
     [row] = await moderation_log()
@@ -734,13 +651,13 @@ async def test_room_ban_removes_the_user_from_that_room_only_and_refuses_joins(
     den = await room_create("den")
     await room_create("yard")
     alice_a = await open_socket(server_a, "alice@A", key=alice_key)
-    await alice_a.join("den")
+    await join(alice_a, "den")
     bob_b = await open_socket(server_b, "bob@B", key=bob_key)
-    await bob_b.join("den")
-    assert await alice_a.recv() == presence_frame("den", "bob", "online")
-    await bob_b.join("yard")
+    await join(bob_b, "den")
+    assert await alice_a.next_frame() == presence_frame("den", "bob", "online")
+    await join(bob_b, "yard")
     bob_a = await open_socket(server_a, "bob@A", key=bob_key)
-    await bob_a.join("yard")
+    await join(bob_a, "yard")
 
     started = time.monotonic()
     await admin.add("ban", user=bob.pk, room=den.pk, reason="trolling", **NO_EXPIRY)
@@ -751,9 +668,9 @@ async def test_room_ban_removes_the_user_from_that_room_only_and_refuses_joins(
         "room": "den",
         "reason": "banned from the room: trolling",
     }
-    assert await alice_a.recv() == presence_frame("den", "bob", "offline")
+    assert await alice_a.next_frame() == presence_frame("den", "bob", "offline")
     for socket in (bob_a, bob_b):
-        refused = await socket.request(type="join", room="den", ref="j")
+        refused = await request(socket, {"type": "join", "room": "den", "ref": "j"})
         assert refused == {
             "type": "error",
             "code": "forbidden",
@@ -763,13 +680,13 @@ async def test_room_ban_removes_the_user_from_that_room_only_and_refuses_joins(
     # bob's other room, and his socket on A, are untouched.
     sent = await send_and_ack(bob_b, "yard", "still here", "y1")
     assert await bob_a.expect("message") == sent
-    assert await bob_b.request(**send_frame("den", "let me in", "d1")) == {
+    assert await request(bob_b, send_frame("den", "let me in", "d1")) == {
         "type": "error",
         "code": "not_joined",
         "message": "join room 'den' first",
         "ref": "d1",
     }
-    await alice_a.nothing()
+    await alice_a.nothing(QUIET)
 
     [row] = await moderation_log()
     assert row == {
@@ -792,30 +709,30 @@ async def test_room_mute_refuses_sends_until_the_admin_lifts_it(
     _, alice_key = await user_with_key("alice")
     den = await room_create("den")
     alice_a = await open_socket(server_a, "alice@A", key=alice_key)
-    await alice_a.join("den")
+    await join(alice_a, "den")
     bob_b = await open_socket(server_b, "bob@B", key=bob_key)
-    await bob_b.join("den")
-    assert await alice_a.recv() == presence_frame("den", "bob", "online")
+    await join(bob_b, "den")
+    assert await alice_a.next_frame() == presence_frame("den", "bob", "online")
 
     await admin.add("mute", user=bob.pk, room=den.pk, reason="cool down", **NO_EXPIRY)
 
-    assert await bob_b.request(**send_frame("den", "hey", "m1")) == {
+    assert await request(bob_b, send_frame("den", "hey", "m1")) == {
         "type": "error",
         "code": "muted",
         "message": "you are muted in 'den': cool down",
         "ref": "m1",
     }
     bob_a = await open_socket(server_a, "bob@A", key=bob_key)
-    await bob_a.join("den")
-    assert await bob_a.request(**send_frame("den", "hey", "m2")) == {
+    await join(bob_a, "den")
+    assert await request(bob_a, send_frame("den", "hey", "m2")) == {
         "type": "error",
         "code": "muted",
         "message": "you are muted in 'den': cool down",
         "ref": "m2",
     }
     # Muted, not removed: bob still reads the room.
-    assert (await bob_b.history("den")) == []
-    await alice_a.nothing()
+    assert (await room_history(bob_b, "den")) == []
+    await alice_a.nothing(QUIET)
 
     mute = await db(Mute.objects.get)()
     await admin.delete("mute", mute.pk)
@@ -844,9 +761,9 @@ async def test_the_service_functions_reach_both_processes_without_the_admin(
     hall = await room_create("hall")
     [first] = await messages_create("hall", "alice", ["hidden soon"])
     alice_a = await open_socket(server_a, "alice@A", key=alice_key)
-    await alice_a.join("hall")
+    await join(alice_a, "hall")
     bob_b = await open_socket(server_b, "bob@B", key=bob_key)
-    await bob_b.join("hall")
+    await join(bob_b, "hall")
     await alice_a.expect("presence")
 
     started = time.monotonic()
@@ -862,7 +779,7 @@ async def test_the_service_functions_reach_both_processes_without_the_admin(
         "room": "hall",
         "reason": "banned from the room: flood",
     }
-    assert await alice_a.recv() == presence_frame("hall", "bob", "offline")
+    assert await alice_a.next_frame() == presence_frame("hall", "bob", "offline")
 
     started = time.monotonic()
     await db(services.room_close)(room=hall, actor=root, reason="maintenance")
@@ -874,7 +791,7 @@ async def test_the_service_functions_reach_both_processes_without_the_admin(
 
     started = time.monotonic()
     await db(services.connection_disconnect)(
-        connection_id=bob_b.connection_id, actor=root
+        connection_id=bob_b.hello["connection_id"], actor=root
     )
     await closes_within([bob_b], started, (4403, "kicked by a moderator"))
 
@@ -914,7 +831,7 @@ async def test_the_service_functions_reach_both_processes_without_the_admin(
             "kind": "disconnect",
             "actor": "mod",
             "reason": "",
-            "detail": f"connection {bob_b.connection_id}",
+            "detail": f"connection {bob_b.hello['connection_id']}",
         },
         {
             **nothing,
@@ -939,9 +856,9 @@ async def test_messages_deleted_in_the_admin_go_from_both_processes_and_history(
     bodies = ["one", "two", "three", "four", "five"]
     m1, m2, m3, m4, m5 = await messages_create("news", "alice", bodies)
     alice_a = await open_socket(server_a, "alice@A", key=alice_key)
-    await alice_a.join("news")
+    await join(alice_a, "news")
     bob_b = await open_socket(server_b, "bob@B", key=bob_key)
-    await bob_b.join("news")
+    await join(bob_b, "news")
     await alice_a.expect("presence")
     watchers = (alice_a, bob_b)
 
@@ -969,10 +886,10 @@ async def test_messages_deleted_in_the_admin_go_from_both_processes_and_history(
     for socket in watchers:
         frame = await expect_within(socket, started, "message_deleted")
         assert frame == {**deleted(m4), "seq": 4}
-        await socket.nothing()
+        await socket.nothing(QUIET)
 
     for socket in watchers:
-        shown = await socket.history("news")
+        shown = await room_history(socket, "news")
         assert [(m["seq"], m["deleted"], m["body"]) for m in shown] == [
             (1, True, ""),
             (2, True, ""),
@@ -1020,15 +937,22 @@ async def test_a_room_moderator_edits_and_deletes_anyones_message_across_process
         room=club, user=carol, role=Membership.Role.MODERATOR
     )
     alice_b = await open_socket(server_b, "alice@B", key=alice_key)
-    await alice_b.join("club")
+    await join(alice_b, "club")
     sent = await send_and_ack(alice_b, "club", "rude words", "c1")
     carol_a = await open_socket(server_a, "carol@A", key=carol_key)
-    await carol_a.join("club")
+    await join(carol_a, "club")
     dave_a = await open_socket(server_a, "dave@A", key=dave_key)
-    await dave_a.join("club", skip=("presence",))
+    await join(dave_a, "club", skip=("presence",))
 
-    refused = await dave_a.request(
-        type="edit", room="club", id=sent["id"], body="mine now", ref="e0"
+    refused = await request(
+        dave_a,
+        {
+            "type": "edit",
+            "room": "club",
+            "id": sent["id"],
+            "body": "mine now",
+            "ref": "e0",
+        },
     )
     assert refused == {
         "type": "error",
@@ -1096,10 +1020,10 @@ async def test_closing_a_room_in_its_change_form_removes_everyone_and_refuses_se
     await room_create("other")
     await messages_create("forum", "bob", ["before the close"])
     alice_a = await open_socket(server_a, "alice@A", key=alice_key)
-    await alice_a.join("forum")
+    await join(alice_a, "forum")
     bob_b = await open_socket(server_b, "bob@B", key=bob_key)
-    await bob_b.join("forum")
-    await bob_b.join("other")
+    await join(bob_b, "forum")
+    await join(bob_b, "other")
     await alice_a.expect("presence")
 
     started = time.monotonic()
@@ -1117,17 +1041,17 @@ async def test_closing_a_room_in_its_change_form_removes_everyone_and_refuses_se
     assert before["body"] == "before the close"
     del before["type"]  # history lists the message frames' payloads
     for socket, online in ((alice_a, ["alice"]), (bob_b, ["alice", "bob"])):
-        joined = await socket.join("forum", skip=("presence", "message"))
+        joined = await join(socket, "forum", skip=("presence", "message"))
         assert joined == joined_frame("forum", online=online, last_seq=1, closed=True)
         msg_id = f"x-{socket.name}"
-        refused = await socket.request(**send_frame("forum", "hello?", msg_id))
+        refused = await request(socket, send_frame("forum", "hello?", msg_id))
         assert refused == {
             "type": "error",
             "code": "room_closed",
             "message": "room 'forum' is closed",
             "ref": msg_id,
         }
-        assert await socket.history("forum") == [before]
+        assert await room_history(socket, "forum") == [before]
     row = {"actor": "root", "target": None, "room": "forum", "message": None}
     closed = {**row, "kind": "room_close", "reason": "", "detail": ""}
     assert await moderation_log() == [closed]
@@ -1151,9 +1075,9 @@ async def test_the_close_rooms_action_removes_the_rooms_sockets(
     _, bob_key = await user_with_key("bob")
     market = await room_create("market")
     alice_a = await open_socket(server_a, "alice@A", key=alice_key)
-    await alice_a.join("market")
+    await join(alice_a, "market")
     bob_b = await open_socket(server_b, "bob@B", key=bob_key)
-    await bob_b.join("market")
+    await join(bob_b, "market")
     await alice_a.expect("presence")
 
     started = time.monotonic()
@@ -1162,9 +1086,9 @@ async def test_the_close_rooms_action_removes_the_rooms_sockets(
     for socket in (alice_a, bob_b):
         removed = await expect_within(socket, started, "removed", skip=("presence",))
         assert removed == {"type": "removed", "room": "market", "reason": "room closed"}
-    rejoined = await bob_b.join("market", skip=("presence",))
+    rejoined = await join(bob_b, "market", skip=("presence",))
     assert rejoined == joined_frame("market", online=["bob"], closed=True)
-    refused = await bob_b.request(**send_frame("market", "anyone?", "k1"))
+    refused = await request(bob_b, send_frame("market", "anyone?", "k1"))
     assert refused == {
         "type": "error",
         "code": "room_closed",
@@ -1181,7 +1105,7 @@ async def test_the_close_rooms_action_removes_the_rooms_sockets(
 
 
 def _ours(connections, sockets):
-    ids = {socket.connection_id for socket in sockets}
+    ids = {socket.hello["connection_id"] for socket in sockets}
     return {c["id"]: c for c in connections if c["id"] in ids}
 
 
@@ -1210,26 +1134,26 @@ async def test_live_connections_page_lists_both_processes_and_disconnects(
     await room_create("patio")
     opening = protocol.timestamp(timezone.now())
     bob_a = await open_socket(server_a, "bob@A", key=bob_key, device="phone")
-    await bob_a.join("lounge")
+    await join(bob_a, "lounge")
     alice_b = await open_socket(server_b, "alice@B", key=alice_key)
     opened = protocol.timestamp(timezone.now())
-    await alice_b.join("lounge")
-    assert await bob_a.recv() == presence_frame("lounge", "alice", "online")
-    await alice_b.join("patio")
-    assert bob_a.process != alice_b.process
+    await join(alice_b, "lounge")
+    assert await bob_a.next_frame() == presence_frame("lounge", "alice", "online")
+    await join(alice_b, "patio")
+    assert process_of(bob_a) != process_of(alice_b)
 
     response, listed = await live_page(admin, [bob_a, alice_b], expect_count=2)
     for socket, user, rooms, device in (
         (bob_a, bob, ["lounge"], "phone"),
         (alice_b, alice, ["lounge", "patio"], None),
     ):
-        entry = listed[socket.connection_id]
+        entry = listed[socket.hello["connection_id"]]
         connected_at = entry["connected_at"]
         assert entry == {
-            "id": socket.connection_id,
+            "id": socket.hello["connection_id"],
             "user_id": user.pk,
             "username": user.username,
-            "process": socket.process,
+            "process": process_of(socket),
             "connected_at": connected_at,
             "device": device,
             "rooms": rooms,
@@ -1241,10 +1165,10 @@ async def test_live_connections_page_lists_both_processes_and_disconnects(
     assert (per_room["lounge"], per_room["patio"]) == (2, 1)
     page = response.content.decode()
     for text in (
-        bob_a.connection_id,
-        alice_b.connection_id,
-        bob_a.process,
-        alice_b.process,
+        bob_a.hello["connection_id"],
+        alice_b.hello["connection_id"],
+        process_of(bob_a),
+        process_of(alice_b),
         "<td>phone</td>",
         "<td>lounge, patio</td>",
         "<tr><td>lounge</td><td>2</td></tr>",
@@ -1255,13 +1179,13 @@ async def test_live_connections_page_lists_both_processes_and_disconnects(
     started = time.monotonic()
     response = await admin.post(
         "admin:chat_live_connections",
-        data={"connection_id": bob_a.connection_id, "reason": "cool it"},
+        data={"connection_id": bob_a.hello["connection_id"], "reason": "cool it"},
     )
     assert response.status_code == 302
 
     await closes_within([bob_a], started, (4403, "kicked by a moderator: cool it"))
-    assert await alice_b.recv() == presence_frame("lounge", "bob", "offline")
-    await alice_b.alive()
+    assert await alice_b.next_frame() == presence_frame("lounge", "bob", "offline")
+    await alive(alice_b)
     await live_page(admin, [bob_a, alice_b], expect_count=1)
     # A kick is no ban.
     await open_socket(server_b, "bob@B", key=bob_key)
@@ -1273,7 +1197,7 @@ async def test_live_connections_page_lists_both_processes_and_disconnects(
             "room": None,
             "message": None,
             "reason": "cool it",
-            "detail": f"connection {bob_a.connection_id}",
+            "detail": f"connection {bob_a.hello['connection_id']}",
         }
     ]
 
@@ -1302,10 +1226,10 @@ async def push_setup(server_a, server_b, open_socket):
     _, alice_key = await user_with_key("alice")
     await room_create("plaza")
     alice_b = await open_socket(server_b, "alice@B", key=alice_key)
-    await alice_b.join("plaza")
+    await join(alice_b, "plaza")
     bob_a = await open_socket(server_a, "bob@A", key=bob_key)
-    await bob_a.join("plaza")
-    assert await alice_b.recv() == presence_frame("plaza", "bob", "online")
+    await join(bob_a, "plaza")
+    assert await alice_b.next_frame() == presence_frame("plaza", "bob", "online")
     bob_b = await open_socket(server_b, "bob@B", key=bob_key)
     await live_count_settles(3)
     return SimpleNamespace(bob=bob, bob_a=bob_a, bob_b=bob_b, alice_b=alice_b)
@@ -1313,9 +1237,9 @@ async def push_setup(server_a, server_b, open_socket):
 
 async def receive_push(reached, missed, event, data):
     for socket in reached:
-        assert await socket.recv() == push_frame(event, data), socket.name
+        assert await socket.next_frame() == push_frame(event, data), socket.name
     for socket in missed:
-        await socket.nothing()
+        await socket.nothing(QUIET)
 
 
 async def test_push_from_python_sync_and_async_reaches_both_processes(push_setup):
@@ -1335,9 +1259,13 @@ async def test_push_from_python_sync_and_async_reaches_both_processes(push_setup
     assert await sync_to_async(push.to_room)("plaza", "room.sync", None) == 2
     await receive_push([s.bob_a, s.alice_b], [s.bob_b], "room.sync", None)
 
-    assert await push.to_connection(s.bob_b.connection_id, "just.you", "hi") == 1
+    assert (
+        await push.to_connection(s.bob_b.hello["connection_id"], "just.you", "hi") == 1
+    )
     await receive_push([s.bob_b], [s.bob_a, s.alice_b], "just.you", "hi")
-    one = await sync_to_async(push.to_connection)(s.bob_a.connection_id, "a", 1)
+    one = await sync_to_async(push.to_connection)(
+        s.bob_a.hello["connection_id"], "a", 1
+    )
     assert one == 1
     await receive_push([s.bob_a], [s.bob_b, s.alice_b], "a", 1)
 
@@ -1432,7 +1360,12 @@ async def test_api_push_reaches_both_processes_with_the_permission_only(
 
     for target, value, reached, missed in (
         ("room", "plaza", [s.bob_a, s.alice_b], [s.bob_b]),
-        ("connection_id", s.bob_b.connection_id, [s.bob_b], [s.bob_a, s.alice_b]),
+        (
+            "connection_id",
+            s.bob_b.hello["connection_id"],
+            [s.bob_b],
+            [s.bob_a, s.alice_b],
+        ),
         ("all", True, [s.bob_a, s.bob_b, s.alice_b], []),
     ):
         body = {"event": f"to.{target}", "data": None, target: value}
@@ -1460,7 +1393,7 @@ async def test_api_push_reaches_both_processes_with_the_permission_only(
         answer = await api_push(server_a, body, key=push_key)
         assert answer == (status, {"error": error}), body
     for socket in (s.bob_a, s.bob_b, s.alice_b):
-        await socket.nothing()
+        await socket.nothing(QUIET)
 
 
 # --- device keys -------------------------------------------------------------------
@@ -1481,18 +1414,18 @@ async def test_a_new_connection_with_the_same_device_key_replaces_the_old_anywhe
     started = time.monotonic()
     phone_b = await open_socket(server_b, "bob phone@B", key=bob_key, device="phone")
     await closes_within([phone_a], started, replaced)
-    await laptop_a.alive()
-    await alice_phone.alive()
-    await phone_b.alive()
+    await alive(laptop_a)
+    await alive(alice_phone)
+    await alive(phone_b)
 
     sockets = [phone_a, laptop_a, alice_phone, phone_b]
     _, listed = await live_page(admin, sockets, expect_count=3)
     assert {(c["username"], c["device"], c["process"]) for c in listed.values()} == {
-        ("bob", "laptop", laptop_a.process),
-        ("alice", "phone", alice_phone.process),
-        ("bob", "phone", phone_b.process),
+        ("bob", "laptop", process_of(laptop_a)),
+        ("alice", "phone", process_of(alice_phone)),
+        ("bob", "phone", process_of(phone_b)),
     }
-    assert phone_b.connection_id in listed
+    assert phone_b.hello["connection_id"] in listed
 
     # And back: a phone socket on A replaces the one on B.
     started = time.monotonic()
@@ -1500,5 +1433,5 @@ async def test_a_new_connection_with_the_same_device_key_replaces_the_old_anywhe
         server_a, "bob phone@A again", key=bob_key, device="phone"
     )
     await closes_within([phone_b], started, replaced)
-    await again.alive()
-    await laptop_a.alive()
+    await alive(again)
+    await alive(laptop_a)

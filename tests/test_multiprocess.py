@@ -1,22 +1,21 @@
 """Several real server processes behind one Redis: what crosses between them.
 
 The module starts its own redis-server and two daphne processes (A and B) on the
-test database; clients are real WebSocket connections. Every test commits its
-data (``transaction=True``) so the server processes see it.
+test database; clients are real WebSocket connections (``ChatClient``s of the
+``chat_client`` fixture, read in order). Every test commits its data
+(``transaction=True``) so the server processes see it.
 """
 
 import asyncio
-import json
 import re
 import time
 
 import pytest
 from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
 
 from chat import protocol, services
+from chat.client import ChatClosed, ChatError
 from chat.models import Message, Room
 from chat.registry import live_connections
 from tests.servers import DaphneServer, RedisServer, this_process_uses_redis
@@ -174,115 +173,10 @@ def joined_frame(
 # --- clients -------------------------------------------------------------------
 
 
-class WsClient:
-    """One WebSocket connection to a server process, speaking ``chat.v1`` JSON."""
-
-    def __init__(self, server, websocket, name):
-        self.server = server
-        self.websocket = websocket
-        self.name = name
-        self.hello = None
-        self._keepalive = None
-
-    @classmethod
-    async def open(cls, server, key, name):
-        try:
-            # An unbounded queue: the socket keeps reading frames the test skips,
-            # so it never stops reading and then misses the server's close.
-            websocket = await asyncio.wait_for(
-                connect(
-                    f"{server.ws_url}?token={key}", max_queue=None, close_timeout=2
-                ),
-                TIMEOUT,
-            )
-        except Exception as exc:
-            raise AssertionError(
-                f"{name} could not connect: {exc!r}\n{server.output()}"
-            ) from exc
-        client = cls(server, websocket, name)
-        client.hello = await client.recv()
-        assert client.hello["type"] == "hello", client.hello
-        assert CONNECTION_ID.fullmatch(client.hello["connection_id"]), client.hello
-        # Idle sockets are closed after twice the heartbeat; tests wait longer.
-        client._keepalive = asyncio.create_task(client._ping_forever())
-        return client
-
-    async def _ping_forever(self):
-        while True:
-            await asyncio.sleep(HEARTBEAT / 2)
-            await self.send(type="ping", ref="keepalive")
-
-    def _fail(self, message):
-        log = self.server.output()[-6000:]
-        raise AssertionError(f"{self.name}: {message}\n--- daphne log ---\n{log}")
-
-    async def send(self, **frame):
-        await self.websocket.send(json.dumps(frame))
-
-    async def recv(self, timeout=TIMEOUT):
-        """The next frame (keep-alive pongs are dropped)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                raw = await asyncio.wait_for(self.websocket.recv(), max(remaining, 0))
-            except TimeoutError:
-                self._fail(f"no frame within {timeout}s")
-            except Exception as exc:
-                self._fail(f"connection failed: {exc!r}")
-            frame = json.loads(raw)
-            if frame == {"type": "pong", "ref": "keepalive"}:
-                continue
-            return frame
-
-    async def expect(self, frame_type, *, skip=(), timeout=TIMEOUT):
-        """The next frame of ``frame_type``, passing over those of types in ``skip``."""
-        while True:
-            frame = await self.recv(timeout)
-            if frame["type"] == frame_type:
-                return frame
-            if frame["type"] not in skip:
-                self._fail(f"expected {frame_type!r}, got {frame}")
-
-    async def nothing(self, timeout=QUIET):
-        """Assert no frame arrives for ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                raw = await asyncio.wait_for(self.websocket.recv(), remaining)
-            except TimeoutError:
-                return
-            frame = json.loads(raw)
-            if frame != {"type": "pong", "ref": "keepalive"}:
-                self._fail(f"expected no frame, got {frame}")
-
-    async def join(self, room, *, skip=(), **extra):
-        await self.send(type="join", room=room, **extra)
-        return await self.expect("joined", skip=skip)
-
-    def stop_pinging(self):
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-            self._keepalive = None
-
-    async def close(self):
-        self.stop_pinging()
-        await self.websocket.close()
-
-
-@pytest.fixture
-async def open_client():
-    """``await open_client(server, key, name)`` → a connected ``WsClient``."""
-    clients = []
-
-    async def open_(server, key, name):
-        client = await WsClient.open(server, key, name)
-        clients.append(client)
-        return client
-
-    yield open_
-    for client in clients:
-        await client.close()
+async def join(client, room, *, skip=(), **extra):
+    """Send ``join`` (with ``extra`` fields) and answer the ``joined`` that comes."""
+    await client.send({"type": "join", "room": room, **extra})
+    return await client.expect("joined", skip=skip, timeout=TIMEOUT)
 
 
 def presence(room, user, status):
@@ -293,22 +187,28 @@ def presence(room, user, status):
 
 
 async def test_message_sent_on_one_process_reaches_a_member_on_the_other(
-    server_a, server_b, open_client
+    server_a, server_b, chat_client
 ):
     alice, alice_key = await user_with_key("alice")
     _, bob_key = await user_with_key("bob")
     await room_create("cross")
-    on_a = await open_client(server_a, alice_key, "alice@A")
-    on_b = await open_client(server_b, bob_key, "bob@B")
-    await on_a.join("cross")
-    await on_b.join("cross")
-    assert await on_a.recv() == presence("cross", "bob", "online")
+    on_a = await chat_client(server_a, alice_key, name="alice@A")
+    on_b = await chat_client(server_b, bob_key, name="bob@B")
+    await join(on_a, "cross")
+    await join(on_b, "cross")
+    assert await on_a.next_frame(TIMEOUT) == presence("cross", "bob", "online")
 
     await on_a.send(
-        type="send", room="cross", body="hello from A", client_msg_id="c-1", ref="s1"
+        {
+            "type": "send",
+            "room": "cross",
+            "body": "hello from A",
+            "client_msg_id": "c-1",
+            "ref": "s1",
+        }
     )
 
-    received = await on_b.recv()
+    received = await on_b.next_frame(TIMEOUT)
     expected = await stored_message("cross", 1)
     assert expected == {
         **expected,
@@ -318,7 +218,10 @@ async def test_message_sent_on_one_process_reaches_a_member_on_the_other(
     }
     assert received == expected
     # The sender gets the ack and its own message, in either order.
-    own = sorted([await on_a.recv(), await on_a.recv()], key=lambda f: f["type"])
+    own = sorted(
+        [await on_a.next_frame(TIMEOUT), await on_a.next_frame(TIMEOUT)],
+        key=lambda f: f["type"],
+    )
     assert own[0] == {
         "type": "ack",
         "ref": "s1",
@@ -328,66 +231,70 @@ async def test_message_sent_on_one_process_reaches_a_member_on_the_other(
         "seq": 1,
     }
     assert own[1] == expected
-    await on_b.nothing()
+    await on_b.nothing(QUIET)
 
 
 async def test_presence_crosses_processes_on_join_leave_and_disconnect(
-    server_a, server_b, open_client
+    server_a, server_b, chat_client
 ):
     keys = {name: (await user_with_key(name))[1] for name in ["alice", "bob", "carol"]}
     await room_create("hall")
-    alice = await open_client(server_a, keys["alice"], "alice@A")
-    bob = await open_client(server_b, keys["bob"], "bob@B")
+    alice = await chat_client(server_a, keys["alice"], name="alice@A")
+    bob = await chat_client(server_b, keys["bob"], name="bob@B")
 
-    joined = await alice.join("hall", ref="j1")
+    joined = await join(alice, "hall", ref="j1")
     assert joined == joined_frame("hall", online=["alice"], ref="j1")
     # B lists a user who joined on A.
-    assert (await bob.join("hall"))["online"] == ["alice", "bob"]
-    assert await alice.recv() == presence("hall", "bob", "online")
+    assert (await join(bob, "hall"))["online"] == ["alice", "bob"]
+    assert await alice.next_frame(TIMEOUT) == presence("hall", "bob", "online")
 
     # Join and leave on A reach B.
-    carol = await open_client(server_a, keys["carol"], "carol@A")
-    assert (await carol.join("hall"))["online"] == ["alice", "bob", "carol"]
-    assert await bob.recv() == presence("hall", "carol", "online")
-    assert await alice.recv() == presence("hall", "carol", "online")
-    await carol.send(type="leave", room="hall", ref="l1")
-    assert await carol.recv() == {"type": "left", "room": "hall", "ref": "l1"}
-    assert await bob.recv() == presence("hall", "carol", "offline")
-    assert await alice.recv() == presence("hall", "carol", "offline")
+    carol = await chat_client(server_a, keys["carol"], name="carol@A")
+    assert (await join(carol, "hall"))["online"] == ["alice", "bob", "carol"]
+    assert await bob.next_frame(TIMEOUT) == presence("hall", "carol", "online")
+    assert await alice.next_frame(TIMEOUT) == presence("hall", "carol", "online")
+    await carol.send({"type": "leave", "room": "hall", "ref": "l1"})
+    assert await carol.next_frame(TIMEOUT) == {
+        "type": "left",
+        "room": "hall",
+        "ref": "l1",
+    }
+    assert await bob.next_frame(TIMEOUT) == presence("hall", "carol", "offline")
+    assert await alice.next_frame(TIMEOUT) == presence("hall", "carol", "offline")
 
     # A second socket of bob's, on A, changes nothing for the others ...
-    bob_again = await open_client(server_a, keys["bob"], "bob@A")
-    assert (await bob_again.join("hall"))["online"] == ["alice", "bob"]
+    bob_again = await chat_client(server_a, keys["bob"], name="bob@A")
+    assert (await join(bob_again, "hall"))["online"] == ["alice", "bob"]
     # ... nor does his socket on B going away, while the one on A stays.
     await bob.close()
-    await alice.nothing()
-    assert (await carol.join("hall"))["online"] == ["alice", "bob", "carol"]
-    assert await alice.recv() == presence("hall", "carol", "online")
-    assert await bob_again.recv() == presence("hall", "carol", "online")
+    await alice.nothing(QUIET)
+    assert (await join(carol, "hall"))["online"] == ["alice", "bob", "carol"]
+    assert await alice.next_frame(TIMEOUT) == presence("hall", "carol", "online")
+    assert await bob_again.next_frame(TIMEOUT) == presence("hall", "carol", "online")
 
     # A disconnect on B reaches A.
-    carol_on_b = await open_client(server_b, keys["carol"], "carol@B")
-    await carol_on_b.join("hall")
+    carol_on_b = await chat_client(server_b, keys["carol"], name="carol@B")
+    await join(carol_on_b, "hall")
     await carol.close()
-    await alice.nothing()  # carol is still there, through B
+    await alice.nothing(QUIET)  # carol is still there, through B
     await carol_on_b.close()
-    assert await alice.recv() == presence("hall", "carol", "offline")
-    assert await bob_again.recv() == presence("hall", "carol", "offline")
+    assert await alice.next_frame(TIMEOUT) == presence("hall", "carol", "offline")
+    assert await bob_again.next_frame(TIMEOUT) == presence("hall", "carol", "offline")
 
     # bob's last socket leaving, on A, reaches a fresh socket on B.
-    carol_again = await open_client(server_b, keys["carol"], "carol@B2")
-    assert (await carol_again.join("hall"))["online"] == ["alice", "bob", "carol"]
-    assert await alice.recv() == presence("hall", "carol", "online")
-    assert await bob_again.recv() == presence("hall", "carol", "online")
+    carol_again = await chat_client(server_b, keys["carol"], name="carol@B2")
+    assert (await join(carol_again, "hall"))["online"] == ["alice", "bob", "carol"]
+    assert await alice.next_frame(TIMEOUT) == presence("hall", "carol", "online")
+    assert await bob_again.next_frame(TIMEOUT) == presence("hall", "carol", "online")
     await bob_again.close()
-    assert await carol_again.recv() == presence("hall", "bob", "offline")
-    assert await alice.recv() == presence("hall", "bob", "offline")
-    await alice.nothing()
-    await carol_again.nothing()
+    assert await carol_again.next_frame(TIMEOUT) == presence("hall", "bob", "offline")
+    assert await alice.next_frame(TIMEOUT) == presence("hall", "bob", "offline")
+    await alice.nothing(QUIET)
+    await carol_again.nothing(QUIET)
 
 
 async def test_a_big_room_gets_one_presence_batch_a_second_across_processes(
-    server_a, server_b, open_client
+    server_a, server_b, chat_client
 ):
     # 56 users online in "arena", joining on both processes: past 50, a
     # watcher on each process gets the changes of the last 6 in one batch,
@@ -397,12 +304,14 @@ async def test_a_big_room_gets_one_presence_batch_a_second_across_processes(
     clients = []
     for n in range(56):
         _, key = await user_with_key(f"a{n:02}")
-        client = await open_client(servers[n % 2], key, f"a{n:02}")
-        joined = await client.join("arena")
+        client = await chat_client(servers[n % 2], key, name=f"a{n:02}")
+        joined = await join(client, "arena")
         clients.append(client)
     assert joined["online_count"] == 56
     for watcher in clients[:2]:
-        frames = [await watcher.expect("presence_batch", skip=("presence",))]
+        frames = [
+            await watcher.expect("presence_batch", skip=("presence",), timeout=TIMEOUT)
+        ]
         assert frames == [
             {
                 "type": "presence_batch",
@@ -414,11 +323,13 @@ async def test_a_big_room_gets_one_presence_batch_a_second_across_processes(
         ]
     # One batch for the room, not one per process: nothing else comes.
     for watcher in clients[:2]:
-        await watcher.nothing()
-    await clients[55].send(type="leave", room="arena")
-    await clients[54].send(type="leave", room="arena")
+        await watcher.nothing(QUIET)
+    await clients[55].send({"type": "leave", "room": "arena"})
+    await clients[54].send({"type": "leave", "room": "arena"})
     for watcher in clients[:2]:
-        assert await watcher.expect("presence_batch", skip=("presence",)) == {
+        assert await watcher.expect(
+            "presence_batch", skip=("presence",), timeout=TIMEOUT
+        ) == {
             "type": "presence_batch",
             "room": "arena",
             "online": [],
@@ -428,19 +339,19 @@ async def test_a_big_room_gets_one_presence_batch_a_second_across_processes(
 
 
 async def test_users_of_a_killed_process_go_offline_within_twice_the_heartbeat(
-    server_a, server_b, server_c, open_client
+    server_a, server_b, server_c, chat_client
 ):
     keys = {name: (await user_with_key(name))[1] for name in ["alice", "bob", "carol"]}
     await room_create("doomed")
-    alice = await open_client(server_a, keys["alice"], "alice@A")
-    carol = await open_client(server_b, keys["carol"], "carol@B")
-    bob = await open_client(server_c, keys["bob"], "bob@C")
-    await alice.join("doomed")
-    await carol.join("doomed")
-    assert await alice.recv() == presence("doomed", "carol", "online")
-    assert (await bob.join("doomed"))["online"] == ["alice", "bob", "carol"]
-    assert await alice.recv() == presence("doomed", "bob", "online")
-    assert await carol.recv() == presence("doomed", "bob", "online")
+    alice = await chat_client(server_a, keys["alice"], name="alice@A")
+    carol = await chat_client(server_b, keys["carol"], name="carol@B")
+    bob = await chat_client(server_c, keys["bob"], name="bob@C")
+    await join(alice, "doomed")
+    await join(carol, "doomed")
+    assert await alice.next_frame(TIMEOUT) == presence("doomed", "carol", "online")
+    assert (await join(bob, "doomed"))["online"] == ["alice", "bob", "carol"]
+    assert await alice.next_frame(TIMEOUT) == presence("doomed", "bob", "online")
+    assert await carol.next_frame(TIMEOUT) == presence("doomed", "bob", "online")
     # No close frame: a closing handshake would start the server's own
     # disconnect, which the kill could cut between forgetting bob and telling
     # the room. The kill alone must make him go offline.
@@ -450,74 +361,86 @@ async def test_users_of_a_killed_process_go_offline_within_twice_the_heartbeat(
     server_c.kill()
     limit = 2 * HEARTBEAT
     for client in (alice, carol):
-        assert await client.recv(timeout=limit + 1) == presence(
+        assert await client.next_frame(limit + 1) == presence(
             "doomed", "bob", "offline"
         )
         elapsed = time.monotonic() - killed_at
         assert elapsed <= limit, f"{client.name}: offline after {elapsed:.2f}s"
     # Exactly one report, though both surviving processes sweep.
-    await alice.nothing()
-    await carol.nothing()
+    await alice.nothing(QUIET)
+    await carol.nothing(QUIET)
 
     dave_key = (await user_with_key("dave"))[1]
-    dave = await open_client(server_b, dave_key, "dave@B")
-    assert (await dave.join("doomed"))["online"] == ["alice", "carol", "dave"]
+    dave = await chat_client(server_b, dave_key, name="dave@B")
+    assert (await join(dave, "doomed"))["online"] == ["alice", "carol", "dave"]
 
 
 async def test_join_since_on_the_other_process_recovers_exactly_the_missed_messages(
-    server_a, server_b, open_client
+    server_a, server_b, chat_client
 ):
     keys = {name: (await user_with_key(name))[1] for name in ["alice", "bob"]}
     await room_create("recover")
-    alice = await open_client(server_a, keys["alice"], "alice@A")
-    bob = await open_client(server_b, keys["bob"], "bob@B")
-    await alice.join("recover")
-    await bob.join("recover")
-    await alice.expect("presence")
+    alice = await chat_client(server_a, keys["alice"], name="alice@A")
+    bob = await chat_client(server_b, keys["bob"], name="bob@B")
+    await join(alice, "recover")
+    await join(bob, "recover")
+    await alice.expect("presence", timeout=TIMEOUT)
     for n in (1, 2):
         await alice.send(
-            type="send", room="recover", body=f"seen {n}", client_msg_id=f"r{n}"
+            {
+                "type": "send",
+                "room": "recover",
+                "body": f"seen {n}",
+                "client_msg_id": f"r{n}",
+            }
         )
-        await alice.expect("ack", skip=("message",))
-        assert (await bob.expect("message"))["seq"] == n
+        await alice.expect("ack", skip=("message",), timeout=TIMEOUT)
+        assert (await bob.expect("message", timeout=TIMEOUT))["seq"] == n
     last_seen = 2
 
     await bob.close()
-    assert await alice.expect("presence", skip=("message",)) == presence(
-        "recover", "bob", "offline"
-    )
+    offline = await alice.expect("presence", skip=("message",), timeout=TIMEOUT)
+    assert offline == presence("recover", "bob", "offline")
     for n in range(3, 8):
         await alice.send(
-            type="send", room="recover", body=f"missed {n}", client_msg_id=f"r{n}"
+            {
+                "type": "send",
+                "room": "recover",
+                "body": f"missed {n}",
+                "client_msg_id": f"r{n}",
+            }
         )
-        assert (await alice.expect("ack", skip=("message",)))["seq"] == n
+        ack = await alice.expect("ack", skip=("message",), timeout=TIMEOUT)
+        assert ack["seq"] == n
 
-    bob = await open_client(server_a, keys["bob"], "bob@A")
-    joined = await bob.join("recover", since=last_seen, ref="rejoin")
+    bob = await chat_client(server_a, keys["bob"], name="bob@A")
+    joined = await join(bob, "recover", since=last_seen, ref="rejoin")
     assert joined == joined_frame(
         "recover", online=["alice", "bob"], last_seq=7, ref="rejoin"
     )
     for seq in range(3, 8):
         expected = await stored_message("recover", seq)
         assert expected["body"] == f"missed {seq}"
-        assert await bob.recv() == expected
-    assert await bob.recv() == {
+        assert await bob.next_frame(TIMEOUT) == expected
+    assert await bob.next_frame(TIMEOUT) == {
         "type": "recovered",
         "room": "recover",
         "complete": True,
     }
-    await bob.nothing()
+    await bob.nothing(QUIET)
 
 
 async def sender_run(client, room, msg_ids):
     """Fire every send at once, then collect the acks."""
     for msg_id in msg_ids:
         await client.send(
-            type="send",
-            room=room,
-            body=f"body {msg_id}",
-            client_msg_id=msg_id,
-            ref=msg_id,
+            {
+                "type": "send",
+                "room": room,
+                "body": f"body {msg_id}",
+                "client_msg_id": msg_id,
+                "ref": msg_id,
+            }
         )
     acks = []
     while len(acks) < len(msg_ids):
@@ -537,14 +460,15 @@ async def receiver_run(client, count):
 
 
 async def test_concurrent_sends_through_two_processes_get_seqs_one_to_a_hundred(
-    server_a, server_b, open_client
+    server_a, server_b, chat_client
 ):
     room = "busy"
     await room_create(room)
     watchers = []
     for name, server in (("watch-a", server_a), ("watch-b", server_b)):
-        watcher = await open_client(server, (await user_with_key(name))[1], name)
-        await watcher.join(room)
+        key = (await user_with_key(name))[1]
+        watcher = await chat_client(server, key, name=name)
+        await join(watcher, room)
         watchers.append(watcher)
     # Five senders per process, ten messages each: 50 through A, 50 through B.
     senders, sent = [], {}
@@ -552,12 +476,14 @@ async def test_concurrent_sends_through_two_processes_get_seqs_one_to_a_hundred(
         name = f"sender{index}"
         user, key = await user_with_key(name)
         server = server_a if index < 5 else server_b
-        senders.append(await open_client(server, key, f"{name}@{'AB'[index // 5]}"))
+        senders.append(
+            await chat_client(server, key, name=f"{name}@{'AB'[index // 5]}")
+        )
         sent[name] = (user, [f"{name}-{n}" for n in range(10)])
 
     # Every sender's join is answered before any send goes out, so the sends
     # all go out at once.
-    await asyncio.gather(*(c.join(room, skip=("presence",)) for c in senders))
+    await asyncio.gather(*(join(c, room, skip=("presence",)) for c in senders))
     runs = [
         asyncio.create_task(sender_run(client, room, sent[f"sender{i}"][1]))
         for i, client in enumerate(senders)
@@ -598,14 +524,20 @@ async def test_concurrent_sends_through_two_processes_get_seqs_one_to_a_hundred(
     # sender0 (on A) retries its first message through B: the same ack, nothing new.
     sender0, msg_ids = sent["sender0"]
     first_ack = next(a for a in acks_per_sender[0] if a["client_msg_id"] == msg_ids[0])
-    retry = await open_client(server_b, await key_for(sender0), "sender0@B")
-    await retry.join(room)
+    retry = await chat_client(server_b, await key_for(sender0), name="sender0@B")
+    await join(retry, room)
     await retry.send(
-        type="send", room=room, body="body again", client_msg_id=msg_ids[0], ref="retry"
+        {
+            "type": "send",
+            "room": room,
+            "body": "body again",
+            "client_msg_id": msg_ids[0],
+            "ref": "retry",
+        }
     )
-    assert await retry.recv() == {**first_ack, "ref": "retry"}
+    assert await retry.next_frame(TIMEOUT) == {**first_ack, "ref": "retry"}
     for watcher in watchers:
-        await watcher.nothing()
+        await watcher.nothing(QUIET)
     assert await room_state(room) == (last_seq, rows)
 
 
@@ -615,10 +547,12 @@ async def test_concurrent_sends_through_two_processes_get_seqs_one_to_a_hundred(
 async def until_typing_crosses(sender, receiver, username, room):
     deadline = time.monotonic() + 3 * HEARTBEAT + 2
     while True:
-        await sender.send(type="typing", room=room)
+        await sender.send({"type": "typing", "room": room})
         try:
-            frame = await asyncio.wait_for(receiver.recv(), 0.3)
-        except (AssertionError, TimeoutError):
+            frame = await receiver.next_frame(0.3)
+        except ChatClosed:
+            raise
+        except ChatError:  # nothing within 0.3 s
             assert time.monotonic() < deadline, f"{username}'s frames never crossed"
             continue
         assert frame == {"type": "typing", "room": room, "user": username}
@@ -626,15 +560,15 @@ async def until_typing_crosses(sender, receiver, username, room):
 
 
 async def test_delivery_and_presence_work_again_after_redis_restarts(
-    server_a, server_b, redis_server, open_client
+    server_a, server_b, redis_server, chat_client
 ):
     keys = {name: (await user_with_key(name))[1] for name in ["alice", "bob", "carol"]}
     await room_create("phoenix")
-    alice = await open_client(server_a, keys["alice"], "alice@A")
-    bob = await open_client(server_b, keys["bob"], "bob@B")
-    await alice.join("phoenix")
-    await bob.join("phoenix")
-    assert await alice.recv() == presence("phoenix", "bob", "online")
+    alice = await chat_client(server_a, keys["alice"], name="alice@A")
+    bob = await chat_client(server_b, keys["bob"], name="bob@B")
+    await join(alice, "phoenix")
+    await join(bob, "phoenix")
+    assert await alice.next_frame(TIMEOUT) == presence("phoenix", "bob", "online")
 
     redis_server.restart()  # an empty Redis: no groups, no presence entries
 
@@ -642,11 +576,13 @@ async def test_delivery_and_presence_work_again_after_redis_restarts(
     # until frames cross again both ways (each hub restores its own groups).
     await until_typing_crosses(alice, bob, "alice", "phoenix")
     await until_typing_crosses(bob, alice, "bob", "phoenix")
-    await bob.send(type="send", room="phoenix", body="back", client_msg_id="p1")
+    await bob.send(
+        {"type": "send", "room": "phoenix", "body": "back", "client_msg_id": "p1"}
+    )
     # A typing frame of alice's sent before the one that crossed may come late.
     replies = {}
     while len(replies) < 2:
-        frame = await bob.recv()
+        frame = await bob.next_frame(TIMEOUT)
         if frame == {"type": "typing", "room": "phoenix", "user": "alice"}:
             continue
         assert frame["type"] not in replies, frame
@@ -662,35 +598,34 @@ async def test_delivery_and_presence_work_again_after_redis_restarts(
         "seq": 1,
     }
     assert own == expected
-    assert await alice.expect("message", skip=("typing",)) == expected
-    carol = await open_client(server_a, keys["carol"], "carol@A")
-    assert (await carol.join("phoenix"))["online"] == ["alice", "bob", "carol"]
+    assert await alice.expect("message", skip=("typing",), timeout=TIMEOUT) == expected
+    carol = await chat_client(server_a, keys["carol"], name="carol@A")
+    assert (await join(carol, "phoenix"))["online"] == ["alice", "bob", "carol"]
 
 
 async def test_a_socket_that_fails_while_redis_is_down_leaves_no_ghost(
-    server_a, server_b, redis_server, open_client
+    server_a, server_b, redis_server, chat_client
 ):
     names = ["alice", "bob", "carol", "dave"]
     keys = {name: (await user_with_key(name))[1] for name in names}
     await room_create("outage")
-    alice = await open_client(server_a, keys["alice"], "alice@A")
-    bob = await open_client(server_b, keys["bob"], "bob@B")
+    alice = await chat_client(server_a, keys["alice"], name="alice@A")
+    bob = await chat_client(server_b, keys["bob"], name="bob@B")
     # dave stays on alice's process: its keeper vouches for him, not for her.
-    dave = await open_client(server_a, keys["dave"], "dave@A")
-    await alice.join("outage")
-    await bob.join("outage")
-    assert await alice.recv() == presence("outage", "bob", "online")
-    await dave.join("outage")
-    assert await alice.recv() == presence("outage", "dave", "online")
-    assert await bob.recv() == presence("outage", "dave", "online")
+    dave = await chat_client(server_a, keys["dave"], name="dave@A")
+    await join(alice, "outage")
+    await join(bob, "outage")
+    assert await alice.next_frame(TIMEOUT) == presence("outage", "bob", "online")
+    await join(dave, "outage")
+    assert await alice.next_frame(TIMEOUT) == presence("outage", "dave", "online")
+    assert await bob.next_frame(TIMEOUT) == presence("outage", "dave", "online")
 
     redis_server.stop()
     try:
         # Nowhere to send it: the server closes the socket (1011).
-        await alice.send(type="typing", room="outage")
-        with pytest.raises(AssertionError, match="connection failed"):
-            await alice.recv()
-        assert alice.websocket.close_code == 1011
+        await alice.send({"type": "typing", "room": "outage"})
+        code, _ = await alice.expect_close(timeout=TIMEOUT)
+        assert code == 1011
     finally:
         redis_server.start()  # empty: no groups, no presence entries
 
@@ -706,41 +641,39 @@ async def test_a_socket_that_fails_while_redis_is_down_leaves_no_ghost(
             what="connections in the registry",
         )
     assert {row["id"] for row in live} & set(ids.values()) == vouched
-    carol = await open_client(server_b, keys["carol"], "carol@B")
-    assert (await carol.join("outage"))["online"] == ["bob", "carol", "dave"]
+    carol = await chat_client(server_b, keys["carol"], name="carol@B")
+    assert (await join(carol, "outage"))["online"] == ["bob", "carol", "dave"]
 
 
 async def test_a_users_socket_past_the_limit_on_either_process_closes_with_1013(
-    server_a, server_b, open_client
+    server_a, server_b, chat_client
 ):
     from django.conf import settings
 
     limit = settings.CHAT_MAX_CONNECTIONS_PER_USER
     _, key = await user_with_key("many")
     for i in range(limit):
-        await open_client(server_a if i % 2 else server_b, key, f"socket {i}")
+        await chat_client(server_a if i % 2 else server_b, key, name=f"socket {i}")
     for server in (server_a, server_b):
-        websocket = await asyncio.wait_for(
-            connect(f"{server.ws_url}?token={key}", close_timeout=2), TIMEOUT
-        )
-        with pytest.raises(ConnectionClosed):
-            await asyncio.wait_for(websocket.recv(), TIMEOUT)
-        assert (websocket.close_code, websocket.close_reason) == (
+        # Closed before its hello.
+        with pytest.raises(ChatClosed) as closed:
+            await chat_client(server, key, name="one too many")
+        assert (closed.value.code, closed.value.reason) == (
             1013,
             f"too many connections: at most {limit} per user",
         )
 
 
 async def test_an_idle_process_neither_logs_nor_reconnects_its_layer(
-    server_a, open_client
+    server_a, chat_client
 ):
     # The layer waits on Redis 5 s at a time; a client timeout at or below that
     # failed every wait, logged it and reconnected (a message popped at that
     # instant could be lost). Idle for more than two such waits, no failure.
     _, key = await user_with_key("idle")
-    client = await open_client(server_a, key, "idle")
+    client = await chat_client(server_a, key, name="idle")
     logged = len(server_a.output())
     await client.nothing(timeout=12)  # idleness is what is under test
     assert "fan-out receive failed" not in server_a.output()[logged:]
-    await client.send(type="ping", ref="p")
-    assert await client.recv() == {"type": "pong", "ref": "p"}
+    await client.send({"type": "ping", "ref": "p"})
+    assert await client.next_frame(TIMEOUT) == {"type": "pong", "ref": "p"}

@@ -5,8 +5,8 @@ proxy, as in production) and ``/usr/sbin/nginx`` in a directory of its own, as
 an ordinary process (no daemon, no system-wide configuration). nginx runs the
 committed site file itself, rendered with only its ports, the upstream's
 addresses and its paths (certificate, static root) replaced; TLS uses a
-self-signed certificate made for the module. Clients are real WebSocket
-connections with API tokens, through nginx.
+self-signed certificate made for the module. Clients are ``ChatClient``s with
+API tokens, real WebSocket connections through nginx (wss).
 """
 
 import asyncio
@@ -20,7 +20,6 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -31,11 +30,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from django.contrib.auth import get_user_model
 from prometheus_client import CONTENT_TYPE_LATEST
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
 
 from chat import protocol, services
+from chat.client import ChatError
 from chat.models import Message
+from tests.clients import process_of
 from tests.ports import free_port, wait_for_port
 from tests.servers import (
     ROOT,
@@ -53,7 +52,8 @@ SITE = DEPLOY / "nginx-chatsite.conf"
 HEARTBEAT = 2  # seconds
 TIMEOUT = 5  # seconds to wait for a frame that should come
 QUIET = 0.4  # seconds of silence that show a frame does not come
-CONNECTION_ID = re.compile(r"([0-9a-f]{8})-[1-9][0-9]*")
+# What a room member may get before the close of a server going away.
+ROOM_FRAMES = ("message", "presence", "presence_batch", "typing")
 # What nginx answers itself for a refused path (server_tokens off).
 NGINX_404 = (
     b"<html>\r\n<head><title>404 Not Found</title></head>\r\n<body>\r\n"
@@ -364,119 +364,13 @@ def presence(room, user, status):
 # --- clients -------------------------------------------------------------------
 
 
-class WsClient:
-    """One WebSocket connection, speaking ``chat.v1`` JSON, pinging on its own."""
-
-    def __init__(self, websocket, name, logs):
-        self.websocket = websocket
-        self.name = name
-        self.logs = logs
-        self.hello = None
-        self._keepalive = None
-
-    @classmethod
-    async def open(cls, url, key, name, *, tls=None, logs=lambda: ""):
-        try:
-            websocket = await asyncio.wait_for(
-                connect(f"{url}?token={key}", ssl=tls, max_queue=None, close_timeout=2),
-                TIMEOUT,
-            )
-        except Exception as exc:
-            raise AssertionError(
-                f"{name} could not connect: {exc!r}\n{logs()}"
-            ) from exc
-        client = cls(websocket, name, logs)
-        client.hello = await client.recv()
-        assert client.hello["type"] == "hello", client.hello
-        assert CONNECTION_ID.fullmatch(client.hello["connection_id"]), client.hello
-        client._keepalive = asyncio.create_task(client._ping_forever())
-        return client
-
-    @property
-    def process(self):
-        """The server process's id: the connection id's part before the dash."""
-        return CONNECTION_ID.fullmatch(self.hello["connection_id"]).group(1)
-
-    async def _ping_forever(self):
-        while True:
-            await asyncio.sleep(HEARTBEAT / 2)
-            await self.send(type="ping", ref="keepalive")
-
-    def _fail(self, message):
-        raise AssertionError(f"{self.name}: {message}\n{self.logs()}")
-
-    async def send(self, **frame):
-        await self.websocket.send(json.dumps(frame))
-
-    async def recv(self, timeout=TIMEOUT):
-        """The next frame (keep-alive pongs are dropped)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                raw = await asyncio.wait_for(self.websocket.recv(), max(remaining, 0))
-            except TimeoutError:
-                self._fail(f"no frame within {timeout}s")
-            except Exception as exc:
-                self._fail(f"connection failed: {exc!r}")
-            frame = json.loads(raw)
-            if frame == {"type": "pong", "ref": "keepalive"}:
-                continue
-            return frame
-
-    async def expect(self, frame_type, *, skip=(), timeout=TIMEOUT):
-        while True:
-            frame = await self.recv(timeout)
-            if frame["type"] == frame_type:
-                return frame
-            if frame["type"] not in skip:
-                self._fail(f"expected {frame_type!r}, got {frame}")
-
-    async def nothing(self, timeout=QUIET):
-        deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                raw = await asyncio.wait_for(self.websocket.recv(), remaining)
-            except TimeoutError:
-                return
-            frame = json.loads(raw)
-            if frame != {"type": "pong", "ref": "keepalive"}:
-                self._fail(f"expected no frame, got {frame}")
-
-    async def closed(self, timeout=TIMEOUT):
-        """(code, reason) of the close the server sent, skipping frames before it."""
-        self.stop_pinging()
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    await self.websocket.recv()
-        except ConnectionClosed as exc:
-            assert exc.rcvd is not None, f"{self.name}: no close frame ({exc!r})"
-            return exc.rcvd.code, exc.rcvd.reason
-        except TimeoutError:
-            self._fail(f"still open after {timeout}s")
-
-    async def join(self, room, **extra):
-        await self.send(type="join", room=room, **extra)
-        return await self.expect("joined")
-
-    def stop_pinging(self):
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-            self._keepalive = None
-
-    async def close(self):
-        self.stop_pinging()
-        await self.websocket.close()
-
-
 @pytest.fixture
-async def open_client(nginx, daphne_pair, tls):
-    """``await open_client(key, name)``: a client through nginx (wss).
+async def open_client(nginx, daphne_pair, tls, chat_client):
+    """``await open_client(key, name)``: a ``ChatClient`` through nginx (wss),
+    read in order, pinging every half heartbeat.
 
     ``direct=server`` connects to that daphne process instead, on loopback.
     """
-    clients = []
 
     def logs():
         parts = [f"--- nginx ---\n{nginx.output()}"]
@@ -489,20 +383,56 @@ async def open_client(nginx, daphne_pair, tls):
             url, context = f"wss://127.0.0.1:{nginx.https_port}/ws/", tls
         else:
             url, context = direct.ws_url, None
-        client = await WsClient.open(url, key, name, tls=context, logs=logs)
-        clients.append(client)
-        return client
+        try:
+            return await chat_client(
+                nginx,
+                key,
+                name=name,
+                url=url,
+                ssl=context,
+                explain=logs,
+                keepalive=HEARTBEAT / 2,
+            )
+        except (ChatError, OSError, TimeoutError) as exc:
+            raise AssertionError(
+                f"{name} could not connect: {exc!r}\n{logs()}"
+            ) from exc
 
-    yield open_
-    for client in clients:
-        await client.close()
+    return open_
+
+
+async def send(client, **frame):
+    await client.send(frame)
+
+
+async def recv(client):
+    """The next frame (keep-alive pongs never come: ChatClient drops them)."""
+    return await client.next_frame(TIMEOUT)
+
+
+async def expect(client, frame_type, *, skip=()):
+    return await client.expect(frame_type, skip=skip, timeout=TIMEOUT)
+
+
+async def nothing(client):
+    await client.nothing(QUIET)
+
+
+async def closed(client):
+    """(code, reason) of the close the server sent, after any room frames."""
+    return await client.expect_close(skip=ROOM_FRAMES, timeout=TIMEOUT)
+
+
+async def join(client, room, **extra):
+    await send(client, type="join", room=room, **extra)
+    return await expect(client, "joined")
 
 
 async def process_id(open_client, server, key):
     """The id a daphne process puts before the dash of its connection ids."""
     probe = await open_client(key, "probe", direct=server)
     await probe.close()
-    return probe.process
+    return process_of(probe)
 
 
 def https_get(nginx, tls, path, *, port=None, scheme="https"):
@@ -542,20 +472,25 @@ async def test_two_clients_through_nginx_land_on_both_processes_and_chat(
     on_alice = await open_client(alice_key, "alice")
     on_bob = await open_client(bob_key, "bob")
     # The second socket goes to the process without the first.
-    assert {on_alice.process, on_bob.process} == processes
-    assert await on_alice.join("lobby", ref="j1") == joined_frame(
+    assert {process_of(on_alice), process_of(on_bob)} == processes
+    assert await join(on_alice, "lobby", ref="j1") == joined_frame(
         "lobby", online=["alice"], ref="j1"
     )
-    assert await on_bob.join("lobby", ref="j2") == joined_frame(
+    assert await join(on_bob, "lobby", ref="j2") == joined_frame(
         "lobby", online=["alice", "bob"], ref="j2"
     )
-    assert await on_alice.recv() == presence("lobby", "bob", "online")
+    assert await recv(on_alice) == presence("lobby", "bob", "online")
 
-    await on_alice.send(
-        type="send", room="lobby", body="hello via nginx", client_msg_id="c-1", ref="s1"
+    await send(
+        on_alice,
+        type="send",
+        room="lobby",
+        body="hello via nginx",
+        client_msg_id="c-1",
+        ref="s1",
     )
 
-    received = await on_bob.recv()
+    received = await recv(on_bob)
     expected = await stored_message("lobby", 1)
     assert expected == {
         **expected,
@@ -564,9 +499,7 @@ async def test_two_clients_through_nginx_land_on_both_processes_and_chat(
         "client_msg_id": "c-1",
     }
     assert received == expected
-    own = sorted(
-        [await on_alice.recv(), await on_alice.recv()], key=lambda f: f["type"]
-    )
+    own = sorted([await recv(on_alice), await recv(on_alice)], key=lambda f: f["type"])
     assert own == [
         {
             "type": "ack",
@@ -578,13 +511,13 @@ async def test_two_clients_through_nginx_land_on_both_processes_and_chat(
         },
         expected,
     ]
-    await on_bob.nothing()
+    await nothing(on_bob)
 
     # least_conn, not round robin: with bob gone, the next socket goes to the
     # process he left, where round robin would take its turn on alice's.
     await on_bob.close()
     on_carol = await open_client(carol_key, "carol")
-    assert on_carol.process == on_bob.process
+    assert process_of(on_carol) == process_of(on_bob)
 
 
 async def test_a_client_of_a_stopped_process_reconnects_through_nginx_and_recovers(
@@ -595,44 +528,48 @@ async def test_a_client_of_a_stopped_process_reconnects_through_nginx_and_recove
     await room_create("restart")
     alice = await open_client(keys["alice"], "alice")
     bob = await open_client(keys["bob"], "bob")
-    assert {alice.process, bob.process} == set(ids)
-    bobs_server = daphne_pair[ids.index(bob.process)]
-    await alice.join("restart")
-    await bob.join("restart")
-    assert await alice.recv() == presence("restart", "bob", "online")
-    await alice.send(type="send", room="restart", body="seen", client_msg_id="r1")
-    await alice.expect("ack", skip=("message",))
-    assert (await bob.expect("message"))["seq"] == 1
+    assert {process_of(alice), process_of(bob)} == set(ids)
+    bobs_server = daphne_pair[ids.index(process_of(bob))]
+    await join(alice, "restart")
+    await join(bob, "restart")
+    assert await recv(alice) == presence("restart", "bob", "online")
+    await send(alice, type="send", room="restart", body="seen", client_msg_id="r1")
+    await expect(alice, "ack", skip=("message",))
+    assert (await expect(bob, "message"))["seq"] == 1
 
     try:
         bobs_server.stop()  # SIGTERM: its sockets are closed with 1001
-        assert await bob.closed() == (1001, "server shutting down")
-        assert await alice.expect("presence", skip=("message",)) == presence(
+        assert await closed(bob) == (1001, "server shutting down")
+        assert await expect(alice, "presence", skip=("message",)) == presence(
             "restart", "bob", "offline"
         )
         for n in (2, 3):
-            await alice.send(
-                type="send", room="restart", body=f"missed {n}", client_msg_id=f"r{n}"
+            await send(
+                alice,
+                type="send",
+                room="restart",
+                body=f"missed {n}",
+                client_msg_id=f"r{n}",
             )
-            assert (await alice.expect("ack", skip=("message",)))["seq"] == n
+            assert (await expect(alice, "ack", skip=("message",)))["seq"] == n
 
         # The same address through nginx: the stopped process refuses, nginx
         # tries the other.
         bob = await open_client(keys["bob"], "bob again")
-        assert bob.process == alice.process
-        assert await bob.join("restart", since=1, ref="rejoin") == joined_frame(
+        assert process_of(bob) == process_of(alice)
+        assert await join(bob, "restart", since=1, ref="rejoin") == joined_frame(
             "restart", online=["alice", "bob"], last_seq=3, ref="rejoin"
         )
         for seq in (2, 3):
             expected = await stored_message("restart", seq)
             assert expected["body"] == f"missed {seq}"
-            assert await bob.recv() == expected
-        assert await bob.recv() == {
+            assert await recv(bob) == expected
+        assert await recv(bob) == {
             "type": "recovered",
             "room": "restart",
             "complete": True,
         }
-        await bob.nothing()
+        await nothing(bob)
         # Pages too go to the process that is up.
         status, _, body = await asyncio.to_thread(https_get, nginx, tls, "/healthz")
         assert (status, body) == (200, b"ok")
@@ -647,7 +584,7 @@ async def test_a_client_of_a_stopped_process_reconnects_through_nginx_and_recove
 
     async def probe():
         client = await open_client(keys["carol"], "carol probe")
-        if client.process == restarted:
+        if process_of(client) == restarted:
             return client
         await client.close()
         return None
@@ -655,9 +592,9 @@ async def test_a_client_of_a_stopped_process_reconnects_through_nginx_and_recove
     carol = await until(
         probe, lambda c: c is not None, timeout=15, what="a socket on the restarted"
     )
-    assert (await carol.join("restart"))["online"] == ["alice", "bob", "carol"]
-    await alice.send(type="send", room="restart", body="back", client_msg_id="r4")
-    message = await carol.expect("message", skip=("presence",))
+    assert (await join(carol, "restart"))["online"] == ["alice", "bob", "carol"]
+    await send(alice, type="send", room="restart", body="back", client_msg_id="r4")
+    message = await expect(carol, "message", skip=("presence",))
     expected = await stored_message("restart", 4)
     assert expected["body"] == "back"
     assert message == expected

@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.test_multiprocess import WsClient, room_create, user_with_key
+from tests.test_multiprocess import TIMEOUT, join, room_create, user_with_key
 from tests.waiting import until
 
 pytestmark = [pytest.mark.redis, pytest.mark.django_db(transaction=True)]
@@ -70,24 +70,30 @@ async def test_readyz_says_each_dependency_and_503_while_redis_is_down(
     await until(answer, lambda got: got == ok, timeout=15, what="redis back")
 
 
-async def test_metrics_count_connections_frames_messages_and_errors(start_daphne):
+async def test_metrics_count_connections_frames_messages_and_errors(
+    start_daphne, chat_client
+):
     server = start_daphne()
     alice, alice_key = await user_with_key("alice")
     bob, bob_key = await user_with_key("bob")
     await room_create("lobby")
-    on_alice = await WsClient.open(server, alice_key, "alice")
-    on_bob = await WsClient.open(server, bob_key, "bob")
-    on_alice.stop_pinging()
-    on_bob.stop_pinging()
-    await on_alice.join("lobby")
-    await on_bob.join("lobby", skip=())
-    await on_alice.expect("presence")
-    await on_alice.send(type="send", room="lobby", body="hi", client_msg_id="c1")
-    await on_bob.expect("message")
-    got = {(await on_alice.recv())["type"], (await on_alice.recv())["type"]}
+    # No keep-alive pings: they would count among the frames.
+    on_alice = await chat_client(server, alice_key, name="alice", keepalive=False)
+    on_bob = await chat_client(server, bob_key, name="bob", keepalive=False)
+    await join(on_alice, "lobby")
+    await join(on_bob, "lobby", skip=())
+    await on_alice.expect("presence", timeout=TIMEOUT)
+    await on_alice.send(
+        {"type": "send", "room": "lobby", "body": "hi", "client_msg_id": "c1"}
+    )
+    await on_bob.expect("message", timeout=TIMEOUT)
+    got = {
+        (await on_alice.next_frame(TIMEOUT))["type"],
+        (await on_alice.next_frame(TIMEOUT))["type"],
+    }
     assert got == {"ack", "message"}
-    await on_bob.send(type="join", room="nowhere", ref="x")
-    assert (await on_bob.expect("error"))["code"] == "not_found"
+    await on_bob.send({"type": "join", "room": "nowhere", "ref": "x"})
+    assert (await on_bob.expect("error", timeout=TIMEOUT))["code"] == "not_found"
     await on_alice.close()
 
     def counted(found):
@@ -138,10 +144,13 @@ async def test_metrics_are_refused_to_addresses_outside_chat_metrics_allow(
     assert "chat_connections 0.0" in body.splitlines()
 
 
-async def test_json_logs_name_the_connection_and_log_each_request(start_daphne):
+async def test_json_logs_name_the_connection_and_log_each_request(
+    start_daphne, chat_client
+):
     server = start_daphne(extra_env={"CHAT_LOG_FORMAT": "json"})
     carol, key = await user_with_key("carol")
-    socket = await WsClient.open(server, key, "carol")
+    # No subprotocol offered: the log names the one the server falls back on.
+    socket = await chat_client(server, key, name="carol", subprotocols=[])
     connection_id = socket.hello["connection_id"]
     await socket.close()
     assert (await fetch(server, "/healthz"))[0] == 200

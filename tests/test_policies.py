@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests.servers import ROOT, SECRET_KEY, DaphneServer, RedisServer
-from tests.test_moderation_multiprocess import Socket
+from tests.test_moderation_multiprocess import alive, join
 from tests.test_multiprocess import room_create, user_with_key
 from tests.waiting import until
 
@@ -70,30 +70,15 @@ def daphne(redis_server, transactional_db):
         server.stop()
 
 
-@pytest.fixture
-async def open_socket():
-    """``await open_socket(server, name, key=…, keepalive=…)`` → a ``Socket``."""
-    sockets = []
-
-    async def open_(server, name, **options):
-        socket = await Socket.open(server, name, **options)
-        sockets.append(socket)
-        return socket
-
-    yield open_
-    for socket in sockets:
-        await socket.close()
-
-
 @pytest.mark.redis
 async def test_a_silent_connection_is_closed_after_twice_the_heartbeat(
-    daphne, open_socket
+    daphne, chat_client
 ):
     server = daphne(heartbeat=1)
     _, key = await user_with_key("bob")
-    silent = await open_socket(server, "silent", key=key, keepalive=None)
+    silent = await chat_client(server, key, name="silent", keepalive=False)
     opened = time.monotonic()
-    chatty = await open_socket(server, "chatty", key=key, keepalive=0.5)
+    chatty = await chat_client(server, key, name="chatty", keepalive=0.5)
     assert silent.hello["heartbeat"] == chatty.hello["heartbeat"] == 1
 
     code_reason = await silent.expect_close(timeout=4)
@@ -104,7 +89,7 @@ async def test_a_silent_connection_is_closed_after_twice_the_heartbeat(
     # What is tested here is an absence: the socket that pings outlives the
     # idle limit by more than an idle check. Only time shows it.
     await chatty.nothing(timeout=opened + 3.2 - time.monotonic())
-    await chatty.alive()
+    await alive(chatty)
 
 
 # --- shutdown ----------------------------------------------------------------------
@@ -112,13 +97,13 @@ async def test_a_silent_connection_is_closed_after_twice_the_heartbeat(
 
 @pytest.mark.redis
 async def test_sigterm_closes_every_socket_with_1001_before_the_process_exits(
-    daphne, open_socket
+    daphne, chat_client
 ):
     server = daphne(heartbeat=2)
     _, key = await user_with_key("bob")
     await room_create("hall")
-    sockets = [await open_socket(server, f"bob#{n}", key=key) for n in (1, 2)]
-    await sockets[0].join("hall")
+    sockets = [await chat_client(server, key, name=f"bob#{n}") for n in (1, 2)]
+    await join(sockets[0], "hall")
     process = server.process
 
     signalled = time.monotonic()

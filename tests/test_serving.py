@@ -2,7 +2,8 @@
 
 The socket tests start daphne processes of their own (one with the fast path on,
 one with ``CHAT_FAST_PATH=0``) on the test database and talk to them through
-real WebSocket clients. Every test commits its data (``transaction=True``) so
+real WebSocket clients (``ChatClient``; with ``record=True`` where the bytes on
+the wire are the point). Every test commits its data (``transaction=True``) so
 the server processes see it.
 """
 
@@ -18,9 +19,9 @@ import time
 import pytest
 from daphne.server import Server
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
 
 from chat import protocol, serving
+from chat.client import ChatClosed
 from tests.servers import (
     ROOT,
     DaphneServer,
@@ -229,68 +230,29 @@ async def log_lines(server, timeout=TIMEOUT):
 
 
 # --- data and clients ------------------------------------------------------------
+#
+# A test's sockets are ChatClients (the ``chat_client`` fixture: read in order,
+# no reconnect, failures explained by the server's log). Where the point is the
+# bytes on the wire (a text or a binary frame, gzip or not, the exact payload),
+# which ChatClient decodes away, the socket records them (``record=True``):
+# ``client.wire`` keeps every frame as it came, beside its decoded form in
+# ``client.frames``.
 
 
-class Socket:
-    """One real WebSocket connection to a daphne process."""
-
-    def __init__(self, server, websocket):
-        self.server = server
-        self.websocket = websocket
-
-    @classmethod
-    async def open(cls, server, key, *, device=None, subprotocol=None, query=""):
-        url = f"{server.ws_url}?token={key}{query}"
-        if device is not None:
-            url += f"&device={device}"
-        subprotocols = [subprotocol] if subprotocol else None
-        websocket = await asyncio.wait_for(
-            connect(url, subprotocols=subprotocols, max_queue=None, close_timeout=2),
-            TIMEOUT,
-        )
-        return cls(server, websocket)
-
-    async def send(self, **frame):
-        await self.websocket.send(json.dumps(frame))
-
-    async def raw(self):
-        """The next frame as it came: text, or bytes for the binary framing."""
-        try:
-            return await asyncio.wait_for(self.websocket.recv(), TIMEOUT)
-        except TimeoutError:
-            raise AssertionError(
-                f"no frame within {TIMEOUT}s\n{self.server.output()[-4000:]}"
-            ) from None
-
-    async def recv(self):
-        return json.loads(await self.raw())
-
-    async def closed(self):
-        """The (code, reason) of the close frame the server sends next."""
-        try:
-            frame = await self.raw()
-        except ConnectionClosed as closed:
-            assert closed.rcvd is not None, f"no close frame: {closed!r}"
-            return closed.rcvd.code, closed.rcvd.reason
-        raise AssertionError(f"expected a close, got {frame!r}")
-
-    async def close(self):
-        await self.websocket.close()
+def as_it_came(client, frame):
+    """How ``frame``, received by ``client`` (``record=True``), came on the wire:
+    the text (a text frame) or bytes (a binary frame) recorded beside it."""
+    for frames, wire in zip(client.frames, client.wire, strict=True):
+        for decoded, raw in zip(frames, wire, strict=True):
+            if decoded is frame:
+                return raw
+    raise AssertionError(f"{client.name}: {frame} is not among its recorded frames")
 
 
-@pytest.fixture
-async def open_socket():
-    """``await open_socket(server, key, …)`` → a connected ``Socket``."""
-    sockets = []
-
-    async def open_(server, key, **options):
-        socket = await Socket.open(server, key, **options)
-        sockets.append(socket)
-        return socket
-
-    yield open_
-    for socket in sockets:
-        await socket.close()
+async def next_raw(client):
+    """The next frame ``client`` (``record=True``) got, decoded and as it came."""
+    frame = await client.next_frame(timeout=TIMEOUT)
+    return frame, as_it_came(client, frame)
 
 
 def hello(frame, user):
@@ -333,34 +295,38 @@ async def test_start_up_logs_which_path_is_in_use(daphnes):
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_frames_arrive_exactly_with_the_fast_path_on_and_off(daphne, open_socket):
+async def test_frames_arrive_exactly_with_the_fast_path_on_and_off(daphne, chat_client):
     alice, alice_key = await user_with_key("alice")
     bob, bob_key = await user_with_key("bob")
     await room_create("plaza")
-    on_alice = await open_socket(daphne, alice_key)
-    first = await on_alice.recv()
-    assert first == hello(first, alice)
-    on_bob = await open_socket(daphne, bob_key)
-    first = await on_bob.recv()
-    assert first == hello(first, bob)
+    on_alice = await chat_client(daphne, alice_key, name="alice")
+    assert on_alice.hello == hello(on_alice.hello, alice)
+    on_bob = await chat_client(daphne, bob_key, name="bob", record=True)
+    assert on_bob.hello == hello(on_bob.hello, bob)
 
-    await on_alice.send(type="join", room="plaza", ref="j1")
-    assert await on_alice.recv() == joined("plaza", ["alice"], "j1")
-    await on_bob.send(type="join", room="plaza", ref="j2")
-    assert await on_bob.recv() == joined("plaza", ["alice", "bob"], "j2")
+    await on_alice.send({"type": "join", "room": "plaza", "ref": "j1"})
+    assert await on_alice.next_frame() == joined("plaza", ["alice"], "j1")
+    await on_bob.send({"type": "join", "room": "plaza", "ref": "j2"})
+    assert await on_bob.next_frame() == joined("plaza", ["alice", "bob"], "j2")
     presence = {"type": "presence", "room": "plaza", "user": "bob"}
-    assert await on_alice.recv() == {**presence, "status": "online"}
+    assert await on_alice.next_frame() == {**presence, "status": "online"}
 
     await on_alice.send(
-        type="send", room="plaza", body="hi both", client_msg_id="c-1", ref="s1"
+        {
+            "type": "send",
+            "room": "plaza",
+            "body": "hi both",
+            "client_msg_id": "c-1",
+            "ref": "s1",
+        }
     )
-    received = await on_bob.recv()
+    received = await on_bob.next_frame()
     message = await stored_message("plaza", 1)
     assert message["user"] == {"id": alice.pk, "username": "alice"}
     assert message["body"] == "hi both"
     assert received == message
     # The sender gets the ack and its own message, in either order.
-    own = sorted([await on_alice.recv(), await on_alice.recv()], key=str)
+    own = sorted([await on_alice.next_frame(), await on_alice.next_frame()], key=str)
     ack = {
         "type": "ack",
         "ref": "s1",
@@ -371,106 +337,128 @@ async def test_frames_arrive_exactly_with_the_fast_path_on_and_off(daphne, open_
     }
     assert own == sorted([ack, message], key=str)
 
-    await on_bob.send(type="ping", ref="p1")
-    assert await on_bob.raw() == '{"type":"pong","ref":"p1"}'
+    await on_bob.send({"type": "ping", "ref": "p1"})
+    pong, text = await next_raw(on_bob)
+    assert pong == {"type": "pong", "ref": "p1"}
+    # And on the wire, the exact text.
+    assert text == '{"type":"pong","ref":"p1"}'
+    await on_alice.nothing()
+    await on_bob.nothing()
 
 
 @pytest.mark.django_db(transaction=True)
 async def test_binary_frames_arrive_exactly_with_the_fast_path_on_and_off(
-    daphne, open_socket
+    daphne, chat_client
 ):
     carol, key = await user_with_key("carol")
-    socket = await open_socket(daphne, key, subprotocol=protocol.SUBPROTOCOL_BINARY)
-    assert socket.websocket.subprotocol == protocol.SUBPROTOCOL_BINARY
-    # A 4-byte action code, then the frame's JSON without its type.
-    first = await socket.raw()
+    client = await chat_client(daphne, key, name="carol", binary=True, record=True)
+    assert client.subprotocol == protocol.SUBPROTOCOL_BINARY
+    assert client.hello == hello(client.hello, carol)
+    # On the wire: a 4-byte action code, then the frame's JSON without its type.
+    first = as_it_came(client, client.hello)
     assert first[:4] == struct.pack(">I", protocol.FRAME_CODES["hello"])
     frame = {"type": "hello", **json.loads(first[4:])}
     assert frame == hello(frame, carol)
-    ping = struct.pack(">I", protocol.FRAME_CODES["ping"]) + b'{"ref":"p1"}'
-    await socket.websocket.send(ping)
     pong = struct.pack(">I", protocol.FRAME_CODES["pong"]) + b'{"ref":"p1"}'
-    assert await socket.raw() == pong
+    await client.send({"type": "ping", "ref": "p1"})
+    assert await next_raw(client) == ({"type": "pong", "ref": "p1"}, pong)
+    # A ping in exactly these bytes gets exactly these bytes back.
+    ping = struct.pack(">I", protocol.FRAME_CODES["ping"]) + b'{"ref":"p1"}'
+    await client.send_raw(ping)
+    assert await next_raw(client) == ({"type": "pong", "ref": "p1"}, pong)
 
 
 @pytest.mark.django_db(transaction=True)
 async def test_compress_gzip_sends_frames_over_1024_bytes_gzipped_in_both_framings(
-    daphne, open_socket
+    daphne, chat_client
 ):
+    # Which frames come gzipped, and how, is on the wire: the two gzip sockets
+    # record every frame as it came.
     dave, key = await user_with_key("dave")
     await room_create("annals")
-    plain = await open_socket(daphne, key)
-    json_gzip = await open_socket(daphne, key, query="&compress=gzip")
-    bin_gzip = await open_socket(
-        daphne, key, subprotocol=protocol.SUBPROTOCOL_BINARY, query="&compress=gzip"
+    plain = await chat_client(daphne, key, name="plain")
+    json_gzip = await chat_client(
+        daphne, key, name="json_gzip", compress=True, record=True
     )
-    for socket in (plain, json_gzip):
-        await socket.recv()  # hello: short, a text frame
-        await socket.send(type="join", room="annals", ref="j")
-        assert (await socket.recv())["type"] == "joined"
-    await bin_gzip.raw()
-    await bin_gzip.websocket.send(
+    bin_gzip = await chat_client(
+        daphne, key, name="bin_gzip", binary=True, compress=True, record=True
+    )
+    assert bin_gzip.subprotocol == protocol.SUBPROTOCOL_BINARY
+    await plain.send({"type": "join", "room": "annals", "ref": "j"})
+    assert (await plain.next_frame())["type"] == "joined"
+    # hello: short, a text frame
+    assert isinstance(as_it_came(json_gzip, json_gzip.hello), str)
+    await json_gzip.send({"type": "join", "room": "annals", "ref": "j"})
+    frame, text = await next_raw(json_gzip)
+    assert isinstance(text, str)
+    assert frame["type"] == json.loads(text)["type"] == "joined"
+    await bin_gzip.send_raw(
         struct.pack(">I", protocol.FRAME_CODES["join"]) + b'{"room":"annals"}'
     )
-    await bin_gzip.raw()  # joined
+    assert (await bin_gzip.next_frame())["type"] == "joined"
     body = "the quick brown fox jumps over the lazy dog " * 2
     for n in range(12):
-        await plain.send(type="send", room="annals", body=body, client_msg_id=f"c{n}")
+        await plain.send(
+            {"type": "send", "room": "annals", "body": body, "client_msg_id": f"c{n}"}
+        )
     # Each socket gets every message and the ack: 12 acks and 12 messages for
     # the sender, 12 messages for the others; small frames stay uncompressed.
-    for _ in range(24):
-        await plain.raw()
+    sent = [await plain.next_frame() for _ in range(24)]
+    assert sorted(frame["type"] for frame in sent) == ["ack"] * 12 + ["message"] * 12
     for _ in range(12):
-        assert isinstance(await json_gzip.raw(), str)
-        assert (await bin_gzip.raw())[:4] == struct.pack(
-            ">I", protocol.FRAME_CODES["message"]
-        )
+        frame, text = await next_raw(json_gzip)
+        assert (frame["type"], type(text)) == ("message", str)
+        frame, framed = await next_raw(bin_gzip)
+        assert framed[:4] == struct.pack(">I", protocol.FRAME_CODES["message"])
 
-    await plain.send(type="history", room="annals", ref="h")
-    page = await plain.raw()
-    assert len(page.encode()) > 1024
-    await json_gzip.send(type="history", room="annals", ref="h")
-    compressed = await json_gzip.raw()
+    await plain.send({"type": "history", "room": "annals", "ref": "h"})
+    page = await plain.next_frame()
+    assert page["type"] == "history"
+    await json_gzip.send({"type": "history", "room": "annals", "ref": "h"})
+    frame, compressed = await next_raw(json_gzip)
+    assert frame == page
     assert isinstance(compressed, bytes)  # a binary frame holding the gzip
-    assert gzip.decompress(compressed).decode() == page
-    assert len(compressed) < len(page.encode()) / 4
-    await bin_gzip.websocket.send(
+    # The page the plain socket got, in the server's compact JSON: over 1024.
+    text = gzip.decompress(compressed).decode()
+    assert text == json.dumps(page, separators=(",", ":"), ensure_ascii=False)
+    assert len(text.encode()) > 1024
+    assert len(compressed) < len(text.encode()) / 4
+    await bin_gzip.send_raw(
         struct.pack(">I", protocol.FRAME_CODES["history"])
         + b'{"room":"annals","ref":"h"}'
     )
-    framed = await bin_gzip.raw()
+    frame, framed = await next_raw(bin_gzip)
+    assert frame == page
     code = protocol.FRAME_CODES["history"] | protocol.COMPRESSED_CODE_BIT
     assert framed[:4] == struct.pack(">I", code)
-    assert {"type": "history", **json.loads(gzip.decompress(framed[4:]))} == (
-        json.loads(page)
-    )
+    assert {"type": "history", **json.loads(gzip.decompress(framed[4:]))} == page
     # Short frames stay as they were.
-    await json_gzip.send(type="ping", ref="p")
-    assert await json_gzip.raw() == '{"type":"pong","ref":"p"}'
+    await json_gzip.send({"type": "ping", "ref": "p"})
+    assert await next_raw(json_gzip) == (
+        {"type": "pong", "ref": "p"},
+        '{"type":"pong","ref":"p"}',
+    )
 
 
 @pytest.mark.django_db(transaction=True)
 async def test_an_idle_socket_still_works_after_its_handshake_is_released(
-    daphnes, open_socket
+    daphnes, chat_client
 ):
     # release_handshake() runs at accept, and every later socket's compaction
     # moves more attributes to the protocol's class: the first socket lives on.
     server = daphnes["on"]
     _, idle_key = await user_with_key("idle")
     await room_create("quiet")
-    idle = await open_socket(server, idle_key)
-    assert (await idle.recv())["type"] == "hello"
-    await idle.send(type="join", room="quiet", ref="j1")
-    assert (await idle.recv())["online"] == ["idle"]
+    idle = await chat_client(server, idle_key, name="idle")
+    await idle.send({"type": "join", "room": "quiet", "ref": "j1"})
+    assert (await idle.next_frame())["online"] == ["idle"]
     talkers = []
     for k in range(5):
         _, key = await user_with_key(f"talker{k}")
-        talker = await open_socket(server, key)
-        assert (await talker.recv())["type"] == "hello"
-        talkers.append(talker)
-    await talkers[-1].send(type="join", room="quiet", ref="j2")
-    assert (await talkers[-1].recv())["type"] == "joined"
-    assert await idle.recv() == {
+        talkers.append(await chat_client(server, key, name=f"talker{k}"))
+    await talkers[-1].send({"type": "join", "room": "quiet", "ref": "j2"})
+    assert (await talkers[-1].next_frame())["type"] == "joined"
+    assert await idle.next_frame() == {
         "type": "presence",
         "room": "quiet",
         "user": "talker4",
@@ -478,49 +466,52 @@ async def test_an_idle_socket_still_works_after_its_handshake_is_released(
     }
 
     await talkers[-1].send(
-        type="send", room="quiet", body="still there?", client_msg_id="t-1"
+        {
+            "type": "send",
+            "room": "quiet",
+            "body": "still there?",
+            "client_msg_id": "t-1",
+        }
     )
-    received = await idle.recv()
+    received = await idle.next_frame()
     assert received == await stored_message("quiet", 1)
-    await idle.send(type="ping", ref="p1")
-    assert await idle.recv() == {"type": "pong", "ref": "p1"}
-    await idle.send(type="send", room="quiet", body="yes", client_msg_id="i-1")
-    frames = [await idle.recv(), await idle.recv()]
+    await idle.send({"type": "ping", "ref": "p1"})
+    assert await idle.next_frame() == {"type": "pong", "ref": "p1"}
+    await idle.send(
+        {"type": "send", "room": "quiet", "body": "yes", "client_msg_id": "i-1"}
+    )
+    frames = [await idle.next_frame(), await idle.next_frame()]
     assert sorted(frame["type"] for frame in frames) == ["ack", "message"]
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_a_replaced_socket_closes_with_its_code_and_reason(daphne, open_socket):
+async def test_a_replaced_socket_closes_with_its_code_and_reason(daphne, chat_client):
     _, key = await user_with_key("dana")
-    older = await open_socket(daphne, key, device="phone")
-    assert (await older.recv())["type"] == "hello"
-    newer = await open_socket(daphne, key, device="phone")
-    assert (await newer.recv())["type"] == "hello"
-    assert await older.closed() == REPLACED
+    older = await chat_client(daphne, key, name="older", device="phone")
+    await chat_client(daphne, key, name="newer", device="phone")
+    assert await older.expect_close() == REPLACED
 
 
 @pytest.mark.parametrize("fast_path", ["1", "0"])
 @pytest.mark.django_db(transaction=True)
 async def test_sigterm_closes_every_socket_with_1001_and_its_reason(
-    fast_path, django_db_blocker, open_socket
+    fast_path, django_db_blocker, chat_client
 ):
     # Daphne 4.2 alone refuses 1001 and drops every reason: the close patch's job.
     server = daphne_start(django_db_blocker, CHAT_FAST_PATH=fast_path)
     try:
         _, key = await user_with_key("erin")
-        sockets = [await open_socket(server, key) for _ in range(2)]
-        for socket in sockets:
-            assert (await socket.recv())["type"] == "hello"
+        sockets = [await chat_client(server, key, name=f"erin{n}") for n in range(2)]
         server.process.send_signal(signal.SIGTERM)
         for socket in sockets:
-            assert await socket.closed() == (1001, "server shutting down")
+            assert await socket.expect_close() == (1001, "server shutting down")
     finally:
         server.stop()
 
 
 @pytest.mark.django_db(transaction=True)
 async def test_another_twisted_installed_serves_through_plain_asgi(
-    tmp_path, django_db_blocker, open_socket
+    tmp_path, django_db_blocker, chat_client
 ):
     # A distribution's metadata found first on the path is what is installed,
     # as far as importlib.metadata, and so the guard, can tell.
@@ -536,22 +527,26 @@ async def test_another_twisted_installed_serves_through_plain_asgi(
             "To fix, install the lock: pip install -r requirements.txt" in (warnings[0])
         )
         user, key = await user_with_key("fred")
-        socket = await open_socket(server, key, device="tablet")
-        first = await socket.recv()
-        assert first == hello(first, user)
-        await socket.send(type="ping", ref="p1")
-        assert await socket.raw() == '{"type":"pong","ref":"p1"}'
+        socket = await chat_client(
+            server, key, name="tablet", device="tablet", record=True
+        )
+        assert socket.hello == hello(socket.hello, user)
+        await socket.send({"type": "ping", "ref": "p1"})
+        # Decoded, and on the wire the exact text.
+        assert await next_raw(socket) == (
+            {"type": "pong", "ref": "p1"},
+            '{"type":"pong","ref":"p1"}',
+        )
         # Twisted is none of the close patch's business: still applied.
-        newer = await open_socket(server, key, device="tablet")
-        assert (await newer.recv())["type"] == "hello"
-        assert await socket.closed() == REPLACED
+        await chat_client(server, key, name="newer", device="tablet")
+        assert await socket.expect_close() == REPLACED
     finally:
         server.stop()
 
 
 @pytest.mark.django_db(transaction=True)
 async def test_another_daphne_installed_is_not_patched_and_loses_close_reasons(
-    tmp_path, django_db_blocker, open_socket
+    tmp_path, django_db_blocker, chat_client
 ):
     # What the close patch is for, shown by daphne 4.2.3 without it.
     path = shadow_distribution(tmp_path, "daphne", "4.3.0")
@@ -563,11 +558,9 @@ async def test_another_daphne_installed_is_not_patched_and_loses_close_reasons(
         assert len(warnings) == 1, lines
         assert "daphne's close is not patched" in warnings[0]
         _, key = await user_with_key("gina")
-        older = await open_socket(server, key, device="phone")
-        assert (await older.recv())["type"] == "hello"
-        newer = await open_socket(server, key, device="phone")
-        assert (await newer.recv())["type"] == "hello"
-        assert await older.closed() == (4409, "")
+        older = await chat_client(server, key, name="older", device="phone")
+        await chat_client(server, key, name="newer", device="phone")
+        assert await older.expect_close() == (4409, "")
     finally:
         server.stop()
 
@@ -576,25 +569,25 @@ async def test_another_daphne_installed_is_not_patched_and_loses_close_reasons(
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_a_frame_over_64_kib_closes_with_1009(daphne, open_socket):
+async def test_a_frame_over_64_kib_closes_with_1009(daphne, chat_client):
     _, key = await user_with_key("big")
-    socket = await open_socket(daphne, key)
-    assert (await socket.recv())["type"] == "hello"
-    await socket.websocket.send("x" * (64 * 1024 + 1))
-    assert await socket.closed() == (1009, "")
+    socket = await chat_client(daphne, key, name="big")
+    await socket.send_raw("x" * (64 * 1024 + 1))
+    assert await socket.expect_close() == (1009, "")
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_a_socket_past_the_per_user_limit_closes_with_1013(daphne, open_socket):
+async def test_a_socket_past_the_per_user_limit_closes_with_1013(daphne, chat_client):
     from django.conf import settings
 
     limit = settings.CHAT_MAX_CONNECTIONS_PER_USER
     _, key = await user_with_key("crowd")
-    for _ in range(limit):
-        socket = await open_socket(daphne, key)
-        assert (await socket.recv())["type"] == "hello"
-    extra = await open_socket(daphne, key)
-    assert await extra.closed() == (
+    for n in range(limit):
+        await chat_client(daphne, key, name=f"crowd{n}")
+    # Closed before its hello: the close frame is what it gets.
+    with pytest.raises(ChatClosed) as closed:
+        await chat_client(daphne, key, name="extra")
+    assert (closed.value.code, closed.value.reason) == (
         1013,
         f"too many connections: at most {limit} per user",
     )
@@ -619,17 +612,20 @@ def quick_daphnes(django_db_setup, django_db_blocker):
 
 @pytest.mark.parametrize("path", ["on", "off"])
 @pytest.mark.django_db(transaction=True)
-async def test_a_silent_socket_closes_with_4408(quick_daphnes, open_socket, path):
+async def test_a_silent_socket_closes_with_4408(quick_daphnes, chat_client, path):
     _, key = await user_with_key("quiet")
-    socket = await open_socket(quick_daphnes[path], key)
-    assert (await socket.recv())["heartbeat"] == 1
+    socket = await chat_client(quick_daphnes[path], key, name="quiet", keepalive=False)
+    assert socket.hello["heartbeat"] == 1
     # Silence for twice the heartbeat is what is under test: the close comes by
     # itself within the check interval (a third of a heartbeat) after that.
-    assert await socket.closed() == (4408, "nothing received for 2 seconds")
+    assert await socket.expect_close(timeout=TIMEOUT) == (
+        4408,
+        "nothing received for 2 seconds",
+    )
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_a_flood_through_rate_limited_closes_with_1008(daphne, open_socket):
+async def test_a_flood_through_rate_limited_closes_with_1008(daphne, chat_client):
     from django.conf import settings
 
     from chat.throttle import STRIKES_BEFORE_CLOSE, parse_rate
@@ -637,15 +633,18 @@ async def test_a_flood_through_rate_limited_closes_with_1008(daphne, open_socket
     allowed = parse_rate(settings.CHAT_RATE_LIMIT).count
     _, key = await user_with_key("flood")
     await room_create("torrent")
-    socket = await open_socket(daphne, key)
-    assert (await socket.recv())["type"] == "hello"
+    # No keep-alive ping: every frame sent is the test's.
+    socket = await chat_client(daphne, key, name="flood", keepalive=False)
     for i in range(allowed + STRIKES_BEFORE_CLOSE):
-        await socket.send(type="history", room="torrent", ref=str(i))
-    replies = [await socket.recv() for _ in range(allowed + STRIKES_BEFORE_CLOSE)]
+        await socket.send({"type": "history", "room": "torrent", "ref": str(i)})
+    replies = [await socket.next_frame() for _ in range(allowed + STRIKES_BEFORE_CLOSE)]
     assert [reply.get("code", reply["type"]) for reply in replies] == (
         ["history"] * allowed + ["rate_limited"] * STRIKES_BEFORE_CLOSE
     )
-    assert await socket.closed() == (1008, "rate limit: 10 frames refused in a row")
+    assert await socket.expect_close() == (
+        1008,
+        "rate limit: 10 frames refused in a row",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -670,19 +669,18 @@ def faulty_daphnes(django_db_setup, django_db_blocker):
 @pytest.mark.parametrize("path", ["on", "off"])
 @pytest.mark.django_db(transaction=True)
 async def test_an_unexpected_server_error_closes_with_1011(
-    faulty_daphnes, open_socket, path
+    faulty_daphnes, chat_client, path
 ):
     server = faulty_daphnes[path]
     _, key = await user_with_key("unlucky")
     await room_create("boom")
-    socket = await open_socket(server, key)
-    assert (await socket.recv())["type"] == "hello"
-    await socket.send(type="history", room="boom", ref="h")
-    assert await socket.closed() == (1011, "server error")
+    socket = await chat_client(server, key, name="unlucky")
+    await socket.send({"type": "history", "room": "boom", "ref": "h"})
+    assert await socket.expect_close() == (1011, "server error")
     assert "RuntimeError: a fault put in by tests.faults" in server.output()
     # The process goes on serving others.
-    other = await open_socket(server, key)
-    assert (await other.recv())["type"] == "hello"
+    other = await chat_client(server, key, name="other")
+    assert other.hello["type"] == "hello"
 
 
 @pytest.fixture(scope="module")
@@ -710,7 +708,7 @@ def redis_daphnes(django_db_setup, django_db_blocker):
 @pytest.mark.parametrize("path", ["on", "off"])
 @pytest.mark.django_db(transaction=True)
 async def test_a_ban_and_a_deactivation_close_live_sockets_with_4403(
-    redis_daphnes, open_socket, path
+    redis_daphnes, chat_client, path
 ):
     from channels.db import database_sync_to_async
 
@@ -720,15 +718,13 @@ async def test_a_ban_and_a_deactivation_close_live_sockets_with_4403(
     server = servers[path]
     banned, banned_key = await user_with_key(f"banned-{path}")
     gone, gone_key = await user_with_key(f"gone-{path}")
-    on_banned = await open_socket(server, banned_key)
-    on_gone = await open_socket(server, gone_key)
-    for socket in (on_banned, on_gone):
-        assert (await socket.recv())["type"] == "hello"
+    on_banned = await chat_client(server, banned_key, name="banned")
+    on_gone = await chat_client(server, gone_key, name="gone")
     with this_process_uses_redis(redis_server.url):
         await database_sync_to_async(services.user_ban)(user=banned, reason="spam")
-        assert await on_banned.closed() == (4403, "banned: spam")
+        assert await on_banned.expect_close() == (4403, "banned: spam")
         await database_sync_to_async(services.user_deactivate)(user=gone)
-        assert await on_gone.closed() == (4403, "account deactivated")
+        assert await on_gone.expect_close() == (4403, "account deactivated")
 
 
 # --- empty messages ------------------------------------------------------------------
