@@ -13,7 +13,24 @@ from django.urls import path
 from django.utils.html import format_html
 
 from chat import registry, services
-from chat.models import ApiToken, Ban, Membership, Message, ModerationAction, Mute, Room
+from chat.models import (
+    ApiToken,
+    Ban,
+    Membership,
+    Mention,
+    Message,
+    ModerationAction,
+    Mute,
+    Reaction,
+    Room,
+    Upload,
+)
+
+
+def _starts_read(membership: Membership) -> None:
+    """A member added here starts with the room read, as a joining one does."""
+    if membership.pk is None:
+        membership.read_seq = Room.objects.get(pk=membership.room_id).last_seq
 
 
 class MembershipInline(admin.TabularInline):
@@ -65,6 +82,7 @@ class RoomAdmin(admin.ModelAdmin):
         for membership in formset.deleted_objects:
             services.membership_remove(membership=membership, actor=request.user)
         for membership in memberships:
+            _starts_read(membership)
             membership.save()
         formset.save_m2m()
 
@@ -140,6 +158,11 @@ class MembershipAdmin(admin.ModelAdmin):
     search_fields = ["room__slug", "user__username"]
     autocomplete_fields = ["room", "user"]
     list_select_related = ["room", "user"]
+    readonly_fields = ["read_seq", "uncounted_after_read", "unread_mentions"]
+
+    def save_model(self, request, obj, form, change):
+        _starts_read(obj)
+        super().save_model(request, obj, form, change)
 
     def delete_model(self, request, obj):
         services.membership_remove(membership=obj, actor=request.user)
@@ -147,6 +170,42 @@ class MembershipAdmin(admin.ModelAdmin):
     def delete_queryset(self, request, queryset):
         for membership in queryset.select_related("room", "user"):
             services.membership_remove(membership=membership, actor=request.user)
+
+
+class _ReadOnlyInline(admin.TabularInline):
+    """What a message carries, shown where a moderator looks; changed only by
+    the users themselves (or gone with the message)."""
+
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+class ReactionInline(_ReadOnlyInline):
+    model = Reaction
+    fields = readonly_fields = ("emoji", "user", "created_at")
+
+
+class MentionInline(_ReadOnlyInline):
+    model = Mention
+    fields = readonly_fields = ("user",)
+
+
+class AttachmentInline(_ReadOnlyInline):
+    model = Upload
+    verbose_name = "attachment"
+    fields = readonly_fields = ("link", "content_type", "size", "owner", "created_at")
+
+    @admin.display(description="file")
+    def link(self, upload):
+        return format_html(
+            '<a href="{}">{}</a>', services.upload_url(upload), upload.name
+        )
 
 
 @admin.register(Message)
@@ -171,10 +230,13 @@ class MessageAdmin(admin.ModelAdmin):
         "created_at",
         "edited_at",
         "deleted_at",
+        "reply_to",
+        "reply_count",
     ]
     date_hierarchy = "created_at"
     ordering = ["-created_at"]
     actions = ["hide_messages"]
+    inlines = [AttachmentInline, ReactionInline, MentionInline]
 
     def has_add_permission(self, request):
         # Messages get their seq from the send path; the admin moderates them.

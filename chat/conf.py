@@ -37,6 +37,11 @@ DEFAULTS: dict[str, Any] = {
     "CHAT_METRICS_ALLOW": ["127.0.0.1", "::1"],
     # Count the client address a proxy appended to X-Forwarded-For, not the peer's.
     "CHAT_CLIENT_IP_FROM_PROXY": False,
+    # The largest file POST /api/uploads takes; larger ones get 413.
+    "CHAT_MAX_UPLOAD_BYTES": 10 * 1024 * 1024,
+    # "": attachments streamed by Django; "/prefix/": sent by nginx from that
+    # internal location (X-Accel-Redirect) once the view has checked access.
+    "CHAT_ACCEL_REDIRECT": "",
 }
 
 

@@ -596,7 +596,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def on_send(self, frame: protocol.Send) -> None:
         room = self._joined_room(frame)
         request = services.SendRequest(
-            room, self.user, frame.body, frame.client_msg_id, frame.reply_to
+            room,
+            self.user,
+            frame.body,
+            frame.client_msg_id,
+            frame.reply_to,
+            tuple(frame.attachments or ()),
         )
         # Queue the send and read the next frame at once: a client that sends
         # several messages without waiting gets them stored in one transaction

@@ -125,6 +125,8 @@ class Message(models.Model):
     # in order of first use), rebuilt from Reaction rows at every change, so
     # that no page of messages needs a query for them.
     reaction_summary = models.JSONField(default=list, blank=True, editable=False)
+    # Its attachments as message objects carry them, fixed when it is stored.
+    attachment_summary = models.JSONField(default=list, blank=True, editable=False)
 
     class Meta:
         ordering = ["room", "seq"]
@@ -194,6 +196,37 @@ class Reaction(models.Model):
 
     def __str__(self) -> str:
         return f"{self.emoji} by {self.user} on {self.message}"
+
+
+def upload_path(upload: "Upload", filename: str) -> str:
+    """Where an upload's file goes in storage: a random name, not the user's."""
+    return f"chat/uploads/{timezone.now():%Y/%m}/{secrets.token_hex(16)}"
+
+
+class Upload(models.Model):
+    """A file a user uploaded (``POST /api/uploads``), attached to at most one
+    message. One never attached is removed by ``manage.py chat_uploads_clean``."""
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+"
+    )
+    file = models.FileField(upload_to=upload_path, max_length=200)
+    name = models.CharField(max_length=200, help_text="The file's name, as uploaded.")
+    size = models.PositiveBigIntegerField()
+    content_type = models.CharField(
+        max_length=100, help_text="Read from the file's first bytes, not the upload."
+    )
+    message = models.ForeignKey(
+        Message,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="attachments",
+    )
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.size} bytes)"
 
 
 class ApiTokenQuerySet(models.QuerySet["ApiToken"]):

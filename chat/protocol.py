@@ -604,8 +604,14 @@ def message_payload(message: Any, room_slug: str, author: Any) -> MessageData:
         reactions=[] if deleted else _reactions(message.reaction_summary),
         reply_to=message.reply_to_id,
         reply_count=message.reply_count,
-        attachments=[],
+        attachments=[] if deleted else _attachments(message.attachment_summary),
     )
+
+
+def _attachments(summary: list[dict[str, Any]]) -> list[AttachmentData]:
+    if not summary:
+        return []
+    return msgspec.convert(summary, list[AttachmentData])
 
 
 def _reactions(summary: list[dict[str, Any]]) -> list[ReactionData]:

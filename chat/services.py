@@ -13,7 +13,7 @@ import hashlib
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import async_to_sync
@@ -29,7 +29,16 @@ from django.db import (
 from django.db.models import F, Q
 from django.utils import timezone
 
-from chat import fanout, mentions, metrics, presence, protocol, registry, selectors
+from chat import (
+    fanout,
+    mentions,
+    metrics,
+    presence,
+    protocol,
+    registry,
+    selectors,
+    uploads,
+)
 from chat.loops import BackgroundTask, PerLoop, RoomTasks
 from chat.models import (
     ApiToken,
@@ -41,6 +50,7 @@ from chat.models import (
     Mute,
     Reaction,
     Room,
+    Upload,
 )
 from chat.protocol import (
     BAD_REQUEST,
@@ -50,11 +60,13 @@ from chat.protocol import (
     MUTED,
     NOT_FOUND,
     ROOM_CLOSED,
+    TOO_LARGE,
     ChatError,
 )
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
+    from django.core.files.uploadedfile import UploadedFile
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +241,7 @@ class SendRequest:
     body: str
     client_msg_id: str
     reply_to: int | None = None  # the id of a message in the same room
+    attachments: tuple[int, ...] = ()  # ids of the author's unattached uploads
 
 
 # What a send comes to: (message, created), or the ChatError that refused it.
@@ -242,13 +255,16 @@ def message_create(
     body: str,
     client_msg_id: str,
     reply_to: int | None = None,
+    attachments: Sequence[int] = (),
 ) -> tuple[Message, bool]:
     """Store a message with the room's next seq and broadcast it after commit.
 
     A retry (same author and ``client_msg_id``) stores nothing and returns the
     message stored the first time. Return (message, created).
     """
-    request = SendRequest(room, author, body, client_msg_id, reply_to)
+    request = SendRequest(
+        room, author, body, client_msg_id, reply_to, tuple(attachments)
+    )
     [result] = message_create_many(requests=[request])
     if isinstance(result, ChatError):
         raise result
@@ -272,8 +288,9 @@ def message_create_many(*, requests: Sequence[SendRequest]) -> list[SendResult]:
         with transaction.atomic():
             fresh = _resolve_retries_and_refusals(requests, results)
             threads = _thread_roots(requests, fresh, results)
+            uploads = _uploads_to_attach(requests, fresh, results)
             fresh = [(i, dups) for i, dups in fresh if results[i] is None]
-            created = _store_fresh(requests, fresh, results, threads)
+            created = _store_fresh(requests, fresh, results, threads, uploads)
             mentioned = _store_mentions(created) if created else {}
             broadcasts = tuple(
                 (tuple(fanout.room_groups(room)), tuple(frames))
@@ -380,6 +397,7 @@ def _store_fresh(
     fresh: list[tuple[int, list[int]]],
     results: list[SendResult],
     threads: dict[int, int],
+    uploads: dict[int, list[Upload]],
 ) -> list[Message]:
     room_ids = sorted({requests[index].room.pk for index, _ in fresh})
     # Lock the rooms in id order (no deadlock between two batches); on SQLite
@@ -393,6 +411,7 @@ def _store_fresh(
     next_seq = {pk: room.last_seq for pk, room in rooms.items()}
     messages: list[Message] = []
     owners: list[list[int]] = []
+    attached: list[list[Upload]] = []
     for index, duplicates in fresh:
         request = requests[index]
         room = rooms.get(request.room.pk)
@@ -414,13 +433,20 @@ def _store_fresh(
                 body=request.body,
                 client_msg_id=request.client_msg_id,
                 reply_to_id=threads.get(index),
+                attachment_summary=[
+                    _attachment_entry(upload) for upload in uploads.get(index, ())
+                ],
             )
         )
         owners.append(duplicates)
+        attached.append(uploads.get(index, []))
     bumped = {pk: seq for pk, seq in next_seq.items() if seq != rooms[pk].last_seq}
     if bumped:
         _room_last_seqs_set(bumped)
     Message.objects.bulk_create(messages)
+    for message, files in zip(messages, attached, strict=True):
+        if files:
+            Upload.objects.filter(pk__in=[f.pk for f in files]).update(message=message)
     _own_messages_uncount(messages)
     _replies_count(messages)
     for message, duplicates in zip(messages, owners, strict=True):
@@ -428,6 +454,63 @@ def _store_fresh(
         for i in duplicates[1:]:
             results[i] = (message, False)
     return messages
+
+
+def _uploads_to_attach(
+    requests: Sequence[SendRequest],
+    fresh: list[tuple[int, list[int]]],
+    results: list[SendResult],
+) -> dict[int, list[Upload]]:
+    """Per fresh request index, the uploads it attaches, locked, in its order.
+
+    Each must be the author's own and not attached yet (nor twice in the batch);
+    otherwise the send is refused with ``not_found``.
+    """
+    wanted = {pk for i, _ in fresh for pk in requests[i].attachments}
+    if not wanted:
+        return {}
+    found = {
+        upload.pk: upload
+        for upload in Upload.objects.select_for_update().filter(
+            pk__in=wanted, message__isnull=True
+        )
+    }
+    taken: set[int] = set()
+    chosen: dict[int, list[Upload]] = {}
+    for index, duplicates in fresh:
+        request = requests[index]
+        ids = list(dict.fromkeys(request.attachments))
+        bad = [
+            pk
+            for pk in ids
+            if pk not in found or found[pk].owner_id != request.author.pk or pk in taken
+        ]
+        if bad:
+            error = ChatError(NOT_FOUND, f"no upload {bad[0]} of yours to attach")
+            for i in duplicates:
+                results[i] = error
+            continue
+        taken.update(ids)
+        if ids:
+            chosen[index] = [found[pk] for pk in ids]
+    return chosen
+
+
+def _attachment_entry(upload: Upload) -> dict[str, Any]:
+    """An upload as message objects carry it."""
+    return {
+        "id": upload.pk,
+        "name": upload.name,
+        "size": upload.size,
+        "content_type": upload.content_type,
+        "url": upload_url(upload),
+    }
+
+
+def upload_url(upload: Upload) -> str:
+    from django.urls import reverse
+
+    return reverse("chat:upload", args=[upload.pk, upload.name])
 
 
 def _own_messages_uncount(messages: list[Message]) -> None:
@@ -746,6 +829,44 @@ def read_marker_set(
         )
         _emit(fanout.Delivery((fanout.user_group(user.pk),), frame=frame))
     return state, last_seq
+
+
+# --- uploads --------------------------------------------------------------------
+
+
+def upload_create(*, owner: User, file: UploadedFile) -> Upload:
+    """Store an uploaded file through the default storage, typed by its bytes."""
+    from django.conf import settings
+
+    if file.size is not None and file.size > settings.CHAT_MAX_UPLOAD_BYTES:
+        raise ChatError(
+            TOO_LARGE,
+            f"the file is over {settings.CHAT_MAX_UPLOAD_BYTES} bytes",
+        )
+    head = file.read(uploads.SNIFF_BYTES)
+    file.seek(0)
+    upload = Upload(
+        owner=owner,
+        name=uploads.clean_name(file.name or ""),
+        size=file.size or 0,
+        content_type=uploads.sniff_content_type(head),
+    )
+    upload.file.save(upload.name, file, save=False)
+    upload.save()
+    return upload
+
+
+def uploads_unattached_delete(*, older_than: timedelta) -> int:
+    """Remove the uploads never attached to a message, files too; how many."""
+    stale = Upload.objects.filter(
+        message__isnull=True, created_at__lt=timezone.now() - older_than
+    )
+    count = 0
+    for upload in stale.iterator():
+        upload.file.delete(save=False)
+        upload.delete()
+        count += 1
+    return count
 
 
 # --- reactions ------------------------------------------------------------------

@@ -6,6 +6,7 @@ import ipaddress
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from csp.middleware import CSPMiddleware, PolicyParts
 from django.conf import settings
@@ -24,6 +25,7 @@ from django.http import (
     JsonResponse,
 )
 from django.http.response import HttpResponseBase
+from django.middleware.csrf import CsrfViewMiddleware
 from django.shortcuts import redirect, render
 from django.template import loader
 from django.utils import timezone
@@ -34,9 +36,9 @@ from django.views.decorators.http import (
     require_safe,
 )
 
-from chat import protocol, push, selectors, services, throttle
+from chat import protocol, push, selectors, services, throttle, uploads
 from chat.forms import DirectStartForm, RoomCreateForm
-from chat.models import ApiToken, Room
+from chat.models import ApiToken, Room, Upload
 from chat.protocol import FORBIDDEN, NOT_FOUND, ChatError
 
 GetResponse = Callable[[HttpRequest], HttpResponseBase]
@@ -203,6 +205,137 @@ def api_push(request: HttpRequest) -> JsonResponse:
     except ChatError as exc:
         return _api_error(400, exc.message)
     return JsonResponse({"connections": count}, status=202)
+
+
+def _csrf_checked(request: HttpRequest) -> HttpResponse:
+    """A stand-in view for running Django's CSRF check inside an API view."""
+    return HttpResponse()
+
+
+# Room for the multipart envelope around a file of CHAT_MAX_UPLOAD_BYTES.
+UPLOAD_ENVELOPE_BYTES = 64 * 1024
+
+
+def _api_user(request: HttpRequest) -> tuple[User | None, HttpResponse | None]:
+    """The user of an API request: a bearer token's, or the session's (which
+    must then pass the CSRF check). Answers (user, None) or (None, refusal)."""
+    key = ApiToken.key_from_authorization(request.headers.get("Authorization", ""))
+    if key:
+        found = selectors.token_user_get(key=key)
+        if found is None:
+            return None, _api_error(401, "this API token is not valid")
+        if found.use_stale:
+            services.api_token_use_note(token_id=found.token_id)
+        return found.user, None
+    if not request.user.is_authenticated:
+        return None, _api_error(401, "sign in, or send Authorization: Bearer <token>")
+    refused = CsrfViewMiddleware(_csrf_checked).process_view(
+        request, _csrf_checked, (), {}
+    )
+    if refused is not None:
+        return None, _api_error(403, "the CSRF token is missing or wrong")
+    if selectors.user_is_site_banned(user_id=request.user.pk):
+        return None, _api_error(403, "you are banned")
+    return request.user, None
+
+
+@csrf_exempt
+@require_POST
+def api_uploads(request: HttpRequest) -> HttpResponse:
+    """POST /api/uploads: store the multipart field ``file``; 201 with its
+    attachment object, 413 over ``CHAT_MAX_UPLOAD_BYTES``."""
+    limit = settings.CHAT_MAX_UPLOAD_BYTES
+    too_large = _api_error(413, f"the file is over {limit} bytes")
+    try:
+        length = int(request.headers.get("Content-Length") or 0)
+    except ValueError:
+        length = 0
+    if length > limit + UPLOAD_ENVELOPE_BYTES:
+        return too_large  # refused before the body is read
+    user, refused = _api_user(request)
+    if refused is not None or user is None:
+        return refused or _api_error(401, "sign in")
+    file = request.FILES.get("file")
+    if file is None:
+        return _api_error(400, "send the file as the multipart field 'file'")
+    try:
+        upload = services.upload_create(owner=user, file=file)
+    except ChatError:
+        return too_large
+    return JsonResponse(protocol_attachment(upload), status=201)
+
+
+def protocol_attachment(upload: Upload) -> dict[str, object]:
+    return {
+        "id": upload.pk,
+        "name": upload.name,
+        "size": upload.size,
+        "content_type": upload.content_type,
+        "url": services.upload_url(upload),
+    }
+
+
+@require_safe
+def upload_file(request: HttpRequest, upload_id: int, name: str) -> HttpResponse:
+    """GET an attachment: to users who may read its message's room (before it
+    is attached, its owner); 403 to everyone else, 404 to unknown ones (and to
+    those of a message deleted for everyone)."""
+    upload = (
+        Upload.objects.select_related("message__room")
+        .filter(pk=upload_id, name=name)
+        .first()
+    )
+    if upload is None:
+        raise Http404("no such file")
+    user, refused = _reader(request)
+    if refused is not None:
+        return refused
+    message = upload.message
+    if message is None:
+        if upload.owner_id != user.pk:
+            return _api_error(403, "you may not read this file")
+    elif message.deleted_at is not None:
+        raise Http404("no such file")
+    else:
+        try:
+            selectors.room_get_readable(slug=message.room.slug, user=user)
+        except ChatError:
+            return _api_error(403, "you may not read this file")
+    return _file_response(upload)
+
+
+def _reader(request: HttpRequest) -> tuple[Any, HttpResponse | None]:
+    """Who is reading: the session's user or a bearer token's; 403 for nobody."""
+    key = ApiToken.key_from_authorization(request.headers.get("Authorization", ""))
+    if key:
+        found = selectors.token_user_get(key=key)
+        if found is not None:
+            return found.user, None
+    elif request.user.is_authenticated and not selectors.user_is_site_banned(
+        user_id=request.user.pk
+    ):
+        return request.user, None
+    return None, _api_error(403, "sign in to read this file")
+
+
+def _file_response(upload: Upload) -> HttpResponse:
+    accel = settings.CHAT_ACCEL_REDIRECT
+    if accel:
+        response = HttpResponse(content_type=upload.content_type)
+        response["X-Accel-Redirect"] = accel + upload.file.name
+    else:
+        with upload.file.open("rb") as file:
+            response = HttpResponse(file.read(), content_type=upload.content_type)
+    inline = upload.content_type in uploads.INLINE_IMAGES
+    disposition = "inline" if inline else "attachment"
+    response["Content-Disposition"] = (
+        f"{disposition}; filename*=UTF-8''{quote(upload.name)}"
+    )
+    # Never run as a page of this site, whatever the bytes hold.
+    response["X-Content-Type-Options"] = "nosniff"
+    response["Content-Security-Policy"] = "default-src 'none'; sandbox"
+    response["Cache-Control"] = "private, max-age=3600"
+    return response
 
 
 def _push_to(target: str, value: str, event: str, data: object) -> int | Awaitable[int]:

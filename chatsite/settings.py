@@ -38,6 +38,14 @@ CHAT_LOGIN_COOLOFF_MINUTES  how long a lockout lasts after the pair's last
                   attempt (default 15; 0: until an admin deletes the attempt)
 CHAT_LOG_FORMAT   plain (default): log lines as they read; json: one JSON object
                   per line on stderr (chat.logs)
+CHAT_MEDIA_ROOT   directory of uploaded files (default: media beside manage.py);
+                  the default storage (STORAGES) keeps them there
+CHAT_MAX_UPLOAD_BYTES  largest file POST /api/uploads takes (default 10 MiB);
+                  a larger one is answered 413
+CHAT_ACCEL_REDIRECT  a URL prefix nginx serves the media directory under as an
+                  internal location (such as /protected-uploads/): attachments
+                  are then sent by nginx (X-Accel-Redirect) after the access
+                  check; unset, Django streams them itself
 
 A value that is not what its variable takes (a word for a number, "maybe" for a
 switch) stops start-up with ImproperlyConfigured naming the variable, the value
@@ -372,6 +380,18 @@ CHAT_SIGNUP_RATE = env_str("CHAT_SIGNUP_RATE", "5/3600", is_rate, RATE)
 # Bytes waiting to be written to one socket before it closes with 1008.
 CHAT_SEND_BUFFER_BYTES = env_int(
     "CHAT_SEND_BUFFER_BYTES", 1 << 20, "a whole number of bytes"
+)
+# Uploaded files (POST /api/uploads) go through the default storage, here the
+# file system under MEDIA_ROOT; set STORAGES["default"] for another backend.
+MEDIA_ROOT = env_str("CHAT_MEDIA_ROOT", str(BASE_DIR / "media"))
+CHAT_MAX_UPLOAD_BYTES = env_int(
+    "CHAT_MAX_UPLOAD_BYTES", 10 * 1024 * 1024, "a whole number of bytes"
+)
+CHAT_ACCEL_REDIRECT = env_str(
+    "CHAT_ACCEL_REDIRECT",
+    "",
+    lambda value: value == "" or (value.startswith("/") and value.endswith("/")),
+    "a URL path that starts and ends with /, such as /protected-uploads/",
 )
 
 

@@ -227,3 +227,59 @@ def test_deactivating_in_the_admin_goes_through_the_service(staff_client, make_u
     assert list(
         ModerationAction.objects.values_list("kind", "actor__username", "target_user")
     ) == [("deactivate", "root", bob.pk)]
+
+
+def test_a_messages_page_shows_its_attachments_reactions_and_mentions(
+    staff_client, make_user, settings, tmp_path
+):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    settings.MEDIA_ROOT = str(tmp_path)
+    alice = make_user("alice")
+    make_user("bob")
+    room = services.room_create(slug="lobby", title="Lobby", creator=alice)
+    upload = services.upload_create(
+        owner=alice, file=SimpleUploadedFile("plan.txt", b"the plan")
+    )
+    message, _ = services.message_create(
+        room=room,
+        author=alice,
+        body="@bob see the plan",
+        client_msg_id="c1",
+        attachments=[upload.pk],
+    )
+    services.reaction_set(
+        room=room, message_id=message.pk, user=alice, emoji="🎉", on=True
+    )
+    page = staff_client.get(reverse("admin:chat_message_change", args=[message.pk]))
+    assert page.status_code == 200
+    text = page.content.decode()
+    assert f'<a href="/uploads/{upload.pk}/plan.txt">plan.txt</a>' in text
+    inlines = {
+        formset.opts.model.__name__: formset
+        for formset in page.context["inline_admin_formsets"]
+    }
+    assert sorted(inlines) == ["Mention", "Reaction", "Upload"]
+    assert [str(r) for r in inlines["Reaction"].formset.queryset] == [
+        "🎉 by alice on lobby#1"
+    ]
+    assert [m.user.username for m in inlines["Mention"].formset.queryset] == ["bob"]
+
+
+def test_a_member_added_in_the_admin_starts_with_the_room_read(staff_client, make_user):
+    alice = make_user("alice")
+    bob = make_user("bob")
+    room = services.room_create(slug="lobby", title="Lobby", creator=alice)
+    for n in range(3):
+        services.message_create(
+            room=room, author=alice, body="x", client_msg_id=f"c{n}"
+        )
+    response = staff_client.post(
+        reverse("admin:chat_membership_add"),
+        {"room": room.pk, "user": bob.pk, "role": "member"},
+    )
+    assert response.status_code == 302
+    membership = Membership.objects.get(room=room, user=bob)
+    room.refresh_from_db()
+    assert (room.last_seq, membership.read_seq) == (3, 3)
+    assert selectors.read_state(membership).unread(room.last_seq) == 0

@@ -147,6 +147,8 @@ print(json.dumps({
     "user": {"id": m.author.pk, "username": m.author.username},
     "body": m.body, "created_at": protocol.timestamp(m.created_at),
     "client_msg_id": m.client_msg_id, "edited_at": None, "deleted": False,
+    "mentions": [], "reactions": [], "reply_to": None, "reply_count": 0,
+    "attachments": [],
 }))
 """
 
@@ -425,6 +427,8 @@ def test_a_token_socket_gets_hello_joins_and_sends(host):
         "online": ["alice"],
         "online_count": 1,
         "read_seq": 0,
+        "unread": 0,
+        "mentions": 0,
         "private": False,
         "direct": False,
         "closed": False,

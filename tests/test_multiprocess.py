@@ -144,7 +144,7 @@ def stored_message(slug, seq):
         "reactions": [] if deleted else message.reaction_summary,
         "reply_to": message.reply_to_id,
         "reply_count": message.reply_count,
-        "attachments": [],
+        "attachments": [] if deleted else message.attachment_summary,
     }
 
 

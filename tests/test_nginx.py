@@ -337,6 +337,11 @@ def stored_message(slug, seq):
         "client_msg_id": message.client_msg_id,
         "edited_at": None,
         "deleted": False,
+        "mentions": [],
+        "reactions": [],
+        "reply_to": None,
+        "reply_count": 0,
+        "attachments": [],
     }
 
 
@@ -349,7 +354,9 @@ def joined_frame(slug, *, online, last_seq=0, **extra):
         "last_seq": last_seq,
         "online": online,
         "online_count": len(online),
-        "read_seq": 0,
+        "read_seq": last_seq,  # a new member starts with the room read
+        "unread": 0,
+        "mentions": 0,
         "private": False,
         "direct": False,
         "closed": False,

@@ -277,6 +277,8 @@ def joined(slug, online, ref):
         "online": online,
         "online_count": len(online),
         "read_seq": 0,
+        "unread": 0,
+        "mentions": 0,
         "private": False,
         "direct": False,
         "closed": False,
