@@ -70,7 +70,8 @@ def reconnect_delay(
 NO_RECONNECT = frozenset({CLOSE_BANNED, CLOSE_REPLACED})
 # A reply to a request of ours carries its ref; these frames are replies.
 REPLY_TYPES = frozenset(
-    {"joined", "left", "ack", "history", "pong", "error", "recovered"}
+    {"joined", "left", "ack", "history", "pong", "error", "recovered", "rooms"}
+    | {"search"}
 )
 
 

@@ -299,7 +299,8 @@ def message_create_many(*, requests: Sequence[SendRequest]) -> list[SendResult]:
             if broadcasts:
                 # All rooms' frames in one layer message.
                 _emit(fanout.Batch(broadcasts))
-            _emit(*_mention_notifications(created, mentioned))
+            if mentioned:
+                _emit(*_mention_notifications(created, mentioned))
         # Out of the transaction: committed (the writer's own transaction is
         # the outermost; under a caller's, counted before that one commits).
         metrics.messages_stored.inc(len(created))

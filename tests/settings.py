@@ -21,6 +21,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         )
     }
 
+# Uploads of the tests go to a directory of their own, not the checkout's.
+MEDIA_ROOT = tempfile.mkdtemp(prefix="chatsite-test-media-")
+
 # The test process is not a server: leave its SIGTERM alone.
 CHAT_CLOSE_ON_SIGTERM = False
 

@@ -333,11 +333,22 @@ async def test_clients_of_a_process_killed_mid_stream_resume_elsewhere_losing_no
             joined = next(
                 f for f in resumed if f["type"] == "joined" and f["room"] == room
             )
+            # Unread: the others' messages up to last_seq (this client never
+            # sent read). Its own resends race the join's read by a few
+            # messages at most; they are its own, so never unread.
+            own = sum(
+                1
+                for slug, seq, _, author, _ in rows
+                if slug == room and author == client.name and seq <= joined["last_seq"]
+            )
+            others = joined["last_seq"] - own
+            assert others - len(in_flight[client.name]) <= joined["unread"] <= others
             assert joined == joined_frame(
                 room,
                 online=joined["online"],
                 last_seq=joined["last_seq"],
                 read_seq=0,
+                unread=joined["unread"],
             )
             recovered = {"type": "recovered", "room": room, "complete": True}
             between = resumed[resumed.index(joined) + 1 : resumed.index(recovered)]
@@ -566,8 +577,9 @@ async def test_redis_back_after_10_s_delivery_resumes_on_its_own_and_the_gap_fil
     stored = [await stored_message("outage", seq) for seq in range(1, 6)]
     # alice reconnects and resumes from the last seq she saw.
     alice = await open_socket(server_a, "alice@A again", keys["alice"])
+    # Unread to her: the three of the five that are not hers.
     assert await join(alice, "outage", since=1, ref="rejoin") == joined_frame(
-        "outage", online=["alice", "carol", "dave"], last_seq=5, ref="rejoin"
+        "outage", online=["alice", "carol", "dave"], last_seq=5, unread=3, ref="rejoin"
     )
     assert [await alice.next_frame() for _ in range(4)] == stored[1:]
     assert await alice.next_frame() == {

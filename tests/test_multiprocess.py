@@ -149,7 +149,7 @@ def stored_message(slug, seq):
 
 
 def joined_frame(
-    slug, *, online, last_seq=0, read_seq=None, unread=0, mentions=0, **extra
+    slug, *, online, last_seq=0, read_seq=0, unread=0, mentions=0, **extra
 ):
     """The ``joined`` frame of a public, open room made by ``room_create``."""
     return {
@@ -159,8 +159,7 @@ def joined_frame(
         "last_seq": last_seq,
         "online": online,
         "online_count": len(online),
-        # A new member starts with the room read.
-        "read_seq": last_seq if read_seq is None else read_seq,
+        "read_seq": read_seq,
         "unread": unread,
         "mentions": mentions,
         "private": False,
@@ -415,8 +414,9 @@ async def test_join_since_on_the_other_process_recovers_exactly_the_missed_messa
 
     bob = await chat_client(server_a, keys["bob"], name="bob@A")
     joined = await join(bob, "recover", since=last_seen, ref="rejoin")
+    # Bob joined at seq 0 and never read: all seven of alice's are unread.
     assert joined == joined_frame(
-        "recover", online=["alice", "bob"], last_seq=7, ref="rejoin"
+        "recover", online=["alice", "bob"], last_seq=7, unread=7, ref="rejoin"
     )
     for seq in range(3, 8):
         expected = await stored_message("recover", seq)

@@ -169,6 +169,14 @@ def static_root(workdir):
 
 
 @pytest.fixture(scope="module")
+def media_root(workdir):
+    """The processes' CHAT_MEDIA_ROOT, which nginx's workers read files from."""
+    root = workdir / "media"
+    root.mkdir(mode=0o755)
+    return root
+
+
+@pytest.fixture(scope="module")
 def redis_server():
     server = RedisServer().start()
     yield server
@@ -176,7 +184,7 @@ def redis_server():
 
 
 @pytest.fixture(scope="module")
-def daphne_pair(django_db_setup, django_db_blocker, redis_server):
+def daphne_pair(django_db_setup, django_db_blocker, redis_server, media_root):
     servers = []
     try:
         for _ in range(2):
@@ -186,7 +194,11 @@ def daphne_pair(django_db_setup, django_db_blocker, redis_server):
                     redis_url=redis_server.url,
                     heartbeat=HEARTBEAT,
                     verbosity=0,
-                    extra_env={"DJANGO_BEHIND_TLS_PROXY": "1"},
+                    extra_env={
+                        "DJANGO_BEHIND_TLS_PROXY": "1",
+                        "CHAT_MEDIA_ROOT": str(media_root),
+                        "CHAT_ACCEL_REDIRECT": "/protected-uploads/",
+                    },
                 )
             servers.append(server.start())
         yield servers
@@ -198,7 +210,7 @@ def daphne_pair(django_db_setup, django_db_blocker, redis_server):
 class Nginx:
     """nginx in ``workdir``, running the site file for the given ports and paths."""
 
-    def __init__(self, workdir, *, upstreams, certificate, static_root):
+    def __init__(self, workdir, *, upstreams, certificate, static_root, media_root):
         self.binary = nginx_binary()
         self.dir = workdir / "nginx"
         self.dir.mkdir()
@@ -215,6 +227,7 @@ class Nginx:
                 "/etc/letsencrypt/live/chat.example.com/fullchain.pem": str(cert),
                 "/etc/letsencrypt/live/chat.example.com/privkey.pem": str(key),
                 "/srv/chatsite/app/staticfiles/": f"{static_root}/",
+                "/srv/chatsite/media/": f"{media_root}/",
             },
         )
         (self.dir / "chatsite.conf").write_text(site)
@@ -278,12 +291,13 @@ http {{
 
 
 @pytest.fixture(scope="module")
-def nginx(workdir, daphne_pair, certificate, static_root):
+def nginx(workdir, daphne_pair, certificate, static_root, media_root):
     server = Nginx(
         workdir,
         upstreams=[daphne.port for daphne in daphne_pair],
         certificate=certificate,
         static_root=static_root,
+        media_root=media_root,
     ).start()
     yield server
     server.stop()
@@ -345,7 +359,7 @@ def stored_message(slug, seq):
     }
 
 
-def joined_frame(slug, *, online, last_seq=0, **extra):
+def joined_frame(slug, *, online, last_seq=0, read_seq=0, unread=0, **extra):
     """The ``joined`` frame of a public, open room made by ``room_create``."""
     return {
         "type": "joined",
@@ -354,8 +368,8 @@ def joined_frame(slug, *, online, last_seq=0, **extra):
         "last_seq": last_seq,
         "online": online,
         "online_count": len(online),
-        "read_seq": last_seq,  # a new member starts with the room read
-        "unread": 0,
+        "read_seq": read_seq,
+        "unread": unread,
         "mentions": 0,
         "private": False,
         "direct": False,
@@ -442,7 +456,7 @@ async def process_id(open_client, server, key):
     return process_of(probe)
 
 
-def https_get(nginx, tls, path, *, port=None, scheme="https"):
+def https_get(nginx, tls, path, *, port=None, scheme="https", headers=None):
     """(status, headers as a dict of lower-case names, body) of a GET through nginx."""
     if scheme == "https":
         conn = http.client.HTTPSConnection(
@@ -453,10 +467,10 @@ def https_get(nginx, tls, path, *, port=None, scheme="https"):
             "127.0.0.1", port or nginx.http_port, timeout=TIMEOUT
         )
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers=headers or {})
         response = conn.getresponse()
-        headers = {name.lower(): value for name, value in response.getheaders()}
-        return response.status, headers, response.read()
+        got = {name.lower(): value for name, value in response.getheaders()}
+        return response.status, got, response.read()
     finally:
         conn.close()
 
@@ -564,8 +578,9 @@ async def test_a_client_of_a_stopped_process_reconnects_through_nginx_and_recove
         # tries the other.
         bob = await open_client(keys["bob"], "bob again")
         assert process_of(bob) == process_of(alice)
+        # Bob never sent read: alice's three messages are unread to him.
         assert await join(bob, "restart", since=1, ref="rejoin") == joined_frame(
-            "restart", online=["alice", "bob"], last_seq=3, ref="rejoin"
+            "restart", online=["alice", "bob"], last_seq=3, unread=3, ref="rejoin"
         )
         for seq in (2, 3):
             expected = await stored_message("restart", seq)
@@ -605,6 +620,74 @@ async def test_a_client_of_a_stopped_process_reconnects_through_nginx_and_recove
     expected = await stored_message("restart", 4)
     assert expected["body"] == "back"
     assert message == expected
+
+
+def https_upload(nginx, tls, key, name, content):
+    """POST /api/uploads through nginx with a bearer token: (status, JSON)."""
+    boundary = "chatsite-test-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+            f'filename="{name}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+        ).encode()
+        + content
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    conn = http.client.HTTPSConnection(
+        "127.0.0.1", nginx.https_port, context=tls, timeout=TIMEOUT
+    )
+    try:
+        conn.request(
+            "POST",
+            "/api/uploads",
+            body=body,
+            headers={
+                "Authorization": f"Bearer {key}",
+                "Content-Type": f"multipart/form-data; boundary={boundary}",
+            },
+        )
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+async def test_an_attachment_goes_through_the_app_s_check_then_nginx_sends_it(
+    nginx, tls, open_client
+):
+    alice, alice_key = await user_with_key("alice")
+    _, bob_key = await user_with_key("bob")
+    await room_create("files")
+    picture = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40  # 10 KiB
+    status, attachment = await asyncio.to_thread(
+        https_upload, nginx, tls, alice_key, "chart.png", picture
+    )
+    assert (status, attachment["content_type"]) == (201, "image/png")
+    client = await open_client(alice_key, "alice")
+    await join(client, "files")
+    await send(
+        client,
+        type="send",
+        room="files",
+        body="the chart",
+        client_msg_id="c1",
+        attachments=[attachment["id"]],
+    )
+    assert (await expect(client, "ack", skip=("message",)))["room"] == "files"
+    # Bob may read the public room: the app says yes, nginx sends the bytes
+    # (the app's own answer has no body at all).
+    bearer = {"Authorization": f"Bearer {bob_key}"}
+    status, headers, body = await asyncio.to_thread(
+        https_get, nginx, tls, attachment["url"], headers=bearer
+    )
+    assert (status, headers["content-type"], body) == (200, "image/png", picture)
+    assert "x-accel-redirect" not in headers
+    # Nobody signed in: the app refuses; the internal location is not reachable.
+    status, _, _ = await asyncio.to_thread(https_get, nginx, tls, attachment["url"])
+    assert status == 403
+    hidden = "/protected-uploads/" + attachment["url"].split("/")[-1]
+    status, _, body = await asyncio.to_thread(https_get, nginx, tls, hidden)
+    assert (status, body) == (404, NGINX_404)
 
 
 def test_pages_answer_through_nginx_over_tls(nginx, tls):

@@ -271,6 +271,7 @@ STORED = SimpleNamespace(
     reaction_summary=[{"emoji": "👍", "count": 2, "users": ["bob", "carol"]}],
     reply_to_id=1200,
     reply_count=0,
+    attachment_summary=[],
 )
 MESSAGE_JSON = (
     '{"type":"message","room":"lobby","id":1234,"seq":99,'
