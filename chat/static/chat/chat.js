@@ -101,6 +101,8 @@
       }
       const handler = handlers[frame.type];
       if (handler) handler(frame);
+      // Page scripts (sidebar.js) see every frame after this page has.
+      document.dispatchEvent(new CustomEvent("chat:frame", { detail: frame }));
     };
     ws.onclose = (event) => {
       if (socket !== ws) return;
@@ -174,6 +176,16 @@
     refCounter += 1;
     return `${kind}-${refCounter}`;
   }
+
+  // What page scripts may use: who and where we are, and this page's socket.
+  // Their refs start with "page-" (nextRef gives them): this page leaves the
+  // replies, errors included, to them.
+  window.chatsite = Object.freeze({
+    room: ROOM,
+    me: ME,
+    send: (frame) => send(frame),
+    nextRef: (kind) => nextRef(`page-${kind}`),
+  });
 
   // Heartbeat: anything counts; send a ping after half the heartbeat of silence.
   setInterval(() => {
@@ -359,6 +371,7 @@
         sendFailed(clientMsgId, frame);
         return;
       }
+      if (frame.ref && frame.ref.startsWith("page-")) return; // a page script's
       if (frame.ref && frame.ref.startsWith("history")) ui.older.disabled = false;
       if (frame.ref && frame.ref.startsWith("join")) {
         showStatus(frame.message, 0);
