@@ -166,6 +166,9 @@ if env_bool("DJANGO_BEHIND_TLS_PROXY", False):
     # Served over TLS only: plain HTTP is redirected, and browsers are told to
     # come back over HTTPS only (HSTS). Both can be turned down.
     SECURE_SSL_REDIRECT = env_bool("DJANGO_SSL_REDIRECT", True)
+    # Health checks and Prometheus ask each process itself, over plain HTTP on
+    # loopback: answer them, not a redirect.
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
     SECURE_HSTS_SECONDS = env_int(
         "DJANGO_HSTS_SECONDS", 31536000, "a whole number of seconds"
     )

@@ -2,6 +2,7 @@
 "Operations (HTTP)"), with a redis-server of the test's own to stop."""
 
 import asyncio
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -43,6 +44,30 @@ def samples(exposition):
 async def test_healthz_answers_ok(start_daphne):
     server = start_daphne()
     assert await fetch(server, "/healthz") == (200, "text/plain; charset=utf-8", "ok")
+
+
+def plain_get(server, path):
+    """(status, Location) of a plain-HTTP GET that follows no redirect."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.getheader("Location")
+    finally:
+        conn.close()
+
+
+async def test_behind_a_tls_proxy_the_ops_endpoints_still_answer_plain_http(
+    start_daphne,
+):
+    # A probe on the machine asks the process itself, with no X-Forwarded-Proto.
+    server = start_daphne(extra_env={"DJANGO_BEHIND_TLS_PROXY": "1"})
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert await asyncio.to_thread(plain_get, server, path) == (200, None), path
+    assert await asyncio.to_thread(plain_get, server, "/accounts/login/") == (
+        301,
+        f"https://127.0.0.1:{server.port}/accounts/login/",
+    )
 
 
 async def test_readyz_says_each_dependency_and_503_while_redis_is_down(
