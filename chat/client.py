@@ -130,8 +130,10 @@ class ChatClient:
       ``push``…) waits in ``events`` in arrival order. With ``record``,
       ``frames`` keeps every frame of every socket, a list per socket, and
       ``wire`` the same frames as they came (text, or bytes), for tests; a
-      long session would grow them without end. ``retries`` says when each
-      reconnect attempt began, after which delay.
+      long session would grow them without end. A frame in ``frames`` is the
+      very dict ``next_frame`` or ``events`` hands out, so ``wire`` has its
+      raw form at the same index. ``retries`` says when each reconnect
+      attempt began, after which delay.
     - With ``ordered``, every frame instead waits in one queue in the order it
       came, replies included, with each socket's end where it happened: read
       it with ``next_frame``, ``expect``, ``nothing`` and ``expect_close`` (a
