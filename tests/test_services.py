@@ -289,6 +289,88 @@ def test_message_create_sends_the_message_to_the_room_after_commit(
 
 
 @pytest.mark.django_db
+def test_a_mention_notifies_the_mentioned_after_the_rooms_broadcast(
+    alice, bob, lobby, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks() as callbacks:
+        message, _ = services.message_create(
+            room=lobby, author=alice, body="@bob @alice look", client_msg_id="c1"
+        )
+    frame = {
+        **message_frame(message, room="lobby", author=alice, body="@bob @alice look"),
+        "mentions": ["bob", "alice"],
+    }
+    payload = {k: v for k, v in frame.items() if k != "type"}
+    notification = {
+        "type": "notification",
+        "kind": "mention",
+        "room": "lobby",
+        "message": payload,
+    }
+    # Two commits' worth of events, in order: the room's, then bob's (not the
+    # author's own mention).
+    assert emitted(callbacks) == [
+        [{"batch": [{"groups": [f"room.{lobby.pk}"], "frames": [frame]}]}],
+        [delivery([f"user.{bob.pk}"], frame=notification)],
+    ]
+
+
+@pytest.mark.django_db
+def test_read_marker_set_tells_every_socket_of_the_user_after_commit(
+    alice, bob, lobby, django_capture_on_commit_callbacks
+):
+    services.membership_add(room=lobby, user=bob)
+    for n in range(3):
+        services.message_create(
+            room=lobby, author=alice, body="x", client_msg_id=f"c{n}"
+        )
+    with django_capture_on_commit_callbacks() as callbacks:
+        state, last_seq = services.read_marker_set(room=lobby, user=bob, seq=2)
+    assert (state.read_seq, state.unread(last_seq), state.mentions) == (2, 1, 0)
+    marker = {
+        "type": "read_marker",
+        "room": "lobby",
+        "seq": 2,
+        "unread": 1,
+        "mentions": 0,
+    }
+    assert emitted(callbacks) == [[delivery([f"user.{bob.pk}"], frame=marker)]]
+
+
+@pytest.mark.django_db
+def test_a_reaction_tells_the_room_only_when_it_changes_something(
+    alice, bob, lobby, django_capture_on_commit_callbacks
+):
+    message, _ = services.message_create(
+        room=lobby, author=alice, body="x", client_msg_id="c1"
+    )
+    react = {"room": lobby, "message_id": message.pk, "user": bob, "emoji": "🎉"}
+    with django_capture_on_commit_callbacks() as callbacks:
+        services.reaction_set(**react)
+    reaction = {
+        "type": "reaction",
+        "room": "lobby",
+        "id": message.pk,
+        "seq": 1,
+        "emoji": "🎉",
+        "user": "bob",
+        "on": True,
+        "count": 1,
+    }
+    assert emitted(callbacks) == [[delivery([f"room.{lobby.pk}"], frame=reaction)]]
+    with django_capture_on_commit_callbacks() as callbacks:
+        services.reaction_set(**react)  # the same again: nothing changes
+    assert callbacks == []
+    with django_capture_on_commit_callbacks() as callbacks:
+        services.reaction_set(**react, on=False)
+    assert emitted(callbacks) == [
+        [delivery([f"room.{lobby.pk}"], frame={**reaction, "on": False, "count": 0})]
+    ]
+    message.refresh_from_db()
+    assert message.reaction_summary == []
+
+
+@pytest.mark.django_db
 def test_a_retried_send_sends_nothing_again(
     alice, lobby, django_capture_on_commit_callbacks
 ):
