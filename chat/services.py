@@ -51,6 +51,7 @@ from chat.models import (
     Reaction,
     Room,
     Upload,
+    model_column,
 )
 from chat.protocol import (
     BAD_REQUEST,
@@ -515,15 +516,36 @@ def upload_url(upload: Upload) -> str:
 
 
 def _own_messages_uncount(messages: list[Message]) -> None:
-    """An author's own messages are never unread to them: count them out."""
+    """An author's own messages are never unread to them: count them out.
+
+    One statement for the whole batch, in plain SQL like ``_room_last_seqs_set``:
+    an ORM update per (room, author) cost more Python than the batch's insert.
+    """
     own: dict[tuple[int, int], int] = {}
     for message in messages:
         key = (message.room_id, message.author_id)
         own[key] = own.get(key, 0) + 1
+    if not own:
+        return
+    quote = connection.ops.quote_name
+    column = quote("uncounted_after_read")
+    room, user = (
+        quote(model_column(Membership, "room")),
+        quote(model_column(Membership, "user")),
+    )
+    pair = f"({room} = %s AND {user} = %s)"
+    cases = " ".join(f"WHEN {pair} THEN %s" for _ in own)
+    sql = (
+        f"UPDATE {quote(Membership._meta.db_table)} SET {column} = {column} + "
+        f"CASE {cases} ELSE 0 END WHERE {' OR '.join(pair for _ in own)}"
+    )
+    params: list[int] = []
     for (room_id, user_id), count in own.items():
-        Membership.objects.filter(room_id=room_id, user_id=user_id).update(
-            uncounted_after_read=F("uncounted_after_read") + count
-        )
+        params += [room_id, user_id, count]
+    for room_id, user_id in own:
+        params += [room_id, user_id]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
 
 
 def _replies_count(messages: list[Message]) -> None:
