@@ -11,6 +11,8 @@ layer lives in its own process, so messages stored by this one would reach no
 page live.
 """
 
+import json
+
 import pytest
 from django.contrib.auth import get_user_model
 from playwright.sync_api import expect
@@ -82,6 +84,48 @@ window.Notification = RecordingNotification;
 """
 
 
+# The page's window.chatsite as chat.js sets it, either sharing its socket
+# (send, nextRef) or not: the sidebar then opens one of its own. chat.js set it
+# twice (the shared socket, then its test exports, which replaced it): the
+# setter keeps what each assignment brings, less send and nextRef when the page
+# is not to share.
+CHATSITE_AS = """
+(share) => {
+  let kept = {};
+  Object.defineProperty(window, "chatsite", {
+    configurable: true,
+    get: () => kept,
+    set: (value) => {
+      const merged = { ...kept, ...value };
+      if (!share) {
+        delete merged.send;
+        delete merged.nextRef;
+      }
+      kept = Object.freeze(merged);
+    },
+  });
+}
+"""
+
+
+@pytest.fixture(params=["own socket", "page socket"])
+def sidebar_page(request, new_page):
+    """``new_page``, whose sidebar uses a socket of its own, or chat.js's.
+
+    ``page.sockets`` lists the URLs of the WebSockets the page opened.
+    """
+
+    def make():
+        page = new_page()
+        page.sockets = []
+        page.on("websocket", lambda socket: page.sockets.append(socket.url))
+        page.shared = request.param == "page socket"
+        page.add_init_script(f"({CHATSITE_AS})({json.dumps(page.shared)})")
+        return page
+
+    return make
+
+
 def socket_send(page, *frames):
     """Send ``frames`` (refs added) on a socket of ``page``'s user; their replies."""
     numbered = [{**frame, "ref": f"t-{n}"} for n, frame in enumerate(frames)]
@@ -121,9 +165,9 @@ def room_names(page):
 
 
 def test_a_direct_message_raises_the_badge_live_and_opening_it_clears_it(
-    server, new_page
+    server, sidebar_page
 ):
-    alice, bob = new_page(), new_page()
+    alice, bob = sidebar_page(), sidebar_page()
     sign_up(alice, server, "alice")
     sign_up(bob, server, "bob")
     room_create(slug="lobby", title="The Lobby")
@@ -148,6 +192,10 @@ def test_a_direct_message_raises_the_badge_live_and_opening_it_clears_it(
     expect(room_names(bob)).to_have_text(["alice", "The Lobby"])
     expect_counts(sidebar_room(bob, "The Lobby"), None, None, None)
     assert bob.evaluate("window.notReloaded") is True
+    # One socket for the page, and the sidebar's own when chat.js shares none.
+    shares = bob.evaluate("typeof window.chatsite.send === 'function'")
+    assert shares is bob.shared
+    assert bob.sockets == [f"{server.ws_url}"] * (1 if bob.shared else 2)
     # alice's own message counts nothing for her.
     expect_counts(sidebar_room(alice, "bob"), None, None, None)
     expect(alice).to_have_title("The Lobby · Chat")
@@ -168,8 +216,10 @@ def test_a_direct_message_raises_the_badge_live_and_opening_it_clears_it(
     expect(sidebar_room(bob, "The Lobby")).not_to_have_attribute("aria-current", "page")
 
 
-def test_messages_in_another_room_raise_its_unread_and_mention_badges(server, new_page):
-    alice, bob = new_page(), new_page()
+def test_messages_in_another_room_raise_its_unread_and_mention_badges(
+    server, sidebar_page
+):
+    alice, bob = sidebar_page(), sidebar_page()
     sign_up(alice, server, "alice")
     sign_up(bob, server, "bob")
     room_create(slug="lobby", title="The Lobby")
@@ -217,8 +267,8 @@ def messages_create(*, room, username, bodies):
         )
 
 
-def test_search_finds_a_message_in_another_room_and_links_to_it(server, new_page):
-    alice, bob = new_page(), new_page()
+def test_search_finds_a_message_in_another_room_and_links_to_it(server, sidebar_page):
+    alice, bob = sidebar_page(), sidebar_page()
     sign_up(alice, server, "alice")
     sign_up(bob, server, "bob")
     room_create(slug="lobby", title="The Lobby")
@@ -298,8 +348,8 @@ def test_search_finds_a_message_in_another_room_and_links_to_it(server, new_page
     expect(sidebar_room(bob, "Random")).to_have_attribute("aria-current", "page")
 
 
-def test_a_mention_while_hidden_raises_one_notification(server, new_page):
-    alice, bob = new_page(), new_page()
+def test_a_mention_while_hidden_raises_one_notification(server, sidebar_page):
+    alice, bob = sidebar_page(), sidebar_page()
     bob.context.grant_permissions(["notifications"], origin=server.http_url)
     bob.add_init_script(HIDDEN_AND_RECORDING)
     sign_up(alice, server, "alice")
@@ -346,8 +396,8 @@ def test_a_mention_while_hidden_raises_one_notification(server, new_page):
     expect(bob).to_have_title("(4) The Lobby · Chat")
 
 
-def test_at_phone_width_the_sidebar_folds_behind_a_rooms_button(server, new_page):
-    bob = new_page()
+def test_at_phone_width_the_sidebar_folds_behind_a_rooms_button(server, sidebar_page):
+    bob = sidebar_page()
     bob.set_viewport_size({"width": 390, "height": 844})
     sign_up(bob, server, "bob")
     room_create(slug="lobby", title="The Lobby")
