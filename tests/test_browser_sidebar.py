@@ -85,7 +85,8 @@ window.Notification = RecordingNotification;
 
 
 # The page's window.chatsite as chat.js sets it, either sharing its socket
-# (send, nextRef) or not: the sidebar then opens one of its own. chat.js set it
+# (send, nextRef) or not: the sidebar then writes to chat.js's socket as it finds
+# it (sidebar.js hookedLink). chat.js sets it
 # twice (the shared socket, then its test exports, which replaced it): the
 # setter keeps what each assignment brings, less send and nextRef when the page
 # is not to share.
@@ -108,9 +109,9 @@ CHATSITE_AS = """
 """
 
 
-@pytest.fixture(params=["own socket", "page socket"])
+@pytest.fixture(params=["found socket", "shared socket"])
 def sidebar_page(request, new_page):
-    """``new_page``, whose sidebar uses a socket of its own, or chat.js's.
+    """``new_page``, whose chat.js shares its socket with the sidebar, or not.
 
     ``page.sockets`` lists the URLs of the WebSockets the page opened.
     """
@@ -119,7 +120,7 @@ def sidebar_page(request, new_page):
         page = new_page()
         page.sockets = []
         page.on("websocket", lambda socket: page.sockets.append(socket.url))
-        page.shared = request.param == "page socket"
+        page.shared = request.param == "shared socket"
         page.add_init_script(f"({CHATSITE_AS})({json.dumps(page.shared)})")
         return page
 
@@ -192,10 +193,10 @@ def test_a_direct_message_raises_the_badge_live_and_opening_it_clears_it(
     expect(room_names(bob)).to_have_text(["alice", "The Lobby"])
     expect_counts(sidebar_room(bob, "The Lobby"), None, None, None)
     assert bob.evaluate("window.notReloaded") is True
-    # One socket for the page, and the sidebar's own when chat.js shares none.
+    # One socket for the page and its sidebar, shared or not.
     shares = bob.evaluate("typeof window.chatsite.send === 'function'")
     assert shares is bob.shared
-    assert bob.sockets == [f"{server.ws_url}"] * (1 if bob.shared else 2)
+    assert bob.sockets == [server.ws_url]
     # alice's own message counts nothing for her.
     expect_counts(sidebar_room(alice, "bob"), None, None, None)
     expect(alice).to_have_title("The Lobby · Chat")

@@ -5,8 +5,8 @@
 // socket through window.chatsite (chat.js): `rooms` on every (re)connect, a
 // `join` of each other room in the list so their messages arrive live, and
 // `search`. Its refs start with "page-", which chat.js leaves to it. When the
-// page offers no window.chatsite.send, the sidebar opens a socket of its own
-// and reads only that one (see Link below).
+// page offers no window.chatsite.send, the sidebar writes to chat.js's socket
+// as it finds it (hookedLink below).
 //
 // Counts are the server's: `rooms`, `joined` and `read_marker` set them; a live
 // message from someone else adds one (a mention of me one more) only when its
@@ -30,7 +30,7 @@
   const NOTIFY_BODY_MAX = 140;
   const BASE_TITLE = document.title.replace(/^\(\d+\) /, "");
 
-  // --- the socket: chat.js's, or one of our own --------------------------------
+  // --- the socket: chat.js's, shared or found ---------------------------------
 
   let handle = () => {}; // set below: what to do with a frame
   let refCounter = 0;
@@ -40,64 +40,36 @@
     return { send: (frame) => page.send(frame), nextRef: (kind) => page.nextRef(kind) };
   }
 
-  // A socket of our own, for a page whose chat.js does not share its socket. It
-  // reads nothing else, so no frame is counted twice.
-  function ownLink() {
+  // A stopgap for a chat.js whose window.chatsite lacks send (its test exports
+  // replaced the shared object): find the page's socket as chat.js writes to it
+  // (its join of this room on every hello, its read markers, its pings) and
+  // write to that one too. No second socket; frames still come as chat:frame.
+  function hookedLink() {
+    const nativeSend = WebSocket.prototype.send;
     let socket = null;
-    let attempt = 0;
-    let stopped = false;
-    let heartbeatMs = 30000;
-    let lastSentAt = 0;
-    const send = (frame) => {
-      if (!socket || socket.readyState !== WebSocket.OPEN) return false;
-      socket.send(JSON.stringify(frame));
-      lastSentAt = Date.now();
-      return true;
-    };
-    const connect = () => {
-      if (stopped) return;
-      const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-      const ws = new WebSocket(`${scheme}//${location.host}/ws/`, ["chat.v1"]);
-      socket = ws;
-      ws.onmessage = (event) => {
-        if (typeof event.data !== "string") return;
-        let frame;
-        try {
-          frame = JSON.parse(event.data);
-        } catch {
-          return;
-        }
-        if (frame.type === "hello") {
-          attempt = 0;
-          heartbeatMs = (frame.heartbeat || 30) * 1000;
-        }
-        handle(frame);
-      };
-      ws.onclose = (event) => {
-        if (socket !== ws) return;
-        socket = null;
-        if (event.code === 4403 || event.code === 4409) return;
-        const delay = Math.random() * Math.min(10000, 500 * 2 ** attempt);
-        attempt += 1;
-        setTimeout(connect, delay);
-      };
-    };
-    setInterval(() => {
-      if (Date.now() - lastSentAt >= heartbeatMs / 2) send({ type: "ping" });
-    }, 1000);
-    window.addEventListener("pagehide", () => {
-      stopped = true;
-      socket?.close(1000);
-    });
-    window.addEventListener("pageshow", (event) => {
-      if (event.persisted && !socket) {
-        stopped = false;
-        connect();
+    const isPagesOwn = (data) => {
+      if (typeof data !== "string") return false;
+      let frame;
+      try {
+        frame = JSON.parse(data);
+      } catch {
+        return false;
       }
-    });
-    connect();
+      if (!frame || typeof frame !== "object") return false;
+      if (frame.type === "ping") return frame.ref === undefined;
+      return frame.room === ROOM && !String(frame.ref || "").startsWith("page-");
+    };
+    WebSocket.prototype.send = function send(data) {
+      if (this !== socket && isPagesOwn(data)) socket = this;
+      return nativeSend.call(this, data);
+    };
+    document.addEventListener("chat:frame", (event) => handle(event.detail));
     return {
-      send,
+      send: (frame) => {
+        if (!socket || socket.readyState !== WebSocket.OPEN) return false;
+        nativeSend.call(socket, JSON.stringify(frame));
+        return true;
+      },
       nextRef: (kind) => {
         refCounter += 1;
         return `page-${kind}-${refCounter}`;
@@ -537,7 +509,7 @@
   // --- start --------------------------------------------------------------------
 
   const page = window.chatsite;
-  const link = page && typeof page.send === "function" ? sharedLink(page) : ownLink();
+  const link = page && typeof page.send === "function" ? sharedLink(page) : hookedLink();
   renderRooms();
   renderNotifyButton();
   // The page's socket may be open already (its hello came before this script ran).
