@@ -426,3 +426,40 @@ def test_at_phone_width_the_sidebar_folds_behind_a_rooms_button(server, sidebar_
     bob.set_viewport_size({"width": 1100, "height": 700})
     expect(toggle).to_be_hidden()
     expect(room_names(bob)).to_have_text(["The Lobby", "Random"])
+
+
+def test_after_a_server_restart_the_sidebar_asks_again_and_joins_again(
+    server, sidebar_page
+):
+    alice, bob = sidebar_page(), sidebar_page()
+    sign_up(alice, server, "alice")
+    sign_up(bob, server, "bob")
+    room_create(slug="lobby", title="The Lobby")
+    random = room_create(slug="random", title="Random")
+    open_room(bob, server, "random")
+    open_room(bob, server, "lobby")
+    open_room(alice, server, "random")
+    expect(room_names(bob)).to_have_text(["The Lobby", "Random"])
+
+    server.stop()
+    expect(bob.locator("#connection-state")).to_have_attribute(
+        "data-state", "reconnecting"
+    )
+    in_thread(
+        messages_create, room=random, username="alice", bodies=["while you were out"]
+    )
+    server.start()  # the same port
+    test_browser.expect_online(bob)
+    test_browser.expect_online(alice)
+
+    # Counted by the server: the sidebar asked `rooms` on the new socket.
+    random_link = sidebar_room(bob, "Random")
+    expect_counts(random_link, "1 unread", "1", None)
+    expect(bob).to_have_title("(1) The Lobby · Chat")
+    # And joined the room again: a new message counts live.
+    send(alice, "@bob and now")
+    expect(stored(alice).locator(".body")).to_have_text(
+        ["while you were out", "@bob and now"]
+    )
+    expect_counts(random_link, "2 unread, 1 mention", "2", "@1")
+    expect(bob).to_have_title("(2) The Lobby · Chat")
