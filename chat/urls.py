@@ -11,6 +11,7 @@ urlpatterns = [
     path("r/<slug:slug>/", views.room_detail, name="room"),
     path("accounts/signup/", views.signup, name="signup"),
     path("api/push", views.api_push, name="api_push"),
+    path("api/rooms/<slug:slug>/members", views.room_members, name="room_members"),
     path("api/uploads", views.api_uploads, name="api_uploads"),
     path("uploads/<int:upload_id>/<str:name>", views.upload_file, name="upload"),
     path("healthz", ops.healthz, name="healthz"),

@@ -177,6 +177,33 @@ def room_detail(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     return render(request, "chat/room.html", context)
 
 
+def _readable_room(slug: str, user: User) -> Room:
+    """The room if ``user`` may read it; 404 for no such room, 403 otherwise
+    (as ``room_detail`` answers)."""
+    try:
+        return selectors.room_get_readable(slug=slug, user=user)
+    except ChatError as exc:
+        if exc.code == NOT_FOUND:
+            raise Http404(exc.message) from None
+        if exc.code == FORBIDDEN:
+            raise PermissionDenied(exc.message) from None
+        raise
+
+
+@login_required
+@require_safe
+def room_members(request: AuthenticatedRequest, slug: str) -> JsonResponse:
+    """GET /api/rooms/<slug>/members: the usernames of the room's members
+    (active accounts), sorted, for the room page's @mention autocomplete."""
+    room = _readable_room(slug, request.user)
+    names = (
+        room.memberships.filter(user__is_active=True)
+        .order_by("user__username")
+        .values_list("user__username", flat=True)
+    )
+    return JsonResponse({"members": list(names)})
+
+
 # --- HTTP API -------------------------------------------------------------------
 
 
