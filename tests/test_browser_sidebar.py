@@ -204,6 +204,7 @@ def test_a_direct_message_raises_the_badge_live_and_opening_it_clears_it(
     dm(alice, "bob", "still there, @bob?", "dm-2")
     expect_counts(dm_link, "2 unread, 1 mention", "2", "@1")
     expect(bob).to_have_title("(2) The Lobby · Chat")
+    test_browser.screenshot(bob, "sidebar.png")
 
     dm_link.click()
     expect(bob).to_have_url(f"{server.http_url}/r/{ack['room']}/")
@@ -295,6 +296,7 @@ def test_search_finds_a_message_in_another_room_and_links_to_it(server, sidebar_
     expect(results.locator(".search-result-time")).not_to_have_text([""])
     expect(bob.locator(".sidebar-room-list")).to_be_hidden()
     expect(bob.get_by_role("button", name="More")).to_be_hidden()
+    test_browser.screenshot(bob, "sidebar_search.png")
 
     # Escape goes back to the room list; clearing the box does too.
     box.press("Escape")
@@ -417,6 +419,7 @@ def test_at_phone_width_the_sidebar_folds_behind_a_rooms_button(server, sidebar_
     expect(toggle).to_have_attribute("aria-expanded", "true")
     expect(room_names(bob)).to_have_text(["The Lobby", "Random"])
     expect(bob.get_by_role("searchbox", name="Search messages")).to_be_visible()
+    test_browser.screenshot(bob, "sidebar_phone.png")
     assert bob.evaluate("document.documentElement.scrollWidth") <= 390
     toggle.click()
     expect(toggle).to_have_attribute("aria-expanded", "false")
