@@ -39,7 +39,22 @@
     form: $("composer"),
     input: $("message-input"),
     send: $("send-button"),
+    attach: $("attach-button"),
+    file: $("file-input"),
+    chips: $("attachment-chips"),
+    mentionList: $("mention-list"),
+    thread: $("thread"),
+    threadParent: $("thread-parent"),
+    threadOlder: $("thread-older"),
+    threadMessages: $("thread-messages"),
+    threadForm: $("thread-composer"),
+    threadInput: $("thread-input"),
+    threadClose: $("thread-close"),
   };
+  const EMOJI = ["👍", "❤️", "😂", "🎉", "😮", "😢"];
+  const REACTION_USERS_MAX = 20; // as the server keeps
+  const IMAGE_TYPES = new Set(["image/png", "image/jpeg", "image/gif", "image/webp"]);
+  const JUMP_CONTEXT = 25; // older messages shown above a message jumped to
   const timeline = ui.messages.parentElement;
 
   let socket = null;
@@ -57,6 +72,17 @@
   let refCounter = 0;
 
   const shown = new Map(); // seq -> message element
+  // Replies live in their thread, not in the timeline: their seqs are kept
+  // here so the gap fill and the recovery still see the room's seqs whole.
+  const replySeqs = new Set();
+  const messages = new Map(); // id -> the latest message object we have
+  const thread = { id: null, el: null, shown: new Map(), hasMore: false, ref: null };
+  let jumpSeq = null; // #m<seq>: the message to show on the first page
+  let lastSeqAtJoin = 0;
+  {
+    const match = /^#m(\d{1,15})$/.exec(location.hash);
+    if (match && Number(match[1]) > 0) jumpSeq = Number(match[1]);
+  }
   const pending = new Map(); // client_msg_id -> {body, ref, el, sent}
   const refs = new Map(); // ref of a pending send -> client_msg_id
   const gaps = new Map(); // ref of a history that fills a gap -> {low, before, limit}
@@ -180,11 +206,17 @@
   // What page scripts may use: who and where we are, and this page's socket.
   // Their refs start with "page-" (nextRef gives them): this page leaves the
   // replies, errors included, to them.
+  // For tests too: the pure parts, and the constants they use (one object:
+  // assigning a second one would take send and nextRef from page scripts).
   window.chatsite = Object.freeze({
     room: ROOM,
     me: ME,
     send: (frame) => send(frame),
     nextRef: (kind) => nextRef(`page-${kind}`),
+    reconnectDelay: (...args) => reconnectDelay(...args),
+    BACKOFF_FIRST_MS,
+    BACKOFF_MAX_MS,
+    FIRST_AFTER_1001_MS,
   });
 
   // Heartbeat: anything counts; send a ping after half the heartbeat of silence.
@@ -211,6 +243,7 @@
       if (frame.room !== ROOM) return;
       joined = true;
       attempt = 0;
+      lastSeqAtJoin = countOr(frame.last_seq, 0);
       setState("online", "online");
       online.clear();
       for (const name of frame.online || []) online.add(name);
@@ -221,7 +254,16 @@
       ui.send.disabled = Boolean(frame.closed);
       if (frame.closed) showStatus("This room is closed: it takes no new messages.", 0);
       if (!snapshotLoaded) {
-        send({ type: "history", room: ROOM, limit: HISTORY_PAGE, ref: nextRef("history") });
+        const first = { type: "history", room: ROOM, limit: HISTORY_PAGE, ref: nextRef("history") };
+        // #m<seq>: the page that holds it, with some older ones above it. The
+        // newer ones come with the live timeline: a join with `since` recovers
+        // whatever is above the page (see `recovered`), so it stays contiguous.
+        if (jumpSeq !== null && frame.last_seq > jumpSeq + JUMP_CONTEXT) {
+          first.before = jumpSeq + JUMP_CONTEXT + 1;
+          first.limit = JUMP_CONTEXT * 2;
+          jumpAfter = jumpSeq + JUMP_CONTEXT;
+        }
+        send(first);
       }
       // Requests the last socket took with it: the recovery covers only newer seqs.
       const unanswered = [...gaps.values()];
@@ -232,16 +274,26 @@
 
     history(frame) {
       if (frame.room !== ROOM) return;
+      if (frame.thread !== undefined && frame.thread !== null) {
+        threadPage(frame);
+        return;
+      }
       const gap = gaps.get(frame.ref);
       if (gap) {
         gaps.delete(frame.ref);
         gapFilled(frame, gap);
         return;
       }
+      const first = !snapshotLoaded;
       keepScroll(() => {
         for (const payload of frame.messages) upsertMessage(payload);
-      }, !snapshotLoaded);
+      }, first);
       snapshotLoaded = true;
+      if (first && jumpSeq !== null) {
+        jumpTo(jumpSeq);
+        // The newer ones, up to the room's last seq at the join, as a gap fill.
+        if (jumpAfter !== null) fillGap(highestSeq(), lastSeqAtJoin + 1);
+      }
       hasMore = frame.has_more;
       ui.older.hidden = !hasMore;
       ui.older.disabled = false;
@@ -251,6 +303,9 @@
     message(frame) {
       if (frame.room !== ROOM) return;
       watchForGap(frame.seq);
+      if (frame.reply_to && !replySeqs.has(frame.seq) && !messages.has(frame.id)) {
+        bumpReplies(frame.reply_to);
+      }
       followBottom(() => upsertMessage(frame));
       stopTyping(frame.user.username);
       scheduleRead();
@@ -280,7 +335,24 @@
       const item = pending.get(clientMsgId);
       if (!item) return;
       pending.delete(clientMsgId);
-      if (!shown.has(frame.seq)) {
+      if (item.replyTo) {
+        if (!replySeqs.has(frame.seq)) {
+          watchForGap(frame.seq);
+          bumpReplies(item.replyTo);
+          upsertMessage({
+            id: frame.id,
+            seq: frame.seq,
+            user: { username: ME },
+            body: item.body,
+            created_at: new Date().toISOString(),
+            client_msg_id: clientMsgId,
+            edited_at: null,
+            deleted: false,
+            reply_to: item.replyTo,
+            attachments: item.attachments,
+          });
+        }
+      } else if (!shown.has(frame.seq)) {
         watchForGap(frame.seq);
         // The ack beat the broadcast: show it now; the `message` frame updates it.
         followBottom(() =>
@@ -293,6 +365,7 @@
             client_msg_id: clientMsgId,
             edited_at: null,
             deleted: false,
+            attachments: item.attachments,
           }),
         );
       }
@@ -301,16 +374,35 @@
 
     message_edited(frame) {
       if (frame.room !== ROOM) return;
-      const el = shown.get(frame.seq);
-      if (!el) return;
-      el.querySelector(".body").textContent = frame.body;
-      el.querySelector(".edited").hidden = false;
+      for (const el of elementsOf(frame.seq)) {
+        renderBody(el.querySelector(".body"), frame.body);
+        el.querySelector(".edited").hidden = false;
+      }
+      const known = messages.get(frame.id);
+      if (known) known.body = frame.body;
     },
 
     message_deleted(frame) {
       if (frame.room !== ROOM) return;
-      const el = shown.get(frame.seq);
-      if (el) markDeleted(el);
+      for (const el of elementsOf(frame.seq)) markDeleted(el);
+    },
+
+    reaction(frame) {
+      if (frame.room !== ROOM) return;
+      const known = messages.get(frame.id);
+      if (!known) return;
+      const list = known.reactions || (known.reactions = []);
+      let entry = list.find((r) => r.emoji === frame.emoji);
+      if (!entry) {
+        entry = { emoji: frame.emoji, count: 0, users: [] };
+        list.push(entry);
+      }
+      entry.count = frame.count;
+      const users = entry.users.filter((name) => name !== frame.user);
+      if (frame.on) users.push(frame.user);
+      entry.users = users.slice(0, REACTION_USERS_MAX);
+      if (entry.count <= 0) list.splice(list.indexOf(entry), 1);
+      for (const el of elementsOf(frame.seq)) renderReactions(el, known);
     },
 
     // Up to 50 users online: one frame per change; the count follows it.
@@ -373,6 +465,7 @@
       }
       if (frame.ref && frame.ref.startsWith("page-")) return; // a page script's
       if (frame.ref && frame.ref.startsWith("history")) ui.older.disabled = false;
+      if (frame.ref && frame.ref.startsWith("thread")) ui.threadOlder.disabled = false;
       if (frame.ref && frame.ref.startsWith("join")) {
         showStatus(frame.message, 0);
         if (frame.code === "not_found" || frame.code === "forbidden") {
@@ -400,6 +493,7 @@
   function highestSeq() {
     let high = 0;
     for (const seq of shown.keys()) if (seq > high) high = seq;
+    for (const seq of replySeqs) if (seq > high) high = seq;
     return high;
   }
 
@@ -433,26 +527,91 @@
     edited.hidden = true;
     meta.append(edited);
     meta.append(el("span", "actions"));
-    item.append(meta, el("div", "body", body));
+    const text = el("div", "body");
+    renderBody(text, body);
+    item.append(meta, text, el("div", "attachments"), el("div", "reactions"), el("div", "thread-link"));
     if (author === ME) item.classList.add("own");
     return item;
   }
 
-  function upsertMessage(payload) {
-    let item = shown.get(payload.seq);
-    if (!item) {
-      item = buildMessage(payload.user.username, payload.body, payload.created_at);
-      item.dataset.seq = payload.seq;
-      insertInOrder(item, payload.seq);
-      shown.set(payload.seq, item);
+  // The body as text, each @name in a span of its own: textContent only.
+  function renderBody(node, body) {
+    const parts = [];
+    const pattern = /(^|[^\w.+-])@([\w.@+-]*[\w])/g;
+    let at = 0;
+    let match;
+    while ((match = pattern.exec(body)) !== null) {
+      const start = match.index + match[1].length;
+      if (start > at) parts.push(document.createTextNode(body.slice(at, start)));
+      const mention = el("span", "mention", `@${match[2]}`);
+      if (match[2] === ME) mention.classList.add("me");
+      parts.push(mention);
+      at = start + 1 + match[2].length;
     }
+    if (at < body.length) parts.push(document.createTextNode(body.slice(at)));
+    node.replaceChildren(...parts);
+  }
+
+  // A message's elements: in the timeline, and in the open thread.
+  function elementsOf(seq) {
+    const found = [];
+    if (shown.has(seq)) found.push(shown.get(seq));
+    if (thread.shown.has(seq)) found.push(thread.shown.get(seq));
+    if (thread.el && Number(thread.el.dataset.seq) === seq) found.push(thread.el);
+    return found;
+  }
+
+  // Fill in what a message object brings: body, marks, attachments, reactions.
+  function fillMessage(item, payload) {
     item.dataset.id = payload.id;
-    item.querySelector(".body").textContent = payload.body;
+    item.dataset.seq = payload.seq;
+    renderBody(item.querySelector(".body"), payload.body);
     item.querySelector(".edited").hidden = !payload.edited_at;
+    const mentionsMe = (payload.mentions || []).includes(ME) && payload.user.username !== ME;
+    item.classList.toggle("mentions-me", mentionsMe);
+    let note = item.querySelector(".mention-note");
+    if (mentionsMe && !note) {
+      note = el("span", "mention-note", "mentions you");
+      item.querySelector(".meta").insertBefore(note, item.querySelector(".actions"));
+    } else if (!mentionsMe && note) {
+      note.remove();
+    }
     if (payload.deleted) {
       markDeleted(item);
-    } else if (payload.user.username === ME) {
-      addOwnActions(item);
+      return;
+    }
+    renderAttachments(item.querySelector(".attachments"), payload.attachments || []);
+    renderReactions(item, payload);
+    addReplyAction(item, payload);
+    if (payload.user.username === ME) addOwnActions(item);
+  }
+
+  function rememberMessage(payload) {
+    const known = messages.get(payload.id);
+    // A reply_count we counted up live may be ahead of an older copy.
+    if (known && (known.reply_count || 0) > (payload.reply_count || 0)) {
+      payload.reply_count = known.reply_count;
+    }
+    messages.set(payload.id, payload);
+  }
+
+  function upsertMessage(payload) {
+    rememberMessage(payload);
+    if (payload.reply_to) {
+      // Slack's way: a reply shows in its thread only; its parent counts it.
+      replySeqs.add(payload.seq);
+      if (thread.id === payload.reply_to) upsertThreadMessage(payload);
+    } else {
+      let item = shown.get(payload.seq);
+      if (!item) {
+        item = buildMessage(payload.user.username, payload.body, payload.created_at);
+        item.id = `m${payload.seq}`;
+        item.dataset.seq = payload.seq;
+        insertInOrder(item, payload.seq);
+        shown.set(payload.seq, item);
+      }
+      fillMessage(item, payload);
+      if (thread.el && thread.id === payload.id) fillMessage(thread.el, payload);
     }
     // Our own message seen through history or recovery settles its pending copy.
     const twin = pending.get(payload.client_msg_id);
@@ -487,8 +646,9 @@
 
   // Ask history for what is still missing after seq `low` and before `before`.
   function fillGap(low, before) {
-    while (low + 1 < before && shown.has(low + 1)) low += 1;
-    while (low + 1 < before && shown.has(before - 1)) before -= 1;
+    const has = (seq) => shown.has(seq) || replySeqs.has(seq);
+    while (low + 1 < before && has(low + 1)) low += 1;
+    while (low + 1 < before && has(before - 1)) before -= 1;
     if (low + 1 >= before) return;
     const limit = Math.min(HISTORY_MAX, before - low - 1);
     const ref = nextRef("gap");
@@ -499,7 +659,9 @@
   function gapFilled(frame, gap) {
     const found = frame.messages.filter((m) => m.seq > gap.low && m.seq < gap.before);
     followBottom(() => {
-      for (const payload of found) if (!shown.has(payload.seq)) upsertMessage(payload);
+      for (const payload of found) {
+        if (!shown.has(payload.seq) && !replySeqs.has(payload.seq)) upsertMessage(payload);
+      }
     });
     scheduleRead();
     // A short page reached below the gap: the seqs it lacks were removed for good.
@@ -512,6 +674,230 @@
     item.querySelector(".body").textContent = "message deleted";
     item.querySelector(".edited").hidden = true;
     item.querySelector(".actions").replaceChildren();
+    item.querySelector(".attachments")?.replaceChildren();
+    item.querySelector(".reactions")?.replaceChildren();
+  }
+
+  // --- attachments in messages -------------------------------------------------
+
+  function humanSize(bytes) {
+    if (bytes < 1024) return `${bytes} B`;
+    const units = ["KB", "MB", "GB"];
+    let value = bytes / 1024;
+    let unit = 0;
+    while (value >= 1024 && unit < units.length - 1) {
+      value /= 1024;
+      unit += 1;
+    }
+    return `${value.toFixed(1)} ${units[unit]}`;
+  }
+
+  function renderAttachments(node, attachments) {
+    node.replaceChildren(
+      ...attachments.map((file) => {
+        const link = el("a", "attachment");
+        link.href = file.url;
+        link.target = "_blank";
+        link.rel = "noopener";
+        if (IMAGE_TYPES.has(file.content_type)) {
+          link.classList.add("image");
+          const img = el("img");
+          img.src = file.url;
+          img.alt = file.name;
+          img.loading = "lazy";
+          link.append(img);
+        } else {
+          link.textContent = `${file.name} · ${humanSize(file.size)}`;
+        }
+        return link;
+      }),
+    );
+  }
+
+  // --- reactions ---------------------------------------------------------------
+
+  function renderReactions(item, payload) {
+    const box = item.querySelector(".reactions");
+    if (!box) return;
+    const buttons = (payload.reactions || [])
+      .filter((r) => r.count > 0)
+      .map((r) => {
+        const mine = r.users.includes(ME);
+        const button = el("button", "reaction", `${r.emoji} ${r.count}`);
+        button.type = "button";
+        button.dataset.emoji = r.emoji;
+        const label = `${r.emoji} ${r.count}: ${r.users.join(", ")}`;
+        button.title = label;
+        button.setAttribute("aria-label", label);
+        button.setAttribute("aria-pressed", mine ? "true" : "false");
+        button.addEventListener("click", () => react(item, r.emoji, !mine));
+        return button;
+      });
+    const picker = el("button", "react-open", "React");
+    picker.type = "button";
+    picker.setAttribute("aria-haspopup", "true");
+    picker.setAttribute("aria-expanded", "false");
+    picker.addEventListener("click", () => togglePicker(item, picker));
+    box.replaceChildren(...buttons, picker);
+  }
+
+  function togglePicker(item, opener) {
+    const open = item.querySelector(".emoji-picker");
+    if (open) {
+      open.remove();
+      opener.setAttribute("aria-expanded", "false");
+      return;
+    }
+    const picker = el("div", "emoji-picker");
+    picker.setAttribute("role", "group");
+    picker.setAttribute("aria-label", "Pick a reaction");
+    for (const emoji of EMOJI) {
+      const choice = el("button", "emoji", emoji);
+      choice.type = "button";
+      choice.setAttribute("aria-label", `React ${emoji}`);
+      choice.addEventListener("click", () => {
+        picker.remove();
+        react(item, emoji, true);
+        item.querySelector(".react-open")?.focus();
+      });
+      picker.append(choice);
+    }
+    picker.addEventListener("keydown", (event) => {
+      if (event.key === "Escape") {
+        event.stopPropagation();
+        picker.remove();
+        opener.setAttribute("aria-expanded", "false");
+        opener.focus();
+      }
+    });
+    opener.setAttribute("aria-expanded", "true");
+    item.querySelector(".reactions").after(picker);
+    picker.querySelector("button").focus();
+  }
+
+  function react(item, emoji, on) {
+    const frame = { type: "react", room: ROOM, id: Number(item.dataset.id), emoji, on, ref: nextRef("react") };
+    if (!joined || !send(frame)) showStatus("Not connected: try again in a moment.");
+  }
+
+  // --- replies and the thread panel -------------------------------------------
+
+  function addReplyAction(item, payload) {
+    const link = item.querySelector(".thread-link");
+    if (!link || item.classList.contains("reply")) return;
+    const count = payload.reply_count || 0;
+    if (count > 0) {
+      const open = el("button", "replies", count === 1 ? "1 reply" : `${count} replies`);
+      open.type = "button";
+      open.addEventListener("click", () => openThread(Number(item.dataset.id)));
+      link.replaceChildren(open);
+    } else {
+      link.replaceChildren();
+    }
+    const actions = item.querySelector(".actions");
+    if (!actions.querySelector(".reply-open")) {
+      const reply = el("button", "reply-open", "Reply");
+      reply.type = "button";
+      reply.addEventListener("click", () => openThread(Number(item.dataset.id)));
+      actions.prepend(reply);
+    }
+  }
+
+  function bumpReplies(parentId) {
+    const parent = messages.get(parentId);
+    if (!parent) return;
+    parent.reply_count = (parent.reply_count || 0) + 1;
+    for (const item of elementsOf(parent.seq)) addReplyAction(item, parent);
+  }
+
+  function openThread(id) {
+    const parent = messages.get(id);
+    if (!parent) return;
+    thread.id = id;
+    thread.shown.clear();
+    thread.hasMore = false;
+    const item = buildMessage(parent.user.username, parent.body, parent.created_at);
+    item.classList.add("thread-root");
+    fillMessage(item, parent);
+    item.querySelector(".reply-open")?.remove();
+    item.querySelector(".thread-link").remove();
+    thread.el = item;
+    ui.threadParent.replaceChildren(item);
+    ui.threadMessages.replaceChildren();
+    ui.threadOlder.hidden = true;
+    ui.thread.hidden = false;
+    document.body.classList.add("thread-open");
+    askThread(null);
+    ui.threadInput.focus();
+  }
+
+  function closeThread() {
+    if (thread.id === null) return;
+    const id = thread.id;
+    thread.id = null;
+    thread.el = null;
+    thread.shown.clear();
+    ui.thread.hidden = true;
+    document.body.classList.remove("thread-open");
+    const parent = messages.get(id);
+    const item = parent && shown.get(parent.seq);
+    (item?.querySelector(".replies") || item?.querySelector(".reply-open") || ui.input).focus();
+  }
+
+  function askThread(before) {
+    const frame = { type: "history", room: ROOM, thread: thread.id, limit: HISTORY_PAGE, ref: nextRef("thread") };
+    if (before !== null) frame.before = before;
+    thread.ref = frame.ref;
+    if (send(frame)) ui.threadOlder.disabled = true;
+  }
+
+  function threadPage(frame) {
+    if (frame.thread !== thread.id) return;
+    for (const payload of frame.messages) {
+      rememberMessage(payload);
+      replySeqs.add(payload.seq);
+      upsertThreadMessage(payload);
+    }
+    thread.hasMore = frame.has_more;
+    ui.threadOlder.hidden = !frame.has_more;
+    ui.threadOlder.disabled = false;
+  }
+
+  function upsertThreadMessage(payload) {
+    let item = thread.shown.get(payload.seq);
+    if (!item) {
+      item = buildMessage(payload.user.username, payload.body, payload.created_at);
+      item.classList.add("reply");
+      item.querySelector(".thread-link").remove();
+      let before = null;
+      for (const [seq, child] of thread.shown) {
+        if (seq > payload.seq && (!before || seq < Number(before.dataset.seq))) before = child;
+      }
+      ui.threadMessages.insertBefore(item, before);
+      thread.shown.set(payload.seq, item);
+    }
+    fillMessage(item, payload);
+  }
+
+  ui.threadOlder.addEventListener("click", () => {
+    const seqsShown = [...thread.shown.keys()];
+    askThread(seqsShown.length ? Math.min(...seqsShown) : null);
+  });
+  ui.threadClose.addEventListener("click", closeThread);
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && thread.id !== null && !event.defaultPrevented) closeThread();
+  });
+
+  // --- jumping to a message (#m<seq>) ------------------------------------------
+
+  let jumpAfter = null; // the jump's first page ends here: newer ones come after
+
+  function jumpTo(seq) {
+    const item = shown.get(seq);
+    if (!item) return;
+    item.scrollIntoView({ block: "center" });
+    item.classList.add("highlight");
+    setTimeout(() => item.classList.remove("highlight"), 4000);
   }
 
   function addOwnActions(item) {
@@ -583,7 +969,10 @@
     refs.delete(item.ref);
     item.ref = nextRef("send");
     refs.set(item.ref, clientMsgId);
-    send({ type: "send", room: ROOM, body: item.body, client_msg_id: clientMsgId, ref: item.ref });
+    const frame = { type: "send", room: ROOM, body: item.body, client_msg_id: clientMsgId, ref: item.ref };
+    if (item.replyTo) frame.reply_to = item.replyTo;
+    if (item.attachments.length) frame.attachments = item.attachments.map((file) => file.id);
+    send(frame);
   }
 
   function sendFailed(clientMsgId, frame) {
@@ -604,8 +993,18 @@
     actions.append(discard);
   }
 
-  function submit() {
-    const body = ui.input.value.trim();
+  // The main composer sends to the timeline with the attached files; the
+  // thread's composer sends a reply (with reply_to) and no files.
+  function submit(input = ui.input, replyTo = null) {
+    let body = input.value.trim();
+    const files = replyTo ? [] : attached.filter((file) => file.id !== undefined);
+    if (!replyTo && attached.some((file) => file.id === undefined)) {
+      showStatus("Wait for the files to finish uploading.");
+      return;
+    }
+    // The server wants a body of 1+ characters: a message of files only is
+    // sent with their names as its body.
+    if (!body && files.length) body = files.map((file) => file.name).join(", ");
     if (!body) return;
     if (body.length > MAX_BODY) {
       showStatus(`A message has at most ${MAX_BODY} characters.`);
@@ -616,10 +1015,20 @@
     item.classList.add("pending");
     item.dataset.clientMsgId = clientMsgId;
     item.querySelector(".actions").append(el("span", "sending", "sending…"));
-    ui.messages.append(item);
-    timeline.scrollTop = timeline.scrollHeight;
-    pending.set(clientMsgId, { body, ref: null, el: item });
-    ui.input.value = "";
+    if (replyTo) {
+      item.classList.add("reply");
+      ui.threadMessages.append(item);
+    } else {
+      ui.messages.append(item);
+      timeline.scrollTop = timeline.scrollHeight;
+    }
+    pending.set(clientMsgId, { body, ref: null, el: item, replyTo, attachments: files });
+    input.value = "";
+    closeMentions();
+    if (!replyTo) {
+      attached = [];
+      renderChips();
+    }
     lastTypingAt = 0;
     transmit(clientMsgId); // not joined yet: sent on (re)join
   }
@@ -628,13 +1037,228 @@
     event.preventDefault();
     submit();
   });
+  ui.threadForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (thread.id !== null) submit(ui.threadInput, thread.id);
+  });
 
-  ui.input.addEventListener("keydown", (event) => {
-    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+  for (const [input, replying] of [
+    [ui.input, false],
+    [ui.threadInput, true],
+  ]) {
+    input.addEventListener("keydown", (event) => {
+      if (mentionKey(event, input)) return;
+      if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+        event.preventDefault();
+        if (!replying) submit();
+        else if (thread.id !== null) submit(ui.threadInput, thread.id);
+      }
+    });
+    input.addEventListener("input", () => updateMentions(input));
+    input.addEventListener("blur", () => setTimeout(closeMentions, 150));
+  }
+
+  // --- attaching files ---------------------------------------------------------
+
+  let attached = []; // {key, name, size, id?}: id once uploaded
+  let attachKey = 0;
+
+  function csrfToken() {
+    const found = document.cookie.split("; ").find((part) => part.startsWith("csrftoken="));
+    return found ? decodeURIComponent(found.slice("csrftoken=".length)) : "";
+  }
+
+  function renderChips() {
+    ui.chips.replaceChildren(
+      ...attached.map((file) => {
+        const chip = el("li", "chip");
+        chip.append(el("span", "chip-name", file.name), el("span", "chip-size", humanSize(file.size)));
+        if (file.id === undefined) chip.append(el("span", "chip-state", "uploading…"));
+        const remove = el("button", "chip-remove", "×");
+        remove.type = "button";
+        remove.setAttribute("aria-label", `Remove ${file.name}`);
+        remove.addEventListener("click", () => {
+          attached = attached.filter((other) => other.key !== file.key);
+          renderChips();
+        });
+        chip.append(remove);
+        return chip;
+      }),
+    );
+    ui.chips.hidden = attached.length === 0;
+  }
+
+  async function upload(file) {
+    attachKey += 1;
+    const entry = { key: attachKey, name: file.name, size: file.size };
+    attached.push(entry);
+    renderChips();
+    const body = new FormData();
+    body.append("file", file);
+    let response = null;
+    try {
+      response = await fetch("/api/uploads", {
+        method: "POST",
+        body,
+        headers: { "X-CSRFToken": csrfToken() },
+        credentials: "same-origin",
+      });
+    } catch {
+      response = null;
+    }
+    if (response && response.status === 201) {
+      const data = await response.json();
+      Object.assign(entry, { id: data.id, name: data.name, size: data.size });
+    } else {
+      attached = attached.filter((other) => other.key !== entry.key);
+      if (response && response.status === 413) {
+        showStatus(`${file.name} is too large to upload.`, 0);
+      } else {
+        showStatus(`${file.name} could not be uploaded${response ? ` (${response.status})` : ""}.`, 0);
+      }
+    }
+    renderChips();
+  }
+
+  function attachFiles(files) {
+    for (const file of files) upload(file);
+  }
+
+  ui.attach.addEventListener("click", () => ui.file.click());
+  ui.file.addEventListener("change", () => {
+    attachFiles([...ui.file.files]);
+    ui.file.value = "";
+  });
+  ui.input.addEventListener("paste", (event) => {
+    const files = [...(event.clipboardData?.files || [])];
+    if (!files.length) return;
+    event.preventDefault();
+    attachFiles(files);
+  });
+  ui.form.addEventListener("dragover", (event) => {
+    if (event.dataTransfer?.types?.includes("Files")) {
       event.preventDefault();
-      submit();
+      ui.form.classList.add("dropping");
     }
   });
+  ui.form.addEventListener("dragleave", () => ui.form.classList.remove("dropping"));
+  ui.form.addEventListener("drop", (event) => {
+    ui.form.classList.remove("dropping");
+    const files = [...(event.dataTransfer?.files || [])];
+    if (!files.length) return;
+    event.preventDefault();
+    attachFiles(files);
+  });
+
+  // --- @mention autocomplete -----------------------------------------------------
+
+  let members = null; // the room's members, fetched on the first "@"
+  let membersAsked = false;
+  const mention = { input: null, start: 0, items: [], active: 0 };
+
+  async function loadMembers() {
+    if (membersAsked) return;
+    membersAsked = true;
+    try {
+      const response = await fetch(`/api/rooms/${encodeURIComponent(ROOM)}/members`, {
+        credentials: "same-origin",
+        headers: { Accept: "application/json" },
+      });
+      if (response.ok) members = (await response.json()).members;
+    } catch {
+      members = null;
+    }
+    if (members === null) membersAsked = false; // ask again on the next "@"
+    if (mention.input) updateMentions(mention.input);
+  }
+
+  function updateMentions(input) {
+    const upto = input.value.slice(0, input.selectionStart);
+    const match = /(^|[^\w.+-])@([\w.+-]*)$/.exec(upto);
+    if (!match) {
+      closeMentions();
+      return;
+    }
+    mention.input = input;
+    mention.start = upto.length - match[2].length; // after the "@"
+    if (members === null) {
+      loadMembers();
+      return;
+    }
+    const prefix = match[2].toLowerCase();
+    mention.items = members.filter((name) => name !== ME && name.toLowerCase().startsWith(prefix)).slice(0, 8);
+    mention.active = 0;
+    renderMentions();
+  }
+
+  function renderMentions() {
+    if (!mention.items.length) {
+      closeMentions();
+      return;
+    }
+    ui.mentionList.replaceChildren(
+      ...mention.items.map((name, index) => {
+        const option = el("li", "mention-option", name);
+        option.id = `mention-option-${index}`;
+        option.setAttribute("role", "option");
+        option.setAttribute("aria-selected", index === mention.active ? "true" : "false");
+        option.addEventListener("mousedown", (event) => {
+          event.preventDefault(); // keep the focus in the composer
+          pickMention(name);
+        });
+        return option;
+      }),
+    );
+    // Shown under the composer it belongs to.
+    const form = mention.input === ui.threadInput ? ui.threadForm : ui.form;
+    if (ui.mentionList.parentElement !== form.parentElement || ui.mentionList.nextElementSibling !== form) {
+      form.before(ui.mentionList);
+    }
+    ui.mentionList.hidden = false;
+    mention.input.setAttribute("aria-expanded", "true");
+    mention.input.setAttribute("aria-activedescendant", `mention-option-${mention.active}`);
+  }
+
+  function closeMentions() {
+    if (mention.input) {
+      mention.input.setAttribute("aria-expanded", "false");
+      mention.input.removeAttribute("aria-activedescendant");
+    }
+    mention.items = [];
+    ui.mentionList.hidden = true;
+    ui.mentionList.replaceChildren();
+  }
+
+  function pickMention(name) {
+    const input = mention.input;
+    const value = input.value;
+    const end = input.selectionStart;
+    const text = `${name} `;
+    input.value = value.slice(0, mention.start) + text + value.slice(end);
+    const caret = mention.start + text.length;
+    input.setSelectionRange(caret, caret);
+    closeMentions();
+    input.focus();
+  }
+
+  // Keys while the list is open; true when the key was the list's.
+  function mentionKey(event, input) {
+    if (ui.mentionList.hidden || mention.input !== input || !mention.items.length) return false;
+    if (event.key === "ArrowDown" || event.key === "ArrowUp") {
+      const step = event.key === "ArrowDown" ? 1 : -1;
+      mention.active = (mention.active + step + mention.items.length) % mention.items.length;
+      renderMentions();
+    } else if (event.key === "Enter" || event.key === "Tab") {
+      pickMention(mention.items[mention.active]);
+    } else if (event.key === "Escape") {
+      closeMentions();
+    } else {
+      return false;
+    }
+    event.preventDefault();
+    event.stopPropagation();
+    return true;
+  }
 
   ui.input.addEventListener("input", () => {
     const now = Date.now();
@@ -719,8 +1343,6 @@
     }
   });
 
-  // For tests: the pure parts, and the constants they use.
-  window.chatsite = { reconnectDelay, BACKOFF_FIRST_MS, BACKOFF_MAX_MS, FIRST_AFTER_1001_MS };
 
   connect();
 })();
