@@ -607,6 +607,7 @@
         item = buildMessage(payload.user.username, payload.body, payload.created_at);
         item.id = `m${payload.seq}`;
         item.dataset.seq = payload.seq;
+        watchTools(item);
         insertInOrder(item, payload.seq);
         shown.set(payload.seq, item);
       }
@@ -733,12 +734,43 @@
         button.addEventListener("click", () => react(item, r.emoji, !mine));
         return button;
       });
-    const picker = el("button", "react-open", "React");
-    picker.type = "button";
-    picker.setAttribute("aria-haspopup", "true");
-    picker.setAttribute("aria-expanded", "false");
-    picker.addEventListener("click", () => togglePicker(item, picker));
-    box.replaceChildren(...buttons, picker);
+    box.replaceChildren(...buttons);
+    renderTools(item);
+  }
+
+  // Slack's hover toolbar: Reply and React come to a message when it is first
+  // pointed at or focused (each message is a tab stop), not to every message
+  // at once, so a long timeline holds two buttons per message only where used.
+  function watchTools(item) {
+    item.tabIndex = 0;
+    const add = () => {
+      if (item.classList.contains("pending") || item.classList.contains("failed")) return;
+      item.dataset.tools = "1";
+      renderTools(item);
+    };
+    item.addEventListener("mouseenter", add);
+    item.addEventListener("focusin", add);
+  }
+
+  function renderTools(item) {
+    if (!item.dataset.tools || item.classList.contains("deleted") || !item.dataset.id) return;
+    const actions = item.querySelector(".actions");
+    const replies = !item.classList.contains("reply") && !item.classList.contains("thread-root");
+    if (replies && !actions.querySelector(".reply-open")) {
+      const reply = el("button", "reply-open", "Reply");
+      reply.type = "button";
+      reply.addEventListener("click", () => openThread(Number(item.dataset.id)));
+      actions.prepend(reply);
+    }
+    const box = item.querySelector(".reactions");
+    if (box && !box.querySelector(".react-open")) {
+      const picker = el("button", "react-open", "React");
+      picker.type = "button";
+      picker.setAttribute("aria-haspopup", "true");
+      picker.setAttribute("aria-expanded", "false");
+      picker.addEventListener("click", () => togglePicker(item, picker));
+      box.append(picker);
+    }
   }
 
   function togglePicker(item, opener) {
@@ -794,13 +826,6 @@
     } else {
       link.replaceChildren();
     }
-    const actions = item.querySelector(".actions");
-    if (!actions.querySelector(".reply-open")) {
-      const reply = el("button", "reply-open", "Reply");
-      reply.type = "button";
-      reply.addEventListener("click", () => openThread(Number(item.dataset.id)));
-      actions.prepend(reply);
-    }
   }
 
   function bumpReplies(parentId) {
@@ -818,8 +843,8 @@
     thread.hasMore = false;
     const item = buildMessage(parent.user.username, parent.body, parent.created_at);
     item.classList.add("thread-root");
+    watchTools(item);
     fillMessage(item, parent);
-    item.querySelector(".reply-open")?.remove();
     item.querySelector(".thread-link").remove();
     thread.el = item;
     ui.threadParent.replaceChildren(item);
@@ -869,6 +894,7 @@
       item = buildMessage(payload.user.username, payload.body, payload.created_at);
       item.classList.add("reply");
       item.querySelector(".thread-link").remove();
+      watchTools(item);
       let before = null;
       for (const [seq, child] of thread.shown) {
         if (seq > payload.seq && (!before || seq < Number(before.dataset.seq))) before = child;
@@ -902,7 +928,7 @@
 
   function addOwnActions(item) {
     const actions = item.querySelector(".actions");
-    if (actions.childElementCount) return;
+    if (actions.querySelector(".edit")) return;
     const edit = el("button", "edit", "Edit");
     edit.type = "button";
     edit.addEventListener("click", () => editMessage(item));
