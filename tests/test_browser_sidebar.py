@@ -11,8 +11,6 @@ layer lives in its own process, so messages stored by this one would reach no
 page live.
 """
 
-import json
-
 import pytest
 from django.contrib.auth import get_user_model
 from playwright.sync_api import expect
@@ -84,44 +82,14 @@ window.Notification = RecordingNotification;
 """
 
 
-# The page's window.chatsite as chat.js sets it, either sharing its socket
-# (send, nextRef) or not: the sidebar then writes to chat.js's socket as it finds
-# it (sidebar.js hookedLink). chat.js sets it
-# twice (the shared socket, then its test exports, which replaced it): the
-# setter keeps what each assignment brings, less send and nextRef when the page
-# is not to share.
-CHATSITE_AS = """
-(share) => {
-  let kept = {};
-  Object.defineProperty(window, "chatsite", {
-    configurable: true,
-    get: () => kept,
-    set: (value) => {
-      const merged = { ...kept, ...value };
-      if (!share) {
-        delete merged.send;
-        delete merged.nextRef;
-      }
-      kept = Object.freeze(merged);
-    },
-  });
-}
-"""
-
-
-@pytest.fixture(params=["found socket", "shared socket"])
-def sidebar_page(request, new_page):
-    """``new_page``, whose chat.js shares its socket with the sidebar, or not.
-
-    ``page.sockets`` lists the URLs of the WebSockets the page opened.
-    """
+@pytest.fixture
+def sidebar_page(new_page):
+    """``new_page``; ``page.sockets`` lists the URLs of the WebSockets it opened."""
 
     def make():
         page = new_page()
         page.sockets = []
         page.on("websocket", lambda socket: page.sockets.append(socket.url))
-        page.shared = request.param == "shared socket"
-        page.add_init_script(f"({CHATSITE_AS})({json.dumps(page.shared)})")
         return page
 
     return make
@@ -193,9 +161,7 @@ def test_a_direct_message_raises_the_badge_live_and_opening_it_clears_it(
     expect(room_names(bob)).to_have_text(["alice", "The Lobby"])
     expect_counts(sidebar_room(bob, "The Lobby"), None, None, None)
     assert bob.evaluate("window.notReloaded") is True
-    # One socket for the page and its sidebar, shared or not.
-    shares = bob.evaluate("typeof window.chatsite.send === 'function'")
-    assert shares is bob.shared
+    # One socket for the page and its sidebar.
     assert bob.sockets == [server.ws_url]
     # alice's own message counts nothing for her.
     expect_counts(sidebar_room(alice, "bob"), None, None, None)

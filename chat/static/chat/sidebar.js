@@ -4,9 +4,7 @@
 // It reads the frames chat.js receives (the chat:frame event) and sends on its
 // socket through window.chatsite (chat.js): `rooms` on every (re)connect, a
 // `join` of each other room in the list so their messages arrive live, and
-// `search`. Its refs start with "page-", which chat.js leaves to it. When the
-// page offers no window.chatsite.send, the sidebar writes to chat.js's socket
-// as it finds it (hookedLink below).
+// `search`. Its refs start with "page-", which chat.js leaves to it.
 //
 // Counts are the server's: `rooms`, `joined` and `read_marker` set them; a live
 // message from someone else adds one (a mention of me one more) only when its
@@ -30,51 +28,13 @@
   const NOTIFY_BODY_MAX = 140;
   const BASE_TITLE = document.title.replace(/^\(\d+\) /, "");
 
-  // --- the socket: chat.js's, shared or found ---------------------------------
+  // --- the socket: chat.js's ---------------------------------------------------
 
   let handle = () => {}; // set below: what to do with a frame
-  let refCounter = 0;
 
   function sharedLink(page) {
     document.addEventListener("chat:frame", (event) => handle(event.detail));
     return { send: (frame) => page.send(frame), nextRef: (kind) => page.nextRef(kind) };
-  }
-
-  // A stopgap for a chat.js whose window.chatsite lacks send (its test exports
-  // replaced the shared object): find the page's socket as chat.js writes to it
-  // (its join of this room on every hello, its read markers, its pings) and
-  // write to that one too. No second socket; frames still come as chat:frame.
-  function hookedLink() {
-    const nativeSend = WebSocket.prototype.send;
-    let socket = null;
-    const isPagesOwn = (data) => {
-      if (typeof data !== "string") return false;
-      let frame;
-      try {
-        frame = JSON.parse(data);
-      } catch {
-        return false;
-      }
-      if (!frame || typeof frame !== "object") return false;
-      if (frame.type === "ping") return frame.ref === undefined;
-      return frame.room === ROOM && !String(frame.ref || "").startsWith("page-");
-    };
-    WebSocket.prototype.send = function send(data) {
-      if (this !== socket && isPagesOwn(data)) socket = this;
-      return nativeSend.call(this, data);
-    };
-    document.addEventListener("chat:frame", (event) => handle(event.detail));
-    return {
-      send: (frame) => {
-        if (!socket || socket.readyState !== WebSocket.OPEN) return false;
-        nativeSend.call(socket, JSON.stringify(frame));
-        return true;
-      },
-      nextRef: (kind) => {
-        refCounter += 1;
-        return `page-${kind}-${refCounter}`;
-      },
-    };
   }
 
   // --- state -----------------------------------------------------------------
@@ -509,7 +469,13 @@
   // --- start --------------------------------------------------------------------
 
   const page = window.chatsite;
-  const link = page && typeof page.send === "function" ? sharedLink(page) : hookedLink();
+  if (!page || typeof page.send !== "function") {
+    // A chat.js that shares no socket: nothing here could work.
+    roomsEmpty.textContent = "Your rooms are not available on this page.";
+    searchBox.hidden = true;
+    return;
+  }
+  const link = sharedLink(page);
   renderRooms();
   renderNotifyButton();
   // The page's socket may be open already (its hello came before this script ran).
