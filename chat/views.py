@@ -273,11 +273,7 @@ def api_uploads(request: HttpRequest) -> HttpResponse:
     attachment object, 413 over ``CHAT_MAX_UPLOAD_BYTES``."""
     limit = settings.CHAT_MAX_UPLOAD_BYTES
     too_large = _api_error(413, f"the file is over {limit} bytes")
-    try:
-        length = int(request.headers.get("Content-Length") or 0)
-    except ValueError:
-        length = 0
-    if length > limit + UPLOAD_ENVELOPE_BYTES:
+    if _declared_length(request) > limit + UPLOAD_ENVELOPE_BYTES:
         return too_large  # refused before the body is read
     user, refused = _api_user(request)
     if refused is not None or user is None:
@@ -409,14 +405,31 @@ def nul_refused(get_response: GetResponse) -> GetResponse:
     return middleware
 
 
+def _declared_length(request: HttpRequest) -> int:
+    try:
+        return int(request.headers.get("Content-Length") or 0)
+    except ValueError:
+        return 0
+
+
 def _has_nul(request: HttpRequest) -> bool:
     texts = [request.path_info, *request.COOKIES, *request.COOKIES.values()]
     texts += [v for k, v in request.META.items() if k.startswith("HTTP_")]
+    forms = [request.GET]
     if request.method == "POST":
-        # Read the body whole first: parsed from the stream, multipart form data
-        # would leave no body for a view that reads it (the push API).
-        _ = request.body
-    for data in (request.GET, request.POST):  # POST: form data only, else empty
+        if request.content_type != "multipart/form-data":
+            # Read the body whole first: parsed from the stream, form data would
+            # leave no body for a view that reads it (the push API).
+            _ = request.body
+            forms.append(request.POST)
+        elif _declared_length(request) <= (
+            settings.CHAT_MAX_UPLOAD_BYTES + UPLOAD_ENVELOPE_BYTES
+        ):
+            # An upload: parsed from the stream, its files spooled to disk
+            # (reading it whole would hit DATA_UPLOAD_MAX_MEMORY_SIZE, 2.5 MB).
+            # A larger one is left unread for the view to refuse with 413.
+            forms.append(request.POST)
+    for data in forms:  # POST: form fields only, files are not text
         for key, values in data.lists():
             texts += [key, *values]
     return any("\x00" in text for text in texts)

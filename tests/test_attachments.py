@@ -93,6 +93,26 @@ def test_a_file_over_the_limit_is_413_and_not_stored(alice, token_for, settings)
     assert Upload.objects.count() == 1
 
 
+def test_a_file_past_djangos_in_memory_body_limit_uploads_and_one_past_ours_is_413(
+    alice, token_for, settings
+):
+    # 3 MB: over DATA_UPLOAD_MAX_MEMORY_SIZE (2.5 MB), which a body read whole
+    # would hit; under CHAT_MAX_UPLOAD_BYTES.
+    settings.CHAT_MAX_UPLOAD_BYTES = 4_000_000
+    big = b"y" * 3_000_000
+    response = upload(Client(), big, name="big.txt", **bearer(token_for(alice)))
+    assert response.status_code == 201
+    assert Upload.objects.get().file.size == 3_000_000
+    over = upload(
+        Client(), b"z" * 4_200_000, name="huge.txt", **bearer(token_for(alice))
+    )
+    assert (over.status_code, over.json()) == (
+        413,
+        {"error": "the file is over 4000000 bytes"},
+    )
+    assert Upload.objects.count() == 1
+
+
 async def uploaded(user, content=PNG, name="pic.png"):
     key = await adb(services.api_token_create)(user=user)
     response = await adb(upload)(Client(), content, name=name, **bearer(key[1]))
