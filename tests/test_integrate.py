@@ -277,6 +277,8 @@ def test_the_wheel_holds_chat_its_static_files_and_its_pages_templates(host):
     assert {n for n in names if n.startswith("chat/static/")} == {
         "chat/static/chat/chat.css",
         "chat/static/chat/chat.js",
+        "chat/static/chat/sidebar.css",
+        "chat/static/chat/sidebar.js",
     }
     assert {
         name.removeprefix("chat/templates/")

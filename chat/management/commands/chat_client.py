@@ -35,6 +35,7 @@ class Session:
         self.room = room
         self.write = write
         self.seen: set[int] = set()  # seqs printed: a replay prints nothing twice
+        self.losses_shown = 0  # sockets lost that the terminal has said so of
 
     def show_message(self, message: dict[str, Any]) -> None:
         seq = message.get("seq")
@@ -50,6 +51,11 @@ class Session:
         kind = frame["type"]
         if kind == "message":
             self.show_message(frame)
+        elif kind == "joined" and frame.get("room") == self.room:
+            # The client's own rejoin after a reconnect: it comes before what
+            # was missed, so the terminal says so in that order.
+            self.show_lost()
+            self.write("* reconnected")
         elif kind == "presence" and frame.get("room") == self.room:
             self.write(f"* {frame['user']} is {frame['status']}")
         elif kind == "presence_batch" and frame.get("room") == self.room:
@@ -75,12 +81,17 @@ class Session:
         while True:
             self.show_event(await self.client.events.get())
 
-    async def watch_connection(self) -> None:
-        while True:
-            await wait_until(lambda: not self.client.connected.is_set())
+    def show_lost(self) -> None:
+        if len(self.client.closes) > self.losses_shown:
+            self.losses_shown = len(self.client.closes)
             self.write("* connection lost; reconnecting…")
-            await self.client.connected.wait()
-            self.write("* reconnected")
+
+    async def watch_connection(self) -> None:
+        # Socket ends counted, not sampled: a reconnect within one poll still
+        # shows; "reconnected" comes with the rejoin (show_event).
+        while True:
+            await wait_until(lambda: len(self.client.closes) > self.losses_shown)
+            self.show_lost()
 
     async def say(self, line: str) -> None:
         ack = await self.client.send_message(self.room, line)
