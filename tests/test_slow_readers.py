@@ -32,6 +32,7 @@ BUFFER_BYTES = 256 * 1024
 BODY = "x" * 3900
 MESSAGES = 1500  # ~6 MB of frames: far past what the kernel and the bound hold
 TIMEOUT = 30
+WINDOW = 16  # sends in flight: 16 x ~8 KB stays well under the bound
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +109,23 @@ async def test_a_client_that_stops_reading_is_closed_with_1008_and_others_go_on(
     rss_before = rss_kib(server)
     start = len(server.output())
 
+    # The writer keeps at most WINDOW sends ahead of what both fast clients
+    # have read back: on a loaded machine the test's own loop may lag, and
+    # a fast client that fell 256 KiB behind would rightly be closed too.
+    progress = {"acked": 0, "read": 0}
+    moved = asyncio.Condition()
+
+    async def advanced(key):
+        async with moved:
+            progress[key] += 1
+            moved.notify_all()
+
     async def write_all():
         for i in range(MESSAGES):
+            async with moved:
+                await moved.wait_for(
+                    lambda sent=i: sent - min(progress.values()) < WINDOW
+                )
             await writer.send(
                 json.dumps(
                     {
@@ -127,11 +143,13 @@ async def test_a_client_that_stops_reading_is_closed_with_1008_and_others_go_on(
             frame = json.loads(await reader.recv())
             if frame["type"] == "message":
                 seqs.append(frame["seq"])
+                await advanced("read")
         return seqs
 
     async def drain_writer():
         while True:
-            await writer.recv()
+            if json.loads(await writer.recv())["type"] == "ack":
+                await advanced("acked")
 
     reading = asyncio.create_task(read_all())
     draining = asyncio.create_task(drain_writer())
