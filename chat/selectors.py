@@ -85,6 +85,26 @@ def read_state(membership: Membership) -> ReadState:
     )
 
 
+class RoomHidden(ChatError):
+    """A private room ``user`` is not a member of: ``forbidden`` on the wire; the
+    site's pages and HTTP API answer it as they answer a room that is not there."""
+
+
+class RoomBanned(ChatError):
+    """``user`` is banned from a room they could otherwise read; ``ban`` says why
+    and until when (``forbidden`` on the wire)."""
+
+    def __init__(self, *, room: Room, ban: Ban) -> None:
+        super().__init__(FORBIDDEN, f"you are banned from {room.slug!r}: {ban.reason}")
+        self.room = room
+        self.ban = ban
+
+
+def _longest_first(bans: QuerySet[Ban]) -> QuerySet[Ban]:
+    """Bans in force, the one that lasts longest first (no end before any end)."""
+    return bans.order_by(F("expires_at").desc(nulls_first=True), "-pk")
+
+
 def room_get_readable(*, slug: str, user: User) -> Room:
     """The room, if ``user`` may read it: public or a member, and not banned."""
     return room_access_get(slug=slug, user=user)[0]
@@ -94,8 +114,8 @@ def room_access_get(*, slug: str, user: User) -> tuple[Room, ReadState | None]:
     """``(room, read state)`` if ``user`` may read the room, in one query.
 
     The read state is None when they are not a member. ``ChatError`` when there
-    is no such room, or it is private and they are not a member, or they are
-    banned from it.
+    is no such room (``not_found``), ``RoomHidden`` when it is private and they
+    are not a member, ``RoomBanned`` when they are banned from it.
     """
     room_id, member_user, ban_room, ban_user = (
         _column(Room, "id"),
@@ -126,9 +146,13 @@ def room_access_get(*, slug: str, user: User) -> tuple[Room, ReadState | None]:
     is_member = state.pop("chat_membership_id") is not None
     ban_reason = state.pop("chat_ban_reason")
     if room.is_private and not is_member:
-        raise ChatError(FORBIDDEN, f"room {slug!r} is private")
+        raise RoomHidden(FORBIDDEN, f"room {slug!r} is private")
     if ban_reason is not None:
-        raise ChatError(FORBIDDEN, f"you are banned from {slug!r}: {ban_reason}")
+        # Only a banned user reads again, for the ban's end. None: it ended or was
+        # lifted between the two reads, and the room is theirs to read.
+        ban = _longest_first(Ban.objects.active().filter(room=room, user=user)).first()
+        if ban is not None:
+            raise RoomBanned(room=room, ban=ban)
     if not is_member:
         return room, None
     return room, ReadState(read_seq, uncounted, mentions)
@@ -148,6 +172,26 @@ def user_is_site_banned(*, user_id: int) -> bool:
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT {_site_ban_exists('%s')}", [user_id, timezone.now()])
         return bool(cursor.fetchone()[0])
+
+
+def site_ban_get(*, user_id: int) -> Ban | None:
+    """The site-wide ban of the user in force that lasts longest, or None."""
+    bans = Ban.objects.active().filter(user_id=user_id, room__isnull=True)
+    return _longest_first(bans).first()
+
+
+def user_can_invite(*, room: Room, user: User) -> bool:
+    """Whether ``user`` may add members to ``room``: a private room, not a direct
+    conversation, and they created it, moderate it or are staff."""
+    if not room.is_private or room.is_direct:
+        return False
+    if user.is_staff or (
+        room.created_by_id is not None and room.created_by_id == user.pk
+    ):
+        return True
+    return Membership.objects.filter(
+        room=room, user=user, role=Membership.Role.MODERATOR
+    ).exists()
 
 
 def mute_get_active(*, room: Room, user: User) -> Mute | None:

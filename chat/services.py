@@ -180,6 +180,31 @@ def membership_add(
     return membership
 
 
+INVITE_FORBIDDEN = "only the room's owner or a moderator may invite"
+
+
+def membership_invite(
+    *, room: Room, inviter: User, username: str
+) -> tuple[Membership, bool]:
+    """Add the active user ``username`` to a private room on ``inviter``'s word.
+
+    Return the membership and whether it is new. ``ChatError``: ``bad_request``
+    for a public or direct room, ``forbidden`` unless ``inviter`` may invite
+    (``selectors.user_can_invite``), ``not_found`` for no such user.
+    """
+    if room.is_direct:
+        raise ChatError(BAD_REQUEST, "a direct conversation has two members")
+    if not room.is_private:
+        raise ChatError(BAD_REQUEST, "anyone may join a public room")
+    if not selectors.user_can_invite(room=room, user=inviter):
+        raise ChatError(FORBIDDEN, INVITE_FORBIDDEN)
+    invitee = selectors.user_get_active(username=username)
+    found = selectors.membership_get(room=room, user=invitee)
+    if found is not None:
+        return found, False
+    return membership_add(room=room, user=invitee), True
+
+
 def room_join(*, slug: str, user: User) -> tuple[Room, selectors.ReadState]:
     """Check ``user`` may enter the room; a public room makes them a member.
 
@@ -1180,11 +1205,27 @@ def room_close(*, room: Room, actor: User | None = None, reason: str = "") -> Ro
     return room
 
 
+ROOM_REOPENED_EVENT = "room.reopened"
+
+
 def room_reopen(*, room: Room, actor: User | None = None) -> Room:
+    """Open a closed room for writing again; the sockets in it hear of it.
+
+    A page still on the room when it closed stays joined to it, read-only: a
+    ``push`` of ``room.reopened`` makes it writable again without a reload.
+    """
     with transaction.atomic():
         Room.objects.filter(pk=room.pk).update(is_closed=False)
         room.is_closed = False
         _record(Kind.ROOM_REOPEN, actor=actor, room=room)
+        _emit(
+            _push_delivery(
+                fanout.room_groups(room),
+                ROOM_REOPENED_EVENT,
+                {"room": room.slug},
+                match={"room": room.slug},
+            )
+        )
     return room
 
 
@@ -1239,6 +1280,19 @@ def membership_remove(*, membership: Membership, actor: User | None = None) -> N
                 "reason": "you are no longer a member of the room",
             }
             _emit(_order([fanout.user_group(membership.user_id)], order))
+
+
+def room_leave(*, room: Room, user: User) -> None:
+    """``user`` leaves ``room`` (recorded as a removal by themselves).
+
+    ``ChatError`` (``bad_request``) for a direct conversation or a non-member.
+    """
+    if room.is_direct:
+        raise ChatError(BAD_REQUEST, "you cannot leave a direct conversation")
+    membership = selectors.membership_get(room=room, user=user)
+    if membership is None:
+        raise ChatError(BAD_REQUEST, "you are not a member of this room")
+    membership_remove(membership=membership, actor=user)
 
 
 def user_deactivate(*, user: User, actor: User | None = None) -> User:

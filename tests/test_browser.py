@@ -194,9 +194,15 @@ def test_edit_and_delete_of_own_messages_reach_the_other_page(server, new_page):
     expect(stored(bob).locator(".body")).to_have_text(["first draft", "not yours"])
 
     own = alice.locator('#messages .message[data-seq="1"]')
-    alice.once("dialog", lambda dialog: dialog.accept("second draft"))
     own.hover()
     own.get_by_role("button", name="Edit").click()
+    # Edited in place: the body becomes a box holding it, Enter saves.
+    box = own.get_by_role("textbox", name="Edit your message")
+    expect(box).to_be_focused()
+    expect(box).to_have_value("first draft")
+    box.fill("second draft")
+    box.press("Enter")
+    expect(box).to_have_count(0)
 
     on_bob = bob.locator('#messages .message[data-seq="1"]')
     expect(on_bob.locator(".body")).to_have_text("second draft")
@@ -206,9 +212,9 @@ def test_edit_and_delete_of_own_messages_reach_the_other_page(server, new_page):
     expect(alice.locator('#messages .message[data-seq="2"] button')).to_have_count(0)
     expect(on_bob.locator("button")).to_have_count(0)
 
-    alice.once("dialog", lambda dialog: dialog.accept())
     own.hover()
     own.get_by_role("button", name="Delete").click()
+    confirm_dialog(alice, "Delete this message for everyone?", "Delete")
 
     expect(on_bob.locator(".body")).to_have_text("message deleted")
     expect(on_bob).to_have_class("message deleted")
@@ -216,6 +222,16 @@ def test_edit_and_delete_of_own_messages_reach_the_other_page(server, new_page):
     bob.reload()
     expect_online(bob)
     expect(stored(bob).locator(".body")).to_have_text(["message deleted", "not yours"])
+
+
+def confirm_dialog(page, question, answer):
+    """Answer the page's confirm dialog (a modal <dialog>, Cancel focused)."""
+    dialog = page.get_by_role("dialog")
+    expect(dialog).to_be_visible()
+    expect(dialog.locator("#confirm-text")).to_have_text(question)
+    expect(dialog.get_by_role("button", name="Cancel")).to_be_focused()
+    dialog.get_by_role("button", name=answer).click()
+    expect(dialog).to_be_hidden()
 
 
 def message_create_by(*, username, **kwargs):

@@ -78,9 +78,11 @@ def test_a_banned_users_open_page_shows_they_were_disconnected_and_why(
     banned_at = time.monotonic()
 
     state = bob.locator("#connection-state")
-    status = bob.locator("#status")
-    # Within the 2 seconds of the ban.
-    expect(status).to_have_text("You were disconnected: banned: spamming", timeout=2000)
+    status = bob.locator("#banner-text")
+    # Within the 2 seconds of the ban, in the banner.
+    expect(status).to_have_text("You are banned from this site: spamming", timeout=2000)
+    expect(bob.locator("#banner")).to_have_attribute("data-kind", "banned")
+    expect(bob.locator("#message-input")).to_be_disabled()
     assert time.monotonic() - banned_at <= 2.5
     expect(state).to_have_attribute("data-state", "offline")
     screenshot(bob, "banned.png")
@@ -90,6 +92,6 @@ def test_a_banned_users_open_page_shows_they_were_disconnected_and_why(
     bob.wait_for_timeout(1500)
     assert sockets_opened == []
     expect(state).to_have_attribute("data-state", "offline")
-    expect(status).to_have_text("You were disconnected: banned: spamming")
+    expect(status).to_have_text("You are banned from this site: spamming")
     kinds = in_thread(lambda: list(ModerationAction.objects.values_list("kind")))
     assert kinds == [("ban",)]

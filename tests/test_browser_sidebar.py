@@ -18,6 +18,7 @@ from playwright.sync_api import expect
 from chat import services
 from tests import test_browser
 from tests.test_browser import (
+    confirm_dialog,
     in_thread,
     open_room,
     room_create,
@@ -232,9 +233,9 @@ def test_messages_in_another_room_raise_its_unread_and_mention_badges(
 
     # Deleting the mention: the counts come from the server again.
     own = alice.locator('#messages .message[data-seq="2"]')
-    alice.once("dialog", lambda dialog: dialog.accept())
     own.hover()
     own.get_by_role("button", name="Delete").click()
+    confirm_dialog(alice, "Delete this message for everyone?", "Delete")
     expect_counts(random, "1 unread", "1", None)
     expect(bob).to_have_title("(1) The Lobby · Chat")
 

@@ -944,6 +944,13 @@ async def test_closing_a_room_removes_sockets_and_refuses_sends(connect, alice, 
 
     await adb(services.room_reopen)(room=lobby)
 
+    # The sockets in the room hear it is open again (the room page becomes
+    # writable without a reload).
+    assert await socket.recv() == {
+        "type": "push",
+        "event": "room.reopened",
+        "data": {"room": "lobby"},
+    }
     await assert_stored_and_acked(socket, "lobby", "again", "3", seq=2)
 
 

@@ -50,12 +50,37 @@
     threadForm: $("thread-composer"),
     threadInput: $("thread-input"),
     threadClose: $("thread-close"),
+    timeline: $("timeline"),
+    banner: $("banner"),
+    bannerText: $("banner-text"),
+    bannerRetry: $("banner-retry"),
+    bannerLink: $("banner-link"),
+    empty: $("empty-room"),
+    jump: $("jump-latest"),
+    announce: $("announce"),
+    count: $("composer-count"),
+    people: $("people"),
+    peopleToggle: $("people-toggle"),
+    peopleToggleCount: $("people-toggle-count"),
+    membersSection: $("members-section"),
+    members: $("members"),
+    membersCount: $("members-count"),
+    inviteForm: $("invite-form"),
+    inviteInput: $("invite-input"),
+    inviteStatus: $("invite-status"),
+    leave: $("leave-room"),
+    confirm: $("confirm"),
+    confirmText: $("confirm-text"),
+    confirmOk: $("confirm-ok"),
   };
   const EMOJI = ["👍", "❤️", "😂", "🎉", "😮", "😢"];
   const REACTION_USERS_MAX = 20; // as the server keeps
   const IMAGE_TYPES = new Set(["image/png", "image/jpeg", "image/gif", "image/webp"]);
   const JUMP_CONTEXT = 25; // older messages shown above a message jumped to
-  const timeline = ui.messages.parentElement;
+  const timeline = ui.timeline;
+  const GROUP_WITHIN_MS = 5 * 60 * 1000; // one author's messages this close read as one block
+  const COUNT_FROM = MAX_BODY - 500; // the composer's counter shows from here
+  const OLDER_WHEN_PX = 300; // load older history when scrolled this close to the top
 
   let socket = null;
   let heartbeatMs = 30000;
@@ -96,6 +121,7 @@
   let readSent = 0;
   let readTimer = null;
   let statusTimer = null;
+  let roomClosed = false;
 
   // --- connection ----------------------------------------------------------
 
@@ -117,6 +143,10 @@
     else setState("reconnecting", "reconnecting…");
     const ws = new WebSocket(socketUrl(), ["chat.v1"]);
     socket = ws;
+    let opened = false;
+    ws.onopen = () => {
+      opened = true;
+    };
     ws.onmessage = (event) => {
       if (typeof event.data !== "string") return; // we never ask for binary
       let frame;
@@ -137,24 +167,48 @@
       online.clear();
       onlineCount = null;
       renderOnline();
-      onClosed(event);
+      onClosed(event, opened);
     };
   }
 
-  function onClosed(event) {
+  // A close the page cannot come back from by itself: say why, keep what was
+  // typed, and fail what was waiting to be sent (the server never took it).
+  function stop(kind, text, options) {
+    stopped = true;
+    clearTimeout(reconnectTimer);
+    clearInterval(countdownTimer);
+    setState("offline", "offline");
+    setWritable(false);
+    failPending("not sent: disconnected");
+    showBanner(kind, text, options);
+  }
+
+  function onClosed(event, opened) {
+    const reason = event.reason || "";
     if (event.code === 4403) {
-      stopped = true;
-      setState("offline", "offline");
-      showStatus(`You were disconnected${event.reason ? `: ${event.reason}` : "."}`, 0);
+      if (reason === "signed out") {
+        stop("signed-out", "You signed out of this session.", { link: signInLink() });
+      } else if (reason.startsWith("banned: ")) {
+        stop("banned", `You are banned from this site: ${reason.slice("banned: ".length)}`);
+        explainBan(); // the HTTP side says until when
+      } else if (reason.startsWith("kicked by a moderator")) {
+        stop("kicked", `A moderator disconnected you${reason.slice("kicked by a moderator".length)}.`, {
+          retry: "Reconnect",
+        });
+      } else {
+        stop("removed", `You were disconnected${reason ? `: ${reason}` : "."}`);
+      }
       return;
     }
     if (event.code === 4409) {
-      stopped = true;
-      setState("offline", "offline");
-      showStatus("This page was opened elsewhere.", 0);
+      stop("replaced", "This room was opened in another window or tab, so this one stopped.", {
+        retry: "Use it here",
+      });
       return;
     }
     closeCode = event.code;
+    // Refused before it opened (the handshake's 403 shows as 1006): ask why.
+    if (!opened) explainRefusal();
     scheduleReconnect();
   }
 
@@ -171,6 +225,7 @@
     if (stopped) return;
     if (!navigator.onLine) {
       setState("offline", "offline");
+      showBanner("reconnecting", "You are offline. The chat comes back when the network does.", { retry: "Retry now" });
       return; // the browser's "online" event reconnects
     }
     const delay = reconnectDelay(attempt, closeCode, Math.random());
@@ -179,6 +234,10 @@
     const tick = () => {
       const seconds = Math.max(1, Math.ceil((due - Date.now()) / 1000));
       setState("reconnecting", `reconnecting in ${seconds}s`);
+      // A blip (the first quick retry) is not worth a banner.
+      if (attempt > 1 || delay >= 1000) {
+        showBanner("reconnecting", `Connection lost. Reconnecting in ${seconds}s…`, { retry: "Retry now" });
+      }
     };
     tick();
     countdownTimer = setInterval(tick, 250);
@@ -186,10 +245,79 @@
   }
 
   function reconnectNow() {
-    if (socket || stopped) return;
+    if (socket) return;
+    stopped = false;
     attempt = 0;
+    hideBanner();
+    setWritable(!roomClosed);
     connect();
   }
+
+  function signInLink() {
+    return { href: `/accounts/login/?next=${encodeURIComponent(location.pathname)}`, text: "Sign in" };
+  }
+
+  // What the site's HTTP side says of us: signed in? banned until when?
+  async function whoAmI() {
+    try {
+      const response = await fetch("/api/me", { credentials: "same-origin", headers: { Accept: "application/json" } });
+      if (!response.ok) return null;
+      return await response.json();
+    } catch {
+      return null; // the server is down: keep reconnecting
+    }
+  }
+
+  // " until <local date and time>", or "" for no end (or none we can read).
+  function untilText(iso) {
+    const end = iso ? new Date(iso) : null;
+    if (!end || Number.isNaN(end.getTime())) return "";
+    return ` until ${end.toLocaleString([], { dateStyle: "medium", timeStyle: "short" })}`;
+  }
+
+  function banText(ban) {
+    return `You are banned from this site${untilText(ban.until)}: ${ban.reason}`;
+  }
+
+  async function explainBan() {
+    const me = await whoAmI();
+    if (me && me.banned) showBanner("banned", banText(me.banned));
+  }
+
+  async function explainRefusal() {
+    const me = await whoAmI();
+    if (!me || socket) return;
+    if (me.user === null) {
+      stop("signed-out", "You are signed out.", { link: signInLink() });
+    } else if (me.banned) {
+      stop("banned", banText(me.banned));
+    }
+  }
+
+  // One banner at a time: the more serious state wins until it is over.
+  const BANNER_RANK = { reconnecting: 1, muted: 2, closed: 3, kicked: 4, replaced: 4, removed: 4, banned: 5, "signed-out": 5 };
+
+  function showBanner(kind, text, { retry = null, link = null } = {}) {
+    const current = ui.banner.hidden ? null : ui.banner.dataset.kind;
+    if (current && current !== kind && BANNER_RANK[current] > BANNER_RANK[kind]) return;
+    ui.banner.dataset.kind = kind;
+    ui.bannerText.textContent = text;
+    ui.bannerRetry.hidden = !retry;
+    if (retry) ui.bannerRetry.textContent = retry;
+    ui.bannerLink.hidden = !link;
+    if (link) {
+      ui.bannerLink.href = link.href;
+      ui.bannerLink.textContent = link.text;
+    }
+    ui.banner.hidden = false;
+  }
+
+  // Hide the banner, or only if it is of `kind`.
+  function hideBanner(kind = null) {
+    if (kind === null || ui.banner.dataset.kind === kind) ui.banner.hidden = true;
+  }
+
+  ui.bannerRetry.addEventListener("click", reconnectNow);
 
   function send(frame) {
     if (!socket || socket.readyState !== WebSocket.OPEN) return false;
@@ -250,9 +378,18 @@
       online.add(ME); // a big room's list may leave us out; we are counted
       onlineCount = Math.max(countOr(frame.online_count, 0), online.size);
       renderOnline();
-      ui.input.disabled = Boolean(frame.closed);
-      ui.send.disabled = Boolean(frame.closed);
-      if (frame.closed) showStatus("This room is closed: it takes no new messages.", 0);
+      // After the join: entering a public room makes us a member.
+      if (members === null || !members.includes(ME)) loadPeople();
+      hideBanner("reconnecting");
+      roomClosed = Boolean(frame.closed);
+      setWritable(!roomClosed);
+      if (roomClosed) {
+        if (ui.banner.hidden || ui.banner.dataset.kind !== "closed") {
+          showBanner("closed", "This room is closed: you can read it, but it takes no new messages.");
+        }
+      } else {
+        hideBanner("closed");
+      }
       if (!snapshotLoaded) {
         const first = { type: "history", room: ROOM, limit: HISTORY_PAGE, ref: nextRef("history") };
         // #m<seq>: the page that holds it, with some older ones above it. The
@@ -297,7 +434,10 @@
       hasMore = frame.has_more;
       ui.older.hidden = !hasMore;
       ui.older.disabled = false;
+      renderEmpty();
       scheduleRead();
+      // A first page shorter than the window cannot be scrolled: page on.
+      if (hasMore && timeline.scrollHeight <= timeline.clientHeight) loadOlder();
     },
 
     message(frame) {
@@ -306,7 +446,16 @@
       if (frame.reply_to && !replySeqs.has(frame.seq) && !messages.has(frame.id)) {
         bumpReplies(frame.reply_to);
       }
+      const fresh = !shown.has(frame.seq) && !replySeqs.has(frame.seq);
+      const atBottom = nearBottom();
       followBottom(() => upsertMessage(frame));
+      if (fresh && frame.user.username !== ME) {
+        if (!frame.reply_to && !atBottom) {
+          unseen += 1;
+          renderJump();
+        }
+        announce(`${frame.user.username}: ${frame.body.slice(0, 300)}`);
+      }
       stopTyping(frame.user.username);
       scheduleRead();
     },
@@ -319,7 +468,7 @@
         gaps.clear();
         for (const [seq, el] of shown) {
           if (seq <= recoveringSince) {
-            el.remove();
+            removeItem(el);
             shown.delete(seq);
           }
         }
@@ -369,7 +518,7 @@
           }),
         );
       }
-      item.el.remove();
+      removeItem(item.el);
     },
 
     message_edited(frame) {
@@ -409,6 +558,7 @@
     presence(frame) {
       if (frame.room !== ROOM || onlineCount === null) return; // joined lists it
       if (frame.status === "online") {
+        if (members && !members.includes(frame.user)) refreshPeople();
         if (!online.has(frame.user)) {
           online.add(frame.user);
           onlineCount += 1;
@@ -443,10 +593,28 @@
     removed(frame) {
       if (frame.room !== ROOM) return;
       joined = false;
-      ui.input.disabled = true;
-      ui.send.disabled = true;
+      const reason = String(frame.reason || "");
+      if (reason.startsWith("room closed")) {
+        // Read-only from now on. Join again to stay in the room: its
+        // reopening is pushed to the sockets in it.
+        roomClosed = true;
+        setWritable(false);
+        const why = reason.slice("room closed".length).replace(/^: /, "");
+        showBanner(
+          "closed",
+          `This room was closed${why ? `: ${why}` : ""}. You can read it, but it takes no new messages.`,
+        );
+        failPending("not sent: the room is closed");
+        const rejoin = { type: "join", room: ROOM, ref: nextRef("join"), since: highestSeq() };
+        recoveringSince = rejoin.since;
+        send(rejoin);
+        return;
+      }
+      stopped = true;
       setState("offline", "removed");
-      showStatus(`You were removed from this room: ${frame.reason}`, 0);
+      setWritable(false);
+      failPending("not sent: you left the room");
+      showBanner("removed", `You were removed from this room: ${reason}`);
     },
 
     error(frame) {
@@ -467,12 +635,10 @@
       if (frame.ref && frame.ref.startsWith("history")) ui.older.disabled = false;
       if (frame.ref && frame.ref.startsWith("thread")) ui.threadOlder.disabled = false;
       if (frame.ref && frame.ref.startsWith("join")) {
-        showStatus(frame.message, 0);
         if (frame.code === "not_found" || frame.code === "forbidden") {
-          stopped = true; // no retry can fix these
-          setState("offline", "offline");
-          ui.input.disabled = true;
-          ui.send.disabled = true;
+          stop("removed", frame.message); // no retry can fix these
+        } else {
+          showStatus(frame.message, 0);
         }
         socket?.close(4000); // otherwise: reconnect with backoff and join again
         return;
@@ -481,6 +647,12 @@
     },
 
     push(frame) {
+      if (frame.event === "room.reopened" && frame.data && frame.data.room === ROOM) {
+        roomClosed = false;
+        setWritable(!stopped);
+        hideBanner("closed");
+        showStatus("This room is open again.");
+      }
       // Server-side code talks to pages through these; let page scripts listen.
       document.dispatchEvent(new CustomEvent("chat:push", { detail: frame }));
     },
@@ -518,10 +690,13 @@
 
   function buildMessage(author, body, createdAt) {
     const item = el("li", "message");
+    item.dataset.author = author;
     const meta = el("div", "meta");
     meta.append(el("span", "author", author));
     const time = el("time", "time", formatTime(createdAt));
     time.dateTime = createdAt;
+    const date = new Date(createdAt);
+    if (!Number.isNaN(date.getTime())) time.title = date.toLocaleString([], { dateStyle: "full", timeStyle: "short" });
     meta.append(time);
     const edited = el("span", "edited", "(edited)");
     edited.hidden = true;
@@ -534,22 +709,117 @@
     return item;
   }
 
-  // The body as text, each @name in a span of its own: textContent only.
+  // --- Markdown-lite: the body as DOM nodes, built with textContent only ------
+  //
+  // ```fenced``` code blocks, `code`, **bold**, *italic* or _italic_, bare
+  // http(s) links, and @mentions. No HTML is ever parsed: every piece of the
+  // body reaches the page as a text node or an element's textContent, and a
+  // link's href is a URL the URL parser accepted with an http(s) scheme.
+
+  const INLINE_RULES = [
+    ["code", /`([^`\n]+)`/],
+    ["link", /\bhttps?:\/\/[^\s<>"`]+/],
+    ["strong", /\*\*(?=\S)([^\n]*?\S)\*\*/],
+    ["em", /(?<![\w*])\*(?=[^\s*])([^\n*]*?[^\s*])\*(?![\w*])/],
+    ["em", /(?<![\w])_(?=[^\s_])([^\n_]*?[^\s_])_(?![\w])/],
+    ["mention", /(?<![\w.+-])@([\w.@+-]*\w)/],
+  ];
+  const INLINE_DEPTH_MAX = 3;
+
   function renderBody(node, body) {
+    node.replaceChildren(...markdownBlocks(body));
+    node.dir = "auto";
+  }
+
+  function markdownBlocks(body) {
     const parts = [];
-    const pattern = /(^|[^\w.+-])@([\w.@+-]*[\w])/g;
-    let at = 0;
-    let match;
-    while ((match = pattern.exec(body)) !== null) {
-      const start = match.index + match[1].length;
-      if (start > at) parts.push(document.createTextNode(body.slice(at, start)));
-      const mention = el("span", "mention", `@${match[2]}`);
-      if (match[2] === ME) mention.classList.add("me");
-      parts.push(mention);
-      at = start + 1 + match[2].length;
+    const lines = body.split("\n");
+    let text = [];
+    const flush = () => {
+      if (text.length) parts.push(...markdownInline(text.join("\n"), 0));
+      text = [];
+    };
+    for (let i = 0; i < lines.length; i += 1) {
+      if (/^```[\w+-]*\s*$/.test(lines[i])) {
+        const close = lines.findIndex((line, j) => j > i && /^```\s*$/.test(line));
+        if (close !== -1) {
+          flush();
+          const pre = el("pre");
+          pre.append(el("code", "", lines.slice(i + 1, close).join("\n")));
+          parts.push(pre);
+          i = close;
+          continue;
+        }
+      }
+      text.push(lines[i]);
     }
-    if (at < body.length) parts.push(document.createTextNode(body.slice(at)));
-    node.replaceChildren(...parts);
+    flush();
+    return parts;
+  }
+
+  function markdownInline(text, depth) {
+    const parts = [];
+    let rest = text;
+    while (rest) {
+      let best = null;
+      for (const [kind, pattern] of INLINE_RULES) {
+        if (depth >= INLINE_DEPTH_MAX && (kind === "strong" || kind === "em")) continue;
+        const match = pattern.exec(rest);
+        if (match && (best === null || match.index < best.match.index)) best = { kind, match };
+      }
+      if (best === null) {
+        parts.push(document.createTextNode(rest));
+        break;
+      }
+      const { kind, match } = best;
+      let whole = match[0];
+      if (match.index > 0) parts.push(document.createTextNode(rest.slice(0, match.index)));
+      if (kind === "code") {
+        parts.push(el("code", "", match[1]));
+      } else if (kind === "link") {
+        whole = trimLink(whole);
+        parts.push(linkOrText(whole));
+      } else if (kind === "mention") {
+        const mention = el("span", "mention", whole);
+        if (match[1] === ME) mention.classList.add("me");
+        parts.push(mention);
+      } else {
+        const node = el(kind);
+        node.append(...markdownInline(match[1], depth + 1));
+        parts.push(node);
+      }
+      rest = rest.slice(match.index + whole.length);
+    }
+    return parts;
+  }
+
+  // A link ends before the punctuation after it ("see https://x.org.") and
+  // before a ")" that closes a "(" of the sentence, not of the URL.
+  function trimLink(url) {
+    let end = url.length;
+    const balance = (text) => text.split("(").length - text.split(")").length;
+    for (;;) {
+      const last = url[end - 1];
+      if (".,;:!?'\"]".includes(last)) end -= 1;
+      else if (last === ")" && balance(url.slice(0, end)) < 0) end -= 1;
+      else break;
+    }
+    return url.slice(0, end);
+  }
+
+  function linkOrText(text) {
+    let url;
+    try {
+      url = new URL(text);
+    } catch {
+      return document.createTextNode(text);
+    }
+    if (url.protocol !== "http:" && url.protocol !== "https:") return document.createTextNode(text);
+    const link = el("a", "", text);
+    link.href = url.href;
+    link.target = "_blank";
+    link.rel = "noopener noreferrer nofollow";
+    return link;
   }
 
   // A message's elements: in the timeline, and in the open thread.
@@ -619,7 +889,7 @@
     if (twin && payload.user.username === ME) {
       pending.delete(payload.client_msg_id);
       refs.delete(twin.ref);
-      twin.el.remove();
+      removeItem(twin.el);
     }
   }
 
@@ -632,8 +902,110 @@
         break;
       }
     }
-    ui.messages.insertBefore(item, before);
+    placeItem(item, before);
   }
+
+  // --- reading: author blocks, days, the empty room, jump to latest ------------
+
+  // Put `item` into the timeline before `before` (a message, or null for the
+  // end), ahead of the day separator that belongs to `before`.
+  function placeItem(item, before) {
+    const separator = before?.previousElementSibling;
+    if (separator && separator.classList.contains("day-separator")) before = separator;
+    ui.messages.insertBefore(item, before);
+    regroup(item);
+    regroup(nextMessage(item));
+    ui.empty.hidden = true;
+  }
+
+  function removeItem(item) {
+    if (!item.isConnected) return;
+    const next = nextMessage(item);
+    const separator = item.previousElementSibling;
+    if (separator && separator.classList.contains("day-separator")) separator.remove();
+    item.remove();
+    regroup(next);
+    renderEmpty();
+  }
+
+  function nextMessage(item) {
+    let next = item.nextElementSibling;
+    while (next && !next.classList.contains("message")) next = next.nextElementSibling;
+    return next;
+  }
+
+  function previousMessage(item) {
+    let previous = item.previousElementSibling;
+    while (previous && !previous.classList.contains("message")) previous = previous.previousElementSibling;
+    return previous;
+  }
+
+  function dayKey(iso) {
+    const date = new Date(iso);
+    return Number.isNaN(date.getTime()) ? "" : date.toDateString();
+  }
+
+  function dayLabel(iso) {
+    const date = new Date(iso);
+    const yesterday = new Date();
+    yesterday.setDate(yesterday.getDate() - 1);
+    if (date.toDateString() === new Date().toDateString()) return "Today";
+    if (date.toDateString() === yesterday.toDateString()) return "Yesterday";
+    return date.toLocaleDateString([], { weekday: "long", year: "numeric", month: "long", day: "numeric" });
+  }
+
+  // A message goes on its author's block (no name, no time shown) when it
+  // follows their previous one within GROUP_WITHIN_MS on the same day; a new
+  // day starts with a separator.
+  function regroup(item) {
+    if (!item || item.parentElement !== ui.messages) return;
+    const previous = previousMessage(item);
+    const at = item.querySelector(".meta time")?.dateTime || "";
+    const previousAt = previous?.querySelector(".meta time")?.dateTime || "";
+    const newDay = Boolean(at) && (!previous || dayKey(previousAt) !== dayKey(at));
+    let separator = item.previousElementSibling;
+    if (!separator || !separator.classList.contains("day-separator")) separator = null;
+    if (newDay) {
+      if (!separator) {
+        separator = el("li", "day-separator");
+        separator.setAttribute("role", "separator");
+        ui.messages.insertBefore(separator, item);
+      }
+      separator.textContent = dayLabel(at);
+    } else if (separator) {
+      separator.remove();
+    }
+    const apart = new Date(at) - new Date(previousAt);
+    const grouped =
+      !newDay &&
+      previous !== null &&
+      previous.dataset.author === item.dataset.author &&
+      apart >= 0 &&
+      apart < GROUP_WITHIN_MS;
+    item.classList.toggle("grouped", grouped);
+  }
+
+  function renderEmpty() {
+    ui.empty.hidden = !snapshotLoaded || ui.messages.querySelector(".message") !== null;
+  }
+
+  let unseen = 0; // live messages that came while the reader was scrolled up
+
+  function renderJump() {
+    ui.jump.hidden = unseen === 0;
+    ui.jump.textContent = unseen === 1 ? "1 new message ↓" : `${unseen} new messages ↓`;
+  }
+
+  function jumpToLatest() {
+    timeline.scrollTop = timeline.scrollHeight;
+    unseen = 0;
+    renderJump();
+  }
+
+  ui.jump.addEventListener("click", () => {
+    jumpToLatest();
+    timeline.focus({ preventScroll: true });
+  });
 
   // A live seq beyond the highest shown + 1: the messages between were stored but
   // their broadcast never reached this socket (an expired layer message, say).
@@ -671,6 +1043,8 @@
   }
 
   function markDeleted(item) {
+    item.querySelector(".edit-box")?.remove();
+    item.classList.remove("editing");
     item.classList.add("deleted");
     item.querySelector(".body").textContent = "message deleted";
     item.querySelector(".edited").hidden = true;
@@ -938,22 +1312,101 @@
     actions.append(edit, remove);
   }
 
-  function editMessage(item) {
-    const current = item.querySelector(".body").textContent;
-    const body = window.prompt("Edit your message", current);
-    if (body === null || body.trim() === "" || body === current) return;
-    if (body.length > MAX_BODY) {
-      showStatus(`A message has at most ${MAX_BODY} characters.`);
+  // Editing in place: the body becomes a box; Enter saves, Escape cancels,
+  // and the focus goes back where it came from.
+  function editMessage(item, returnFocus = null) {
+    const open = item.querySelector(".edit-box textarea");
+    if (open) {
+      open.focus();
       return;
     }
-    const frame = { type: "edit", room: ROOM, id: Number(item.dataset.id), body, ref: nextRef("edit") };
-    if (!joined || !send(frame)) showStatus("Not connected: try again in a moment.");
+    const known = messages.get(Number(item.dataset.id));
+    const current = known ? known.body : item.querySelector(".body").textContent;
+    const box = el("div", "edit-box");
+    const area = el("textarea", "edit-input");
+    area.value = current;
+    area.rows = Math.min(8, current.split("\n").length + 1);
+    area.setAttribute("aria-label", "Edit your message");
+    const save = el("button", "primary edit-save", "Save");
+    save.type = "button";
+    const cancel = el("button", "edit-cancel", "Cancel");
+    cancel.type = "button";
+    const row = el("div", "edit-actions");
+    row.append(save, cancel, el("span", "edit-hint", "Enter saves · Escape cancels"));
+    box.append(area, row);
+    item.querySelector(".body").after(box);
+    item.classList.add("editing");
+    const back = returnFocus || item.querySelector(".edit");
+    const close = () => {
+      box.remove();
+      item.classList.remove("editing");
+      (back && back.isConnected ? back : ui.input).focus();
+    };
+    const commit = () => {
+      const body = area.value.replace(/\s+$/, "");
+      if (!body.trim() || body === current) {
+        close();
+        return;
+      }
+      if (textLength(body) > MAX_BODY) {
+        showStatus(`A message has at most ${MAX_BODY} characters: this has ${textLength(body)}.`);
+        return;
+      }
+      const frame = { type: "edit", room: ROOM, id: Number(item.dataset.id), body, ref: nextRef("edit") };
+      if (!joined || !send(frame)) {
+        showStatus("Not connected: try again in a moment.");
+        return;
+      }
+      close();
+    };
+    save.addEventListener("click", commit);
+    cancel.addEventListener("click", close);
+    area.addEventListener("keydown", (event) => {
+      if (event.key === "Escape") {
+        event.preventDefault();
+        event.stopPropagation();
+        close();
+      } else if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+        event.preventDefault();
+        commit();
+      }
+    });
+    area.focus();
+    area.setSelectionRange(area.value.length, area.value.length);
   }
 
-  function deleteMessage(item) {
-    if (!window.confirm("Delete this message for everyone?")) return;
+  // An accessible confirm: a modal <dialog>, Cancel focused, Escape cancels.
+  function confirmed(text, okLabel) {
+    return new Promise((resolve) => {
+      ui.confirmText.textContent = text;
+      ui.confirmOk.textContent = okLabel;
+      ui.confirm.returnValue = "";
+      ui.confirm.addEventListener("close", () => resolve(ui.confirm.returnValue === "ok"), { once: true });
+      ui.confirm.showModal();
+      $("confirm-cancel").focus();
+    });
+  }
+
+  async function deleteMessage(item) {
+    const opener = document.activeElement;
+    const yes = await confirmed("Delete this message for everyone?", "Delete");
+    if (!yes) {
+      if (opener && opener.isConnected) opener.focus();
+      return;
+    }
     const frame = { type: "delete", room: ROOM, id: Number(item.dataset.id), ref: nextRef("delete") };
     if (!joined || !send(frame)) showStatus("Not connected: try again in a moment.");
+    ui.input.focus();
+  }
+
+  // Up-arrow in an empty composer edits my last message.
+  function editLast() {
+    const own = ui.messages.querySelectorAll(".message.own[data-id]:not(.deleted):not(.pending)");
+    const last = own[own.length - 1];
+    if (!last) return false;
+    last.scrollIntoView({ block: "nearest" });
+    editMessage(last, ui.input);
+    return true;
   }
 
   function nearBottom() {
@@ -973,12 +1426,33 @@
     timeline.scrollTop = toBottom ? timeline.scrollHeight : timeline.scrollHeight - fromBottom;
   }
 
-  ui.older.addEventListener("click", () => {
+  function loadOlder() {
+    if (!hasMore || ui.older.disabled || !snapshotLoaded) return;
     const before = lowestSeq();
     const frame = { type: "history", room: ROOM, limit: HISTORY_PAGE, ref: nextRef("history") };
     if (before !== null) frame.before = before;
     if (send(frame)) ui.older.disabled = true;
-  });
+  }
+
+  ui.older.addEventListener("click", loadOlder);
+  // History loads as the reader scrolls up; the place they read stays put.
+  timeline.addEventListener(
+    "scroll",
+    () => {
+      if (timeline.scrollTop < OLDER_WHEN_PX) loadOlder();
+      if (unseen && nearBottom()) {
+        unseen = 0;
+        renderJump();
+      }
+    },
+    { passive: true },
+  );
+
+  // Screen readers hear new messages from others and state changes, once.
+  function announce(text) {
+    ui.announce.textContent = "";
+    ui.announce.textContent = text;
+  }
 
   // --- sending ---------------------------------------------------------------
 
@@ -1008,21 +1482,45 @@
       setTimeout(() => transmit(clientMsgId), (frame.retry_after || 1) * 1000);
       return;
     }
+    if (frame.code === "muted") showBanner("muted", muteText(frame.message));
+    if (frame.code === "room_closed") {
+      roomClosed = true;
+      setWritable(false);
+      showBanner("closed", "This room is closed: you can read it, but it takes no new messages.");
+    }
     pending.delete(clientMsgId);
+    markFailed(item, frame.message);
+  }
+
+  // "you are muted in 'lobby' until <ISO time>: <reason>", said for people.
+  function muteText(message) {
+    const found = /^you are muted in '[^']*'(?: until (\S+?))?: ([\s\S]*)$/.exec(message);
+    if (!found) return `You are muted: ${message}`;
+    const [, until, reason] = found;
+    return `You are muted in this room${untilText(until)}: ${reason}`;
+  }
+
+  function markFailed(item, why) {
     item.el.classList.remove("pending");
     item.el.classList.add("failed");
     const actions = item.el.querySelector(".actions");
-    actions.replaceChildren(el("span", "failure", `not sent: ${frame.message}`));
+    actions.replaceChildren(el("span", "failure", why.startsWith("not sent") ? why : `not sent: ${why}`));
     const discard = el("button", "discard", "Discard");
     discard.type = "button";
-    discard.addEventListener("click", () => item.el.remove());
+    discard.addEventListener("click", () => {
+      removeItem(item.el);
+      ui.input.focus();
+    });
     actions.append(discard);
   }
 
   // The main composer sends to the timeline with the attached files; the
   // thread's composer sends a reply (with reply_to) and no files.
   function submit(input = ui.input, replyTo = null) {
-    let body = input.value.trim();
+    if (!writable) return;
+    // Leading spaces are the writer's (indented code); trailing ones go.
+    let body = input.value.replace(/\s+$/, "");
+    if (!body.trim()) body = "";
     const files = replyTo ? [] : attached.filter((file) => file.id !== undefined);
     if (!replyTo && attached.some((file) => file.id === undefined)) {
       showStatus("Wait for the files to finish uploading.");
@@ -1032,8 +1530,10 @@
     // sent with their names as its body.
     if (!body && files.length) body = files.map((file) => file.name).join(", ");
     if (!body) return;
-    if (body.length > MAX_BODY) {
-      showStatus(`A message has at most ${MAX_BODY} characters.`);
+    if (textLength(body) > MAX_BODY) {
+      // Refused whole, never cut: the text stays in the box to shorten.
+      showStatus(`A message has at most ${MAX_BODY} characters: this has ${textLength(body)}.`, 0);
+      updateCount();
       return;
     }
     const clientMsgId = newClientMsgId();
@@ -1045,11 +1545,12 @@
       item.classList.add("reply");
       ui.threadMessages.append(item);
     } else {
-      ui.messages.append(item);
-      timeline.scrollTop = timeline.scrollHeight;
+      placeItem(item, null);
+      jumpToLatest();
     }
     pending.set(clientMsgId, { body, ref: null, el: item, replyTo, attachments: files });
     input.value = "";
+    updateCount();
     closeMentions();
     if (!replyTo) {
       attached = [];
@@ -1058,6 +1559,45 @@
     lastTypingAt = 0;
     transmit(clientMsgId); // not joined yet: sent on (re)join
   }
+
+  let writable = true; // false: closed room, banned, removed, stopped
+
+  function setWritable(on) {
+    writable = on;
+    for (const control of [ui.input, ui.attach, ui.threadInput]) control.disabled = !on;
+    ui.threadForm.querySelector("button[type=submit]").disabled = !on;
+    updateCount();
+  }
+
+  // What waited to be sent when the page stopped: shown as not sent (the
+  // server never acknowledged it), its text still on screen.
+  function failPending(why) {
+    for (const item of pending.values()) markFailed(item, why);
+    pending.clear();
+    refs.clear();
+  }
+
+  // Characters as the server counts them (code points, not UTF-16 units).
+  function textLength(text) {
+    let count = 0;
+    for (const _ of text) count += 1;
+    return count;
+  }
+
+  // Near the limit, a counter; past it, the Send button waits.
+  function updateCount() {
+    const count = textLength(ui.input.value.replace(/\s+$/, ""));
+    const over = count > MAX_BODY;
+    ui.count.hidden = count < COUNT_FROM;
+    ui.count.textContent = over
+      ? `${count} / ${MAX_BODY} characters: ${count - MAX_BODY} too many`
+      : `${count} / ${MAX_BODY} characters`;
+    ui.count.classList.toggle("over", over);
+    ui.input.setAttribute("aria-invalid", over ? "true" : "false");
+    ui.send.disabled = !writable || over;
+  }
+
+  ui.input.addEventListener("input", updateCount);
 
   ui.form.addEventListener("submit", (event) => {
     event.preventDefault();
@@ -1074,6 +1614,10 @@
   ]) {
     input.addEventListener("keydown", (event) => {
       if (mentionKey(event, input)) return;
+      if (!replying && event.key === "ArrowUp" && !input.value && !event.shiftKey && !event.isComposing) {
+        if (editLast()) event.preventDefault();
+        return;
+      }
       if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
         event.preventDefault();
         if (!replying) submit();
@@ -1192,9 +1736,10 @@
       });
       if (response.ok) members = (await response.json()).members;
     } catch {
-      members = null;
+      // keep what we had
     }
     if (members === null) membersAsked = false; // ask again on the next "@"
+    renderMembers();
     if (mention.input) updateMentions(mention.input);
   }
 
@@ -1207,10 +1752,8 @@
     }
     mention.input = input;
     mention.start = upto.length - match[2].length; // after the "@"
-    if (members === null) {
-      loadMembers();
-      return;
-    }
+    if (!membersAsked) loadMembers(); // once per page: the list may have grown
+    if (members === null) return;
     const prefix = match[2].toLowerCase();
     mention.items = members.filter((name) => name !== ME && name.toLowerCase().startsWith(prefix)).slice(0, 8);
     mention.active = 0;
@@ -1313,7 +1856,147 @@
     ui.onlineCount.textContent = onlineCount === null ? "" : String(onlineCount);
     ui.onlineMore.textContent = unnamed ? `and ${unnamed} more` : "";
     ui.onlineMore.hidden = !unnamed;
+    ui.peopleToggleCount.textContent = onlineCount === null ? "" : String(onlineCount);
+    renderMembers();
   }
+
+  // --- people: members with who is online, invite, leave -----------------------
+
+  let canInvite = false;
+  let peopleTimer = null;
+
+  let peopleAskedAt = 0;
+  const PEOPLE_EVERY_MS = 10000;
+
+  // Someone not on the members list came online: they may have just joined.
+  // At most one fetch per PEOPLE_EVERY_MS, however busy the room.
+  function refreshPeople() {
+    if (peopleTimer !== null) return;
+    const wait = Math.max(1000, peopleAskedAt + PEOPLE_EVERY_MS - Date.now());
+    peopleTimer = setTimeout(() => {
+      peopleTimer = null;
+      loadPeople();
+    }, wait);
+  }
+
+  async function loadPeople() {
+    peopleAskedAt = Date.now();
+    try {
+      const response = await fetch(`/api/rooms/${encodeURIComponent(ROOM)}/members`, {
+        credentials: "same-origin",
+        headers: { Accept: "application/json" },
+      });
+      if (!response.ok) return;
+      const data = await response.json();
+      members = data.members;
+      canInvite = Boolean(data.can_invite);
+    } catch {
+      return;
+    }
+    renderMembers();
+    ui.inviteForm.hidden = !canInvite;
+    ui.leave.hidden = !config.can_leave;
+  }
+
+  function renderMembers() {
+    if (members === null) return;
+    ui.membersSection.hidden = members.length === 0;
+    ui.membersCount.textContent = String(members.length);
+    ui.members.replaceChildren(
+      ...members.map((name) => {
+        const here = online.has(name);
+        const item = el("li", here ? "online" : "", name);
+        item.dataset.user = name;
+        item.title = here ? `${name}: online` : `${name}: away`;
+        return item;
+      }),
+    );
+  }
+
+  function setInviteStatus(text, error) {
+    ui.inviteStatus.textContent = text;
+    ui.inviteStatus.classList.toggle("error", error);
+  }
+
+  async function postJson(url, data) {
+    const response = await fetch(url, {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json", Accept: "application/json", "X-CSRFToken": csrfToken() },
+      body: JSON.stringify(data),
+    });
+    let body = {};
+    try {
+      body = await response.json();
+    } catch {
+      body = {};
+    }
+    return { status: response.status, body };
+  }
+
+  ui.inviteForm.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const username = ui.inviteInput.value.trim().replace(/^@/, "");
+    if (!username) return;
+    let answer;
+    try {
+      answer = await postJson(`/api/rooms/${encodeURIComponent(ROOM)}/members`, { username });
+    } catch {
+      setInviteStatus("Could not reach the server: try again.", true);
+      return;
+    }
+    if (answer.status === 201 || answer.status === 200) {
+      const name = answer.body.member || username;
+      setInviteStatus(answer.status === 201 ? `${name} is now a member.` : `${name} is already a member.`, false);
+      ui.inviteInput.value = "";
+      if (members && !members.includes(name)) {
+        members.push(name);
+        members.sort((a, b) => a.localeCompare(b));
+      }
+      renderMembers();
+    } else {
+      setInviteStatus(answer.body.error || `Could not invite (${answer.status}).`, true);
+    }
+  });
+
+  ui.leave.addEventListener("click", async () => {
+    const yes = await confirmed(
+      config.is_private ? "Leave this room? You need an invitation to come back." : "Leave this room?",
+      "Leave",
+    );
+    if (!yes) {
+      ui.leave.focus();
+      return;
+    }
+    let answer;
+    try {
+      answer = await postJson(`/api/rooms/${encodeURIComponent(ROOM)}/leave`, {});
+    } catch {
+      showStatus("Could not reach the server: try again.");
+      return;
+    }
+    if (answer.status === 200) {
+      stopped = true;
+      socket?.close(1000);
+      location.assign("/");
+    } else {
+      showStatus(answer.body.error || `Could not leave (${answer.status}).`);
+    }
+  });
+
+  // Phones: the people panel folds behind a button in the room's header.
+  ui.peopleToggle.addEventListener("click", () => {
+    const open = !ui.people.classList.contains("open");
+    ui.people.classList.toggle("open", open);
+    ui.peopleToggle.setAttribute("aria-expanded", String(open));
+  });
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && ui.people.classList.contains("open")) {
+      ui.people.classList.remove("open");
+      ui.peopleToggle.setAttribute("aria-expanded", "false");
+      ui.peopleToggle.focus();
+    }
+  });
 
   function stopTyping(name) {
     if (!typers.has(name)) return;
@@ -1369,6 +2052,6 @@
     }
   });
 
-
+  ui.input.focus({ preventScroll: true });
   connect();
 })();
