@@ -42,6 +42,8 @@ DEFAULTS: dict[str, Any] = {
     # "": attachments streamed by Django; "/prefix/": sent by nginx from that
     # internal location (X-Accel-Redirect) once the view has checked access.
     "CHAT_ACCEL_REDIRECT": "",
+    # The site's name in every page's title and header (chat.context_processors).
+    "CHAT_SITE_NAME": "chatsite",
 }
 
 

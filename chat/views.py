@@ -1,11 +1,13 @@
-"""Web pages, the push API; site-wide: error pages, NUL check, CSP, sign-in lockout."""
+"""Web pages, the HTTP API; site-wide: error pages, NUL check, CSP, site bans,
+sign-in lockout."""
 
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote
 
 from csp.middleware import CSPMiddleware, PolicyParts
@@ -13,7 +15,7 @@ from django.conf import settings
 from django.contrib.auth import login, logout
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
-from django.core.exceptions import DisallowedHost, PermissionDenied
+from django.core.exceptions import DisallowedHost
 from django.db import IntegrityError
 from django.db.models import prefetch_related_objects
 from django.http import (
@@ -28,6 +30,7 @@ from django.http.response import HttpResponseBase
 from django.middleware.csrf import CsrfViewMiddleware
 from django.shortcuts import redirect, render
 from django.template import loader
+from django.templatetags.static import static
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import (
@@ -38,8 +41,9 @@ from django.views.decorators.http import (
 
 from chat import protocol, push, selectors, services, throttle, uploads
 from chat.forms import DirectStartForm, RoomCreateForm
-from chat.models import ApiToken, Room, Upload
+from chat.models import ApiToken, Ban, Room, Upload
 from chat.protocol import FORBIDDEN, NOT_FOUND, ChatError
+from chat.selectors import RoomBanned, RoomHidden
 
 GetResponse = Callable[[HttpRequest], HttpResponseBase]
 
@@ -157,51 +161,44 @@ def direct_start(request: AuthenticatedRequest) -> HttpResponse:
     return redirect("chat:room", slug=room.slug)
 
 
+def _room_access(slug: str, user: User) -> tuple[Room, selectors.ReadState | None]:
+    """``selectors.room_access_get``: ``Http404`` for no such room and for a
+    private one ``user`` is not in, alike; ``RoomBanned`` passes through."""
+    try:
+        return selectors.room_access_get(slug=slug, user=user)
+    except RoomHidden:
+        raise Http404(f"no room {slug!r}") from None
+    except ChatError as exc:
+        if exc.code == NOT_FOUND:
+            raise Http404(f"no room {slug!r}") from None
+        raise
+
+
+def banned_page(request: HttpRequest, ban: Ban, *, room: Room | None) -> HttpResponse:
+    """403: the ban page, of a site-wide ban (``room`` None) or of one room's."""
+    return render(request, "chat/banned.html", {"ban": ban, "room": room}, status=403)
+
+
 @login_required
 @require_safe
 def room_detail(request: AuthenticatedRequest, slug: str) -> HttpResponse:
     try:
-        room = selectors.room_get_readable(slug=slug, user=request.user)
-    except ChatError as exc:
-        if exc.code == NOT_FOUND:
-            raise Http404(exc.message) from None
-        if exc.code == FORBIDDEN:
-            raise PermissionDenied(exc.message) from None
-        raise
+        room, read_state = _room_access(slug, request.user)
+    except RoomBanned as exc:
+        return banned_page(request, exc.ban, room=exc.room)
     name = room.title
     if room.is_direct:
         prefetch_related_objects([room], "memberships__user")
         name = _direct_partner_name(room, request.user)
-    config = {"room": room.slug, "username": request.user.get_username()}
+    config = {
+        "room": room.slug,
+        "username": request.user.get_username(),
+        "is_private": room.is_private,
+        # A direct conversation has its two members for good.
+        "can_leave": read_state is not None and not room.is_direct,
+    }
     context = {"room": room, "name": name, "chat_config": config}
     return render(request, "chat/room.html", context)
-
-
-def _readable_room(slug: str, user: User) -> Room:
-    """The room if ``user`` may read it; 404 for no such room, 403 otherwise
-    (as ``room_detail`` answers)."""
-    try:
-        return selectors.room_get_readable(slug=slug, user=user)
-    except ChatError as exc:
-        if exc.code == NOT_FOUND:
-            raise Http404(exc.message) from None
-        if exc.code == FORBIDDEN:
-            raise PermissionDenied(exc.message) from None
-        raise
-
-
-@login_required
-@require_safe
-def room_members(request: AuthenticatedRequest, slug: str) -> JsonResponse:
-    """GET /api/rooms/<slug>/members: the usernames of the room's members
-    (active accounts), sorted, for the room page's @mention autocomplete."""
-    room = _readable_room(slug, request.user)
-    names = (
-        room.memberships.filter(user__is_active=True)
-        .order_by("user__username")
-        .values_list("user__username", flat=True)
-    )
-    return JsonResponse({"members": list(names)})
 
 
 # --- HTTP API -------------------------------------------------------------------
@@ -209,6 +206,110 @@ def room_members(request: AuthenticatedRequest, slug: str) -> JsonResponse:
 
 def _api_error(status: int, message: str) -> JsonResponse:
     return JsonResponse({"error": message}, status=status)
+
+
+def _api_room(slug: str, user: User) -> Room | JsonResponse:
+    """The room if ``user`` may read it, else the refusal: 404 for no such room
+    and for a private one they are not in, 403 if they are banned from it."""
+    try:
+        return _room_access(slug, user)[0]
+    except Http404 as exc:
+        return _api_error(404, str(exc))
+    except RoomBanned as exc:
+        return _api_error(403, exc.message)
+
+
+@csrf_exempt  # a POST is checked in _api_user: CSRF for a session, or a token
+@require_http_methods(["GET", "HEAD", "POST"])
+def room_members(request: HttpRequest, slug: str) -> HttpResponse:
+    """/api/rooms/<slug>/members: GET lists them, POST invites one."""
+    if request.method == "POST":
+        return _member_invite(request, slug)
+    # login_required (on _members_list) sees that the user is signed in.
+    return _members_list(cast("AuthenticatedRequest", request), slug)
+
+
+@login_required
+def _members_list(request: AuthenticatedRequest, slug: str) -> JsonResponse:
+    """The usernames of the room's members (active accounts), sorted, for the
+    room page's @mention autocomplete and people list; whether the reader may
+    invite."""
+    room = _api_room(slug, request.user)
+    if isinstance(room, JsonResponse):
+        return room
+    names = (
+        room.memberships.filter(user__is_active=True)
+        .order_by("user__username")
+        .values_list("user__username", flat=True)
+    )
+    can_invite = selectors.user_can_invite(room=room, user=request.user)
+    return JsonResponse({"members": list(names), "can_invite": can_invite})
+
+
+INVITE_BODY = 'send Content-Type: application/json and {"username": "<name>"}'
+
+
+def _member_invite(request: HttpRequest, slug: str) -> HttpResponse:
+    """Add ``{"username": …}`` to a private room: 201 when new, 200 if already in."""
+    user, refused = _api_user(request)
+    if refused is not None or user is None:
+        return refused or _api_error(401, "sign in")
+    room = _api_room(slug, user)
+    if isinstance(room, JsonResponse):
+        return room
+    if request.content_type != "application/json":
+        return _api_error(400, INVITE_BODY)  # form data may be read already
+    try:
+        body = json.loads(request.body)
+    except ValueError:
+        return _api_error(400, INVITE_BODY)
+    username = body.get("username") if isinstance(body, dict) else None
+    if not isinstance(username, str) or not username:
+        return _api_error(400, INVITE_BODY)
+    try:
+        membership, created = services.membership_invite(
+            room=room, inviter=user, username=username
+        )
+    except ChatError as exc:
+        return _api_error(403 if exc.code == FORBIDDEN else 400, exc.message)
+    member = {"member": membership.user.get_username()}
+    return JsonResponse(member, status=201 if created else 200)
+
+
+@csrf_exempt  # checked in _api_user: CSRF for a session, or a token
+@require_POST
+def room_leave(request: HttpRequest, slug: str) -> HttpResponse:
+    """POST /api/rooms/<slug>/leave: end one's membership of the room."""
+    user, refused = _api_user(request)
+    if refused is not None or user is None:
+        return refused or _api_error(401, "sign in")
+    room = _api_room(slug, user)
+    if isinstance(room, JsonResponse):
+        return room
+    try:
+        services.room_leave(room=room, user=user)
+    except ChatError as exc:
+        return _api_error(400, exc.message)
+    return JsonResponse({"left": room.slug})
+
+
+@require_safe
+def api_me(request: HttpRequest) -> JsonResponse:
+    """GET /api/me: the session's user and their site-wide ban, if any; the room
+    page asks after a refused socket, to say why. Never cached."""
+    body: dict[str, object] = {"user": None, "banned": None}
+    user = request.user
+    if user.is_authenticated:
+        ban = selectors.site_ban_get(user_id=user.pk)
+        body["user"] = {"id": user.pk, "username": user.get_username()}
+        if ban is not None:
+            body["banned"] = {
+                "reason": ban.reason,
+                "until": protocol.timestamp(ban.expires_at),
+            }
+    response = JsonResponse(body)
+    response["Cache-Control"] = "no-store"
+    return response
 
 
 @csrf_exempt
@@ -301,8 +402,9 @@ def protocol_attachment(upload: Upload) -> dict[str, object]:
 @require_safe
 def upload_file(request: HttpRequest, upload_id: int, name: str) -> HttpResponse:
     """GET an attachment: to users who may read its message's room (before it
-    is attached, its owner); 403 to everyone else, 404 to unknown ones (and to
-    those of a message deleted for everyone)."""
+    is attached, its owner). 404 for unknown ones, those of a message deleted
+    for everyone and those of a private room to its outsiders (as for the room
+    itself); 403 to everyone else: nobody signed in, the room's banned users."""
     upload = (
         Upload.objects.select_related("message__room")
         .filter(pk=upload_id, name=name)
@@ -321,8 +423,10 @@ def upload_file(request: HttpRequest, upload_id: int, name: str) -> HttpResponse
         raise Http404("no such file")
     else:
         try:
-            selectors.room_get_readable(slug=message.room.slug, user=user)
-        except ChatError:
+            _room_access(message.room.slug, user)
+        except Http404:
+            raise Http404("no such file") from None
+        except RoomBanned:
             return _api_error(403, "you may not read this file")
     return _file_response(upload)
 
@@ -385,8 +489,17 @@ def bad_request(request: HttpRequest, exception: Exception | None) -> HttpRespon
 
 
 def server_error(request: HttpRequest) -> HttpResponse:
-    """``handler500``: the site's page, rendered from nothing that could fail again."""
-    return HttpResponseServerError(loader.render_to_string("500.html"))
+    """``handler500``: the site's page, rendered from nothing that could fail again
+    (no request, so no context processors: the site's name is given here)."""
+    context = {"chat_site_name": settings.CHAT_SITE_NAME}
+    return HttpResponseServerError(loader.render_to_string("500.html", context))
+
+
+@require_safe
+def favicon(request: HttpRequest) -> HttpResponse:
+    """/favicon.ico, which browsers ask for unbidden: a redirect to the site's
+    icon (302, not 301: its static URL may change)."""
+    return redirect(static("chat/favicon.svg"))
 
 
 def nul_refused(get_response: GetResponse) -> GetResponse:
@@ -433,6 +546,67 @@ def _has_nul(request: HttpRequest) -> bool:
         for key, values in data.lists():
             texts += [key, *values]
     return any("\x00" in text for text in texts)
+
+
+# What a user banned from the whole site may still reach: signing in and out,
+# why they are refused (api/me), the probes, and the admin, where staff lift bans.
+BAN_EXEMPT_VIEWS = {
+    ("", "login"),
+    ("", "logout"),
+    ("chat", "api_me"),
+    ("chat", "healthz"),
+    ("chat", "readyz"),
+    ("chat", "metrics"),
+}
+
+
+class SiteBanMiddleware:
+    """Middleware: a user banned from the whole site gets 403 on the site's pages
+    (the ban page) and its API (``{"error": "banned: <reason>"}``), as the socket
+    handshake refuses them. One query per request of a signed-in user.
+
+    After ``AuthenticationMiddleware``. It acts in ``process_view``, once the URL
+    has resolved: exemptions go by URL name, wherever chat's URLs are mounted.
+    """
+
+    def __init__(self, get_response: GetResponse) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        return self.get_response(request)
+
+    def process_view(
+        self,
+        request: HttpRequest,
+        view_func: Callable[..., Any],
+        view_args: tuple[Any, ...],
+        view_kwargs: dict[str, Any],
+    ) -> HttpResponseBase | None:
+        # The exemptions first: deciding them reads no session, user or ban.
+        if _ban_exempt(request) or not request.user.is_authenticated:
+            return None
+        ban = selectors.site_ban_get(user_id=request.user.pk)
+        if ban is None:
+            return None
+        if _is_api(request):
+            return _api_error(403, f"banned: {ban.reason}")
+        return banned_page(request, ban, room=None)
+
+
+def _ban_exempt(request: HttpRequest) -> bool:
+    """Whether a site-wide ban leaves the request's view open (by URL name)."""
+    match = request.resolver_match
+    if match is None or request.path.startswith(settings.STATIC_URL):
+        return True
+    if "admin" in match.app_names:
+        return True
+    return (match.app_name, match.url_name) in BAN_EXEMPT_VIEWS
+
+
+def _is_api(request: HttpRequest) -> bool:
+    """Whether the request's URL pattern is of the HTTP API (``…api/…``)."""
+    route = request.resolver_match.route if request.resolver_match else ""
+    return "/api/" in f"/{route}"
 
 
 class SiteCSPMiddleware(CSPMiddleware):

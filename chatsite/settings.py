@@ -46,6 +46,7 @@ CHAT_ACCEL_REDIRECT  a URL prefix nginx serves the media directory under as an
                   internal location (such as /protected-uploads/): attachments
                   are then sent by nginx (X-Accel-Redirect) after the access
                   check; unset, Django streams them itself
+CHAT_SITE_NAME    the site's name in page titles and the header (default chatsite)
 
 A value that is not what its variable takes (a word for a number, "maybe" for a
 switch) stops start-up with ImproperlyConfigured naming the variable, the value
@@ -199,6 +200,8 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # A user banned from the whole site gets 403 (the ban page) on its pages.
+    "chat.views.SiteBanMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Last, as axes asks: it turns a locked-out sign-in into the lockout page.
@@ -266,6 +269,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "chat.context_processors.site_name",
             ],
         },
     },
@@ -395,6 +399,13 @@ CHAT_ACCEL_REDIRECT = env_str(
     "",
     lambda value: value == "" or (value.startswith("/") and value.endswith("/")),
     "a URL path that starts and ends with /, such as /protected-uploads/",
+)
+# Named in every page's title ("Rooms · chatsite") and header.
+CHAT_SITE_NAME = env_str(
+    "CHAT_SITE_NAME",
+    "chatsite",
+    lambda value: bool(value.strip()),
+    "a name to show in page titles and the header",
 )
 
 

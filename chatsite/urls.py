@@ -25,5 +25,7 @@ urlpatterns = [
         auth_views.PasswordChangeDoneView.as_view(),
         name="password_change_done",
     ),
+    # Browsers ask for it unbidden; chat's pages link the SVG icon itself.
+    path("favicon.ico", views.favicon, name="favicon"),
     path("", include("chat.urls")),
 ]

@@ -203,7 +203,9 @@ async def test_an_attachment_is_served_to_readers_of_its_room_only(
     )
     assert served["X-Content-Type-Options"] == "nosniff"
     assert served["Content-Disposition"] == "inline; filename*=UTF-8''pic.png"
-    assert (await adb(get_as)(carol)).status_code == 403
+    # To carol, no member of the private room, it is no file, as the room is no
+    # room; to nobody signed in it is a file to sign in for.
+    assert (await adb(get_as)(carol)).status_code == 404
     assert (await adb(get_as)(None)).status_code == 403
     assert (await adb(Client().get)("/uploads/999/pic.png")).status_code == 404
     assert (
@@ -214,6 +216,25 @@ async def test_an_attachment_is_served_to_readers_of_its_room_only(
     await a.recv()
     assert (await adb(get_as)(bob)).status_code == 404
     assert (await stored_message("staff", 1))["attachments"] == []
+
+
+async def test_an_attachment_of_a_public_room_is_403_to_a_user_banned_from_it(
+    connect, alice, bob, lobby
+):
+    picture = await uploaded(alice)
+    a = await connect(alice)
+    await a.join("lobby")
+    await send_with(a, [picture["id"]], "a1")
+    await adb(services.room_ban)(user=bob, room=lobby, reason="spam")
+    client = Client()
+    await adb(client.force_login)(bob)
+
+    response = await adb(client.get)(picture["url"])
+
+    assert (response.status_code, response.json()) == (
+        403,
+        {"error": "you may not read this file"},
+    )
 
 
 async def test_with_accel_redirect_nginx_sends_the_file(

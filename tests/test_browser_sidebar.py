@@ -146,7 +146,7 @@ def test_a_direct_message_raises_the_badge_live_and_opening_it_clears_it(
     expect(room_names(bob)).to_have_text(["The Lobby"])
     expect(sidebar_room(bob, "The Lobby")).to_have_attribute("aria-current", "page")
     expect(sidebar_room(bob, "The Lobby")).to_have_attribute("href", "/r/lobby/")
-    expect(bob).to_have_title("The Lobby · Chat")
+    expect(bob).to_have_title("The Lobby · chatsite")
     # Permission not asked yet: the sidebar offers it, and asks nothing on load.
     expect(bob.get_by_role("button", name="Enable notifications")).to_be_visible()
     bob.evaluate("window.notReloaded = true")
@@ -157,7 +157,7 @@ def test_a_direct_message_raises_the_badge_live_and_opening_it_clears_it(
     expect(dm_link).to_have_attribute("href", f"/r/{ack['room']}/")
     expect_counts(dm_link, "1 unread", "1", None)
     expect(bob.get_by_role("link", name="alice 1 unread")).to_have_count(1)
-    expect(bob).to_have_title("(1) The Lobby · Chat")
+    expect(bob).to_have_title("(1) The Lobby · chatsite")
     # Most recent activity first; the lobby itself stays read.
     expect(room_names(bob)).to_have_text(["alice", "The Lobby"])
     expect_counts(sidebar_room(bob, "The Lobby"), None, None, None)
@@ -166,11 +166,11 @@ def test_a_direct_message_raises_the_badge_live_and_opening_it_clears_it(
     assert bob.sockets == [server.ws_url]
     # alice's own message counts nothing for her.
     expect_counts(sidebar_room(alice, "bob"), None, None, None)
-    expect(alice).to_have_title("The Lobby · Chat")
+    expect(alice).to_have_title("The Lobby · chatsite")
 
     dm(alice, "bob", "still there, @bob?", "dm-2")
     expect_counts(dm_link, "2 unread, 1 mention", "2", "@1")
-    expect(bob).to_have_title("(2) The Lobby · Chat")
+    expect(bob).to_have_title("(2) The Lobby · chatsite")
     test_browser.screenshot(bob, "sidebar.png")
 
     dm_link.click()
@@ -181,7 +181,7 @@ def test_a_direct_message_raises_the_badge_live_and_opening_it_clears_it(
     dm_link = sidebar_room(bob, "alice")
     expect(dm_link).to_have_attribute("aria-current", "page")
     expect_counts(dm_link, None, None, None)
-    expect(bob).to_have_title("alice · Chat")
+    expect(bob).to_have_title("alice · chatsite")
     expect(sidebar_room(bob, "The Lobby")).not_to_have_attribute("aria-current", "page")
 
 
@@ -221,11 +221,11 @@ def test_messages_in_another_room_raise_its_unread_and_mention_badges(
     send(alice, "hello random")
     random = sidebar_room(bob, "Random")
     expect_counts(random, "1 unread", "1", None)
-    expect(bob).to_have_title("(1) The Lobby · Chat")
+    expect(bob).to_have_title("(1) The Lobby · chatsite")
 
     send(alice, "@bob have a look")
     expect_counts(random, "2 unread, 1 mention", "2", "@1")
-    expect(bob).to_have_title("(2) The Lobby · Chat")
+    expect(bob).to_have_title("(2) The Lobby · chatsite")
     expect(room_names(bob)).to_have_text(["Random", "The Lobby"])
     # The room bob is reading never counts, not even until chat.js reads it.
     expect_counts(sidebar_room(bob, "The Lobby"), None, None, None)
@@ -237,13 +237,13 @@ def test_messages_in_another_room_raise_its_unread_and_mention_badges(
     own.get_by_role("button", name="Delete").click()
     confirm_dialog(alice, "Delete this message for everyone?", "Delete")
     expect_counts(random, "1 unread", "1", None)
-    expect(bob).to_have_title("(1) The Lobby · Chat")
+    expect(bob).to_have_title("(1) The Lobby · chatsite")
 
     # A reload asks the server: the same counts.
     bob.reload()
     test_browser.expect_online(bob)
     expect_counts(sidebar_room(bob, "Random"), "1 unread", "1", None)
-    expect(bob).to_have_title("(1) The Lobby · Chat")
+    expect(bob).to_have_title("(1) The Lobby · chatsite")
 
 
 def messages_create(*, room, username, bodies):
@@ -381,7 +381,7 @@ def test_a_mention_while_hidden_raises_one_notification(server, sidebar_page):
     made = bob.evaluate("window.notificationsMade")
     assert made[2] == {"title": "alice sent you a message", "body": "plain and direct"}
     # Hidden, bob read nothing: the counts say so.
-    expect(bob).to_have_title("(4) The Lobby · Chat")
+    expect(bob).to_have_title("(4) The Lobby · chatsite")
 
 
 def test_at_phone_width_the_sidebar_folds_behind_a_rooms_button(server, sidebar_page):
@@ -443,11 +443,11 @@ def test_after_a_server_restart_the_sidebar_asks_again_and_joins_again(
     # Counted by the server: the sidebar asked `rooms` on the new socket.
     random_link = sidebar_room(bob, "Random")
     expect_counts(random_link, "1 unread", "1", None)
-    expect(bob).to_have_title("(1) The Lobby · Chat")
+    expect(bob).to_have_title("(1) The Lobby · chatsite")
     # And joined the room again: a new message counts live.
     send(alice, "@bob and now")
     expect(stored(alice).locator(".body")).to_have_text(
         ["while you were out", "@bob and now"]
     )
     expect_counts(random_link, "2 unread, 1 mention", "2", "@1")
-    expect(bob).to_have_title("(2) The Lobby · Chat")
+    expect(bob).to_have_title("(2) The Lobby · chatsite")

@@ -40,6 +40,7 @@ WHEEL = "django_chatsite_chat-0.1.0-py3-none-any.whl"
 TEMPLATES_CARRIED = {
     "base.html",
     "_form_fields.html",
+    "chat/banned.html",
     "chat/room.html",
     "chat/room_list.html",
     "admin/chat/live_connections.html",
@@ -277,6 +278,7 @@ def test_the_wheel_holds_chat_its_static_files_and_its_pages_templates(host):
     assert {n for n in names if n.startswith("chat/static/")} == {
         "chat/static/chat/chat.css",
         "chat/static/chat/chat.js",
+        "chat/static/chat/favicon.svg",
         "chat/static/chat/sidebar.css",
         "chat/static/chat/sidebar.js",
     }

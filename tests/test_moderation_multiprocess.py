@@ -1064,6 +1064,10 @@ async def test_closing_a_room_in_its_change_form_removes_everyone_and_refuses_se
 
     # Unchecking it reopens the room.
     await admin.change("room", forum.pk, is_closed=False)
+    # Both sockets are told, across the processes, so the page can write again.
+    pushed = {"type": "push", "event": "room.reopened", "data": {"room": "forum"}}
+    for socket in (alice_a, bob_b):
+        assert await socket.expect("push", skip=("presence",)) == pushed
     sent = await send_and_ack(bob_b, "forum", "open again", "f2")
     assert sent["seq"] == 2
     assert await alice_a.expect("message", skip=("presence",)) == sent

@@ -162,6 +162,13 @@ def test_the_limits_come_from_the_environment():
     assert values == ["'20/10'", "65536", "3", "'0'"]
 
 
+def test_the_site_name_defaults_to_chatsite_and_comes_from_the_environment():
+    assert settings_values("CHAT_SITE_NAME", CHAT_SITE_NAME=None) == ["'chatsite'"]
+    assert settings_values("CHAT_SITE_NAME", CHAT_SITE_NAME="Acme Chat") == [
+        "'Acme Chat'"
+    ]
+
+
 def start_up_error(**env):
     """The last line a start-up under ``env`` (a production one) fails with."""
     done = manage("check", **{**PRODUCTION, **env})
@@ -207,6 +214,11 @@ def start_up_error(**env):
             "CHAT_METRICS_ALLOW='127.0.0.1,localhost' is not valid: expected "
             "comma-separated IP addresses or networks, such as 127.0.0.1,10.0.0.0/8 "
             "(default 127.0.0.1,::1)",
+        ),
+        (
+            {"CHAT_SITE_NAME": " "},
+            "CHAT_SITE_NAME=' ' is not valid: expected a name to show in page "
+            "titles and the header (default chatsite)",
         ),
         (
             {"CHAT_RATE_LIMIT": "60/0"},

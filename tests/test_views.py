@@ -393,9 +393,15 @@ def test_room_page_of_a_public_room_hands_slug_and_username_to_the_script(
     response = client.get("/r/lobby/")
 
     assert response.status_code == 200
-    assert config_of(response) == {"room": "lobby", "username": "carol"}
+    # carol is no member until her socket joins: nothing to leave yet.
+    assert config_of(response) == {
+        "room": "lobby",
+        "username": "carol",
+        "is_private": False,
+        "can_leave": False,
+    }
     assertContains(response, "<h1>The Lobby</h1>", html=True)
-    assertContains(response, '<ol id="messages" aria-live="polite"></ol>', html=True)
+    assertContains(response, '<ol id="messages"></ol>', html=True)
     assertContains(response, 'src="/static/chat/chat.js"')
 
 
@@ -405,23 +411,43 @@ def test_room_page_of_a_private_room_opens_for_a_member(client, alice, rooms):
     response = client.get("/r/secret/")
 
     assert response.status_code == 200
-    assert config_of(response) == {"room": "secret", "username": "alice"}
+    assert config_of(response) == {
+        "room": "secret",
+        "username": "alice",
+        "is_private": True,
+        "can_leave": True,
+    }
 
 
-def test_room_page_of_a_private_room_is_forbidden_to_a_non_member(client, carol, rooms):
+def test_room_page_of_a_public_room_lets_a_member_leave(client, carol, rooms):
+    services.membership_add(room=rooms["lobby"], user=carol)
+    client.force_login(carol)
+
+    response = client.get("/r/lobby/")
+
+    assert config_of(response)["can_leave"] is True
+
+
+def test_room_page_of_a_private_room_is_not_found_for_a_non_member(
+    client, carol, rooms
+):
     client.force_login(carol)
 
     response = client.get("/r/secret/")
 
-    assert response.status_code == 403
+    # As for a slug that is no room: the page does not tell the room is there.
+    assert response.status_code == 404
+    assertContains(response, "<h1>Not found</h1>", status_code=404, html=True)
+    assertNotContains(response, "Secret plans", status_code=404)
 
 
-def test_room_page_of_a_direct_room_is_forbidden_to_a_third_user(client, carol, rooms):
+def test_room_page_of_a_direct_room_is_not_found_for_a_third_user(client, carol, rooms):
     client.force_login(carol)
 
     response = client.get(f"/r/{rooms['direct'].slug}/")
 
-    assert response.status_code == 403
+    assert response.status_code == 404
+    assertContains(response, "<h1>Not found</h1>", status_code=404, html=True)
 
 
 def test_room_page_of_a_direct_room_is_titled_with_the_other_user(client, bob, rooms):
@@ -431,6 +457,10 @@ def test_room_page_of_a_direct_room_is_titled_with_the_other_user(client, bob, r
 
     assert response.status_code == 200
     assertContains(response, "<h1>alice</h1>", html=True)
+    assertContains(response, "<title>alice · chatsite</title>", html=True)
+    # Neither of the two may leave a direct conversation.
+    assert config_of(response)["can_leave"] is False
+    assert config_of(response)["is_private"] is True
 
 
 def test_room_page_of_no_room_is_not_found(client, alice):
@@ -450,7 +480,12 @@ def test_room_page_escapes_the_title_and_the_config(client, make_user):
 
     assertContains(response, "&lt;b&gt;bold&lt;/b&gt;")
     assertNotContains(response, "<b>bold</b>")
-    assert config_of(response) == {"room": "odd", "username": "eve</script>"}
+    assert config_of(response) == {
+        "room": "odd",
+        "username": "eve</script>",
+        "is_private": False,
+        "can_leave": False,
+    }
 
 
 # --- Content-Security-Policy ----------------------------------------------------
@@ -486,7 +521,7 @@ def staff(make_user):
         (None, "/", 302),
         ("alice", "/", 200),
         ("alice", "/r/lobby/", 200),
-        ("carol", "/r/secret/", 403),
+        ("carol", "/r/secret/", 404),
         ("alice", "/r/nowhere/", 404),
         ("alice", "/accounts/password_change/", 200),
         (None, "/admin/login/", 200),
