@@ -514,6 +514,8 @@ class MessageEdited(ServerFrame, tag="message_edited"):
     seq: int
     body: str
     edited_at: str | None
+    # An addition to the contract's fields: the mentions of the new body.
+    mentions: list[str]
 
 
 class MessageDeleted(ServerFrame, tag="message_deleted"):
@@ -752,6 +754,7 @@ def message_edited(*, room_slug: str, message: Any) -> MessageEdited:
         seq=message.seq,
         body=message.body,
         edited_at=timestamp(message.edited_at),
+        mentions=list(message.mention_names),
     )
 
 

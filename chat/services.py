@@ -588,6 +588,29 @@ def _store_mentions(messages: list[Message]) -> dict[int, list[int]]:
     Sets each message's ``mention_names``; answers, per message id, the ids of
     the users mentioned other than its author (to notify after commit).
     """
+    by_message = _mentioned_users(messages)
+    rows: list[Mention] = []
+    notify: dict[int, list[int]] = {}
+    for message in messages:
+        allowed = by_message.get(message.pk)
+        if not allowed:
+            continue
+        message.mention_names = list(allowed)
+        Message.objects.filter(pk=message.pk).update(mention_names=list(allowed))
+        rows.extend(_mention_rows(message, allowed.values()))
+        others = [pk for pk in allowed.values() if pk != message.author_id]
+        if others:
+            notify[message.pk] = others
+            Membership.objects.filter(
+                room_id=message.room_id, user_id__in=others
+            ).update(unread_mentions=F("unread_mentions") + 1)
+    Mention.objects.bulk_create(rows)
+    return notify
+
+
+def _mentioned_users(messages: list[Message]) -> dict[int, dict[str, int]]:
+    """Per message id, the users its body mentions who may read its room:
+    username to user id, in the order of first mention (none: left out)."""
     candidates = {m.pk: mentions.mention_candidates(m.body) for m in messages}
     names = {name for found in candidates.values() for c in found for name in c}
     if not names:
@@ -605,35 +628,56 @@ def _store_mentions(messages: list[Message]) -> dict[int, list[int]]:
     readers = _readers_among(
         messages, {users[n] for found in by_message.values() for n in found}
     )
-    rows: list[Mention] = []
-    notify: dict[int, list[int]] = {}
+    mentioned: dict[int, dict[str, int]] = {}
     for message in messages:
-        allowed = [
-            name
+        allowed = {
+            name: users[name]
             for name in by_message[message.pk]
             if (message.room_id, users[name]) in readers
-        ]
-        if not allowed:
-            continue
-        message.mention_names = allowed
-        Message.objects.filter(pk=message.pk).update(mention_names=allowed)
-        for name in allowed:
-            rows.append(
-                Mention(
-                    message=message,
-                    user_id=users[name],
-                    room_id=message.room_id,
-                    seq=message.seq,
-                )
-            )
-        others = [users[n] for n in allowed if users[n] != message.author_id]
-        if others:
-            notify[message.pk] = others
-            Membership.objects.filter(
-                room_id=message.room_id, user_id__in=others
-            ).update(unread_mentions=F("unread_mentions") + 1)
-    Mention.objects.bulk_create(rows)
-    return notify
+        }
+        if allowed:
+            mentioned[message.pk] = allowed
+    return mentioned
+
+
+def _mention_rows(message: Message, user_ids: Iterable[int]) -> list[Mention]:
+    return [
+        Mention(message=message, user_id=pk, room_id=message.room_id, seq=message.seq)
+        for pk in user_ids
+    ]
+
+
+def _mentions_reparse(message: Message) -> list[int]:
+    """After an edit: the message's mentions as its new body has them.
+
+    Rows and ``mention_names`` follow the body; the unread-mention counters of
+    the members whose read marker is before the message gain the mentions
+    added and lose those dropped (the author's own never count). Answers the
+    ids of the users newly mentioned other than the author, to notify.
+    """
+    now = _mentioned_users([message]).get(message.pk, {})
+    before = set(
+        Mention.objects.filter(message=message).values_list("user_id", flat=True)
+    )
+    added = [pk for pk in now.values() if pk not in before]
+    dropped = before - set(now.values())
+    message.mention_names = list(now)
+    Message.objects.filter(pk=message.pk).update(mention_names=list(now))
+    if dropped:
+        Mention.objects.filter(message=message, user_id__in=dropped).delete()
+    Mention.objects.bulk_create(_mention_rows(message, added))
+    unread_to = Membership.objects.filter(
+        room_id=message.room_id, read_seq__lt=message.seq
+    ).exclude(user_id=message.author_id)
+    if added:
+        unread_to.filter(user_id__in=added).update(
+            unread_mentions=F("unread_mentions") + 1
+        )
+    if dropped:
+        unread_to.filter(user_id__in=dropped, unread_mentions__gt=0).update(
+            unread_mentions=F("unread_mentions") - 1
+        )
+    return [pk for pk in added if pk != message.author_id]
 
 
 def _readers_among(messages: list[Message], user_ids: set[int]) -> set[tuple[int, int]]:
@@ -764,8 +808,13 @@ def message_edit(*, room: Room, message_id: int, user: User, body: str) -> Messa
         message.body = body
         message.edited_at = timezone.now()
         message.save(update_fields=["body", "edited_at"])
+        message.room = room
+        newly_mentioned = _mentions_reparse(message)
         frame = protocol.message_edited(room_slug=room.slug, message=message)
         _emit(_to_room(room, frame))
+        if newly_mentioned:
+            notify = {message.pk: newly_mentioned}
+            _emit(*_mention_notifications([message], notify))
     return message
 
 

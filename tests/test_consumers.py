@@ -647,6 +647,7 @@ async def test_edit_own_message_acks_and_tells_the_room(connect, alice, bob, lob
         "seq": 1,
         "body": "typo",
         "edited_at": stored.edited_at.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z",
+        "mentions": [],
     }
     assert stored.body == "typo"
 

@@ -983,6 +983,7 @@ async def test_a_room_moderator_edits_and_deletes_anyones_message_across_process
         "seq": 1,
         "body": "[edited]",
         "edited_at": stored["edited_at"],
+        "mentions": [],
     }
 
     ack, _ = await ack_and_echo(

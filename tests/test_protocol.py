@@ -321,7 +321,7 @@ def test_an_unset_ref_is_left_out_and_a_set_one_comes_last():
 
 
 def test_null_valued_required_fields_are_kept():
-    edited = SimpleNamespace(pk=5, seq=2, body="b", edited_at=None)
+    edited = SimpleNamespace(pk=5, seq=2, body="b", edited_at=None, mention_names=[])
     frame = protocol.message_edited(room_slug="lobby", message=edited)
     assert json.loads(protocol.encode(frame).binary[4:]) == {
         "room": "lobby",
@@ -329,6 +329,7 @@ def test_null_valued_required_fields_are_kept():
         "seq": 2,
         "body": "b",
         "edited_at": None,
+        "mentions": [],
     }
 
 

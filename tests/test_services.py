@@ -461,6 +461,7 @@ def test_message_edit_sends_message_edited(
         "seq": 1,
         "body": "hello",
         "edited_at": iso(edited.edited_at),
+        "mentions": [],
     }
     assert emitted(callbacks) == [[delivery([f"room.{lobby.pk}"], frame=frame)]]
 

@@ -35,6 +35,16 @@ async def send(client, body, msg_id, room="lobby", **extra):
     return frames["ack"]
 
 
+async def edited_by(client):
+    """The ack of the client's edit and its own copy of ``message_edited``."""
+    frames = {}
+    while "ack" not in frames or "message_edited" not in frames:
+        frame = await client.recv()
+        assert frame["type"] in ("ack", "message_edited", "presence"), frame
+        frames[frame["type"]] = frame
+    return frames["ack"]
+
+
 # What a room sends its sockets unasked, passed over by ``next_of``.
 ROOM_EVENTS = ("presence", "typing", "message", "message_deleted", "reaction")
 
@@ -230,6 +240,71 @@ async def test_deleting_a_message_that_mentions_me_takes_it_off_my_count(
     assert counts((await rooms_of(b))["lobby"]) == (0, 1, 1)
     deleted = await stored_message("lobby", 1)
     assert (deleted["deleted"], deleted["mentions"]) == (True, [])
+
+
+async def test_an_edit_reads_the_mentions_again_counting_and_notifying_the_new(
+    connect, alice, bob, make_user, lobby
+):
+    carol = await adb(make_user)("carol")
+    dave = await adb(make_user)("dave")
+    a = await connect(alice)
+    b = await connect(bob)
+    c = await connect(carol)
+    d = await connect(dave)
+    await a.join("lobby")
+    await b.join("lobby")
+    await c.join("lobby")
+    ack = await send(a, "@bob and @dave, look", "a1")
+    assert (await next_of(b, "notification"))["message"]["mentions"] == ["bob", "dave"]
+    assert (await d.recv())["type"] == "notification"
+    assert counts((await rooms_of(b))["lobby"]) == (0, 1, 1)
+    # Dave has read it since: dropping him later leaves his count alone.
+    await d.join("lobby")
+    await d.send(type="read", room="lobby", seq=1)
+    assert (await next_of(d, "read_marker"))["mentions"] == 0
+
+    await a.send(
+        type="edit", room="lobby", id=ack["id"], body="@carol, @dave: look", ref="e"
+    )
+    await edited_by(a)
+    stored = await stored_message("lobby", 1)
+    assert stored["mentions"] == ["carol", "dave"]
+    edited = await next_of(b, "message_edited")
+    assert edited == {
+        "type": "message_edited",
+        "room": "lobby",
+        "id": ack["id"],
+        "seq": 1,
+        "body": "@carol, @dave: look",
+        "edited_at": stored["edited_at"],
+        "mentions": ["carol", "dave"],
+    }
+    # Carol is new to it: counted and told; Dave was named before: not again.
+    assert await next_of(c, "message_edited") == edited
+    assert await c.recv() == {
+        "type": "notification",
+        "kind": "mention",
+        "room": "lobby",
+        "message": {k: v for k, v in stored.items() if k != "type"},
+    }
+    assert await next_of(d, "message_edited") == edited
+    assert await d.nothing() is True
+    assert await b.nothing() is True
+    assert counts((await rooms_of(b))["lobby"]) == (0, 1, 0)
+    assert counts((await rooms_of(c))["lobby"]) == (0, 1, 1)
+    assert counts((await rooms_of(d))["lobby"]) == (1, 0, 0)
+    rows = await adb(list)(
+        Mention.objects.order_by("user__username").values_list("user__username", "seq")
+    )
+    assert rows == [("carol", 1), ("dave", 1)]
+
+    # An edit that names nobody takes every mention away.
+    await a.send(type="edit", room="lobby", id=ack["id"], body="look", ref="e2")
+    await edited_by(a)
+    assert (await next_of(c, "message_edited"))["mentions"] == []
+    assert counts((await rooms_of(c))["lobby"]) == (0, 1, 0)
+    assert await adb(Mention.objects.count)() == 0
+    assert (await stored_message("lobby", 1))["mentions"] == []
 
 
 # --- reactions ----------------------------------------------------------------------

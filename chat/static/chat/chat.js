@@ -523,12 +523,16 @@
 
     message_edited(frame) {
       if (frame.room !== ROOM) return;
+      const known = messages.get(frame.id);
+      if (known) {
+        known.body = frame.body;
+        known.mentions = frame.mentions || [];
+      }
       for (const el of elementsOf(frame.seq)) {
         renderBody(el.querySelector(".body"), frame.body);
         el.querySelector(".edited").hidden = false;
+        if (known) markMentionOfMe(el, known);
       }
-      const known = messages.get(frame.id);
-      if (known) known.body = frame.body;
     },
 
     message_deleted(frame) {
@@ -831,12 +835,8 @@
     return found;
   }
 
-  // Fill in what a message object brings: body, marks, attachments, reactions.
-  function fillMessage(item, payload) {
-    item.dataset.id = payload.id;
-    item.dataset.seq = payload.seq;
-    renderBody(item.querySelector(".body"), payload.body);
-    item.querySelector(".edited").hidden = !payload.edited_at;
+  // Highlight a message that mentions me (not one of my own), or stop to.
+  function markMentionOfMe(item, payload) {
     const mentionsMe = (payload.mentions || []).includes(ME) && payload.user.username !== ME;
     item.classList.toggle("mentions-me", mentionsMe);
     let note = item.querySelector(".mention-note");
@@ -846,6 +846,15 @@
     } else if (!mentionsMe && note) {
       note.remove();
     }
+  }
+
+  // Fill in what a message object brings: body, marks, attachments, reactions.
+  function fillMessage(item, payload) {
+    item.dataset.id = payload.id;
+    item.dataset.seq = payload.seq;
+    renderBody(item.querySelector(".body"), payload.body);
+    item.querySelector(".edited").hidden = !payload.edited_at;
+    markMentionOfMe(item, payload);
     if (payload.deleted) {
       markDeleted(item);
       return;
