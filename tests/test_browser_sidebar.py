@@ -17,6 +17,7 @@ from playwright.sync_api import expect
 
 from chat import services
 from tests import test_browser
+from tests.servers import DaphneServer
 from tests.test_browser import (
     confirm_dialog,
     in_thread,
@@ -451,3 +452,90 @@ def test_after_a_server_restart_the_sidebar_asks_again_and_joins_again(
     )
     expect_counts(random_link, "2 unread, 1 mention", "2", "@1")
     expect(bob).to_have_title("(2) The Lobby · chatsite")
+
+
+# Every error frame the page's socket receives, from the first one on.
+RECORD_ERRORS = """
+window.errorFrames = [];
+document.addEventListener("chat:frame", (event) => {
+  if (event.detail.type === "error") window.errorFrames.push(event.detail);
+});
+"""
+
+# The time the sidebar may take to join the last of 40 rooms: 15 joins paced
+# 500 ms apart, plus a 10 s pause after a rate_limited one, on a slow machine.
+JOIN_ALL_MS = 45_000
+
+
+def rooms_with_member(*, username, count):
+    """Rooms ``room-01`` to ``room-<count>``, ``username`` a member of each.
+
+    Each membership is newer than the one before: the sidebar lists the rooms
+    from the last made to ``room-01``.
+    """
+    user = get_user_model().objects.get(username=username)
+    for number in range(1, count + 1):
+        room = services.room_create(slug=f"room-{number:02}", title=f"Room {number:02}")
+        services.membership_add(room=room, user=user)
+
+
+def forty_rooms_for_bob(server, sidebar_page):
+    """alice, and bob in 40 rooms with the room list loaded on ``room-40``."""
+    alice, bob = sidebar_page(), sidebar_page()
+    bob.add_init_script(RECORD_ERRORS)
+    sign_up(alice, server, "alice")
+    sign_up(bob, server, "bob")
+    in_thread(rooms_with_member, username="bob", count=40)
+    open_room(bob, server, "room-40")
+    expect(room_names(bob)).to_have_text([f"Room {n:02}" for n in range(40, 0, -1)])
+    return alice, bob
+
+
+def expect_live_badge_in_the_last_room(alice, bob, server):
+    """alice speaks in room-01, the 40th of bob's list, once bob's socket is in it."""
+    open_room(alice, server, "room-01")
+    # bob's sidebar joining room-01 puts him online there.
+    expect(alice.locator("#online li")).to_have_text(
+        ["alice", "bob"], timeout=JOIN_ALL_MS
+    )
+    last = sidebar_room(bob, "Room 01")
+    expect_counts(last, None, None, None)
+    send(alice, "@bob the fortieth room speaks")
+    expect_counts(last, "1 unread, 1 mention", "1", "@1")
+    expect(bob).to_have_title("(1) Room 40 · chatsite")
+    expect(room_names(bob).first).to_have_text("Room 01")
+    # Nothing on the page shows an error.
+    expect(bob.locator("#status")).to_have_text("")
+    expect(bob.locator("#banner")).to_be_hidden()
+    test_browser.expect_online(bob)
+
+
+def test_a_member_of_forty_rooms_gets_live_badges_from_the_last_of_them(
+    server, sidebar_page
+):
+    alice, bob = forty_rooms_for_bob(server, sidebar_page)
+    expect_live_badge_in_the_last_room(alice, bob, server)
+    # 25 joins at once and the 15 others paced stay within 60 frames in 10 s.
+    assert bob.evaluate("window.errorFrames") == []
+
+
+@pytest.fixture
+def tight_rate_server(transactional_db):
+    """A server letting each user 30 database frames in 10 s (leases of 3)."""
+    server = DaphneServer(extra_env={"CHAT_RATE_LIMIT": "30/10"}).start()
+    yield server
+    server.stop()
+
+
+def test_a_join_refused_for_the_rate_limit_is_tried_again_after_retry_after(
+    tight_rate_server, sidebar_page
+):
+    alice, bob = forty_rooms_for_bob(tight_rate_server, sidebar_page)
+    expect_live_badge_in_the_last_room(alice, bob, tight_rate_server)
+    # chat.js's join and history and 24 joins at once take 26 of the 30 frames,
+    # 4 paced joins the rest; the next is refused, and no other join is sent
+    # until its retry_after has passed: one refusal, then room-01 joined too.
+    refusals = bob.evaluate(
+        "window.errorFrames.map((f) => [f.code, f.retry_after, f.ref.split('-')[1]])"
+    )
+    assert refusals == [["rate_limited", 10, "join"]]

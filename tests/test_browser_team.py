@@ -1,5 +1,6 @@
 """Team chat on the room page in headless Chromium against a real daphne:
-reactions, replies in a thread, attachments, @mentions and #m<seq> jumps."""
+reactions, replies in a thread, attachments, @mentions and #m<seq> jumps (to a
+reply too: its thread opens)."""
 
 import re
 import struct
@@ -12,7 +13,14 @@ from playwright.sync_api import expect
 from chat import services
 from tests import test_browser
 from tests.servers import DaphneServer
-from tests.test_browser import in_thread, open_room, room_create, send, sign_up
+from tests.test_browser import (
+    in_thread,
+    open_room,
+    room_create,
+    send,
+    sign_up,
+    stored,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -262,3 +270,106 @@ def test_a_jump_to_an_old_message_shows_it_highlighted(server, new_page):
         "items => items.map(item => Number(item.dataset.seq))"
     )
     assert seqs == list(range(1, 122))
+
+
+HIGHLIGHTED = re.compile(r"\bhighlight\b")
+
+
+def test_a_search_result_that_is_a_reply_opens_its_thread_highlighted(server, new_page):
+    alice, bob = two_in_lobby(server, new_page)
+    send(alice, "lunch plans?")
+    parent = message(alice, 1)
+    parent.hover()
+    parent.get_by_role("button", name="Reply").click()
+    alice.locator("#thread-input").fill("pizza at noon")
+    alice.locator("#thread-input").press("Enter")
+    send(alice, "anyone else hungry?")
+    expect(stored(bob).locator(".body")).to_have_text(
+        ["lunch plans?", "anyone else hungry?"]
+    )
+    expect(message(bob, 1).locator(".replies")).to_have_text("1 reply")
+    expect(bob.locator("#thread")).to_be_hidden()
+    bob.evaluate("window.notReloaded = true")
+
+    box = bob.get_by_role("searchbox", name="Search messages")
+    box.fill("pizza")
+    box.press("Enter")
+    result = bob.locator(".search-result a")
+    expect(result.locator(".search-result-body")).to_have_text(["pizza at noon"])
+    expect(result).to_have_attribute("href", "/r/lobby/#m2")
+    result.click()
+
+    expect(bob).to_have_url(f"{server.http_url}/r/lobby/#m2")
+    expect(bob.locator("#thread")).to_be_visible()
+    expect(bob.locator("#thread-parent .body")).to_have_text("lunch plans?")
+    reply = bob.locator("#thread-messages .message")
+    expect(reply.locator(".body")).to_have_text(["pizza at noon"])
+    expect(reply).to_have_class(HIGHLIGHTED)
+    expect(reply).to_be_in_viewport()
+    expect(bob.locator("#m2")).to_have_count(0)  # still not in the timeline
+    # This page had the reply: it opened the thread without a reload.
+    assert bob.evaluate("window.notReloaded") is True
+
+    # The same result again, the thread closed: the address does not change.
+    bob.keyboard.press("Escape")
+    expect(bob.locator("#thread")).to_be_hidden()
+    result.click()
+    expect(bob.locator("#thread")).to_be_visible()
+    expect(reply.locator(".body")).to_have_text(["pizza at noon"])
+    expect(reply).to_have_class(HIGHLIGHTED)
+    assert bob.evaluate("window.notReloaded") is True
+
+
+def test_a_link_to_a_reply_opens_its_thread_with_the_reply_highlighted(
+    server, new_page
+):
+    alice = new_page()
+    sign_up(alice, server, "alice")
+    room_create(slug="lobby", title="The Lobby")
+
+    def fill():
+        """seq 1 the thread's first message, 2–61 others, 62 the reply, 63–102."""
+        user = get_user_model().objects.get(username="alice")
+        room = services.selectors.room_get_readable(slug="lobby", user=user)
+
+        def create(body, client_msg_id, reply_to=None):
+            created, _ = services.message_create(
+                room=room,
+                author=user,
+                body=body,
+                client_msg_id=client_msg_id,
+                reply_to=reply_to,
+            )
+            return created
+
+        parent = create("lunch plans?", "parent")
+        for number in range(1, 61):
+            create(f"number {number}", f"c{number}")
+        reply = create("pizza at noon", "reply", reply_to=parent.pk)
+        for number in range(61, 101):
+            create(f"number {number}", f"c{number}")
+        return reply.seq
+
+    assert in_thread(fill) == 62
+    alice.goto(f"{server.http_url}/r/lobby/#m62")
+
+    expect(alice.locator("#thread")).to_be_visible()
+    reply = alice.locator("#thread-messages .message")
+    expect(reply.locator(".body")).to_have_text(["pizza at noon"])
+    expect(reply).to_have_class(HIGHLIGHTED)
+    expect(reply).to_be_in_viewport()
+    # The page around seq 62 starts at seq 38: the first message is further back.
+    expect(alice.locator("#thread-parent")).to_have_text(
+        "The message this thread answers is further back in the room."
+    )
+    # The timeline: seqs 38 to 102 but the reply.
+    expect(stored(alice)).to_have_count(64)
+    expect(alice.locator("#m62")).to_have_count(0)
+    # Scrolling up brings the older page (seqs 1 to 37), and it into the thread.
+    alice.locator("#timeline").evaluate("timeline => { timeline.scrollTop = 0; }")
+    expect(message(alice, 1).locator(".body")).to_have_text("lunch plans?")
+    expect(stored(alice)).to_have_count(101)
+    expect(alice.locator("#thread-parent .body")).to_have_text("lunch plans?")
+    expect(alice.locator("#thread-parent .author")).to_have_text("alice")
+    expect(message(alice, 1, "#thread-parent")).to_have_count(1)
+    expect(message(alice, 1).locator(".replies")).to_have_text("1 reply")

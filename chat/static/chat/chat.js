@@ -92,6 +92,9 @@
   let stopped = false; // no more reconnects: page left, banned, replaced
   let joined = false;
   let snapshotLoaded = false; // the first history page is on screen
+  // The lowest seq the room's history pages brought, replies included: a page
+  // of replies only shows nothing in the timeline, yet the next page is older.
+  let pagedFrom = null;
   let hasMore = false;
   let recoveringSince = null;
   let refCounter = 0;
@@ -101,13 +104,10 @@
   // here so the gap fill and the recovery still see the room's seqs whole.
   const replySeqs = new Set();
   const messages = new Map(); // id -> the latest message object we have
-  const thread = { id: null, el: null, shown: new Map(), hasMore: false, ref: null };
-  let jumpSeq = null; // #m<seq>: the message to show on the first page
+  // target: the seq of a reply jumped to, until its page of the thread is shown.
+  const thread = { id: null, el: null, shown: new Map(), hasMore: false, ref: null, target: null };
+  let jumpSeq = hashSeq(); // #m<seq>: the message to show on the first page
   let lastSeqAtJoin = 0;
-  {
-    const match = /^#m(\d{1,15})$/.exec(location.hash);
-    if (match && Number(match[1]) > 0) jumpSeq = Number(match[1]);
-  }
   const pending = new Map(); // client_msg_id -> {body, ref, el, sent}
   const refs = new Map(); // ref of a pending send -> client_msg_id
   const gaps = new Map(); // ref of a history that fills a gap -> {low, before, limit}
@@ -425,6 +425,9 @@
       keepScroll(() => {
         for (const payload of frame.messages) upsertMessage(payload);
       }, first);
+      for (const payload of frame.messages) {
+        if (pagedFrom === null || payload.seq < pagedFrom) pagedFrom = payload.seq;
+      }
       snapshotLoaded = true;
       if (first && jumpSeq !== null) {
         jumpTo(jumpSeq);
@@ -472,6 +475,7 @@
             shown.delete(seq);
           }
         }
+        pagedFrom = null;
         hasMore = true;
         ui.older.hidden = false;
       }
@@ -891,7 +895,10 @@
         shown.set(payload.seq, item);
       }
       fillMessage(item, payload);
-      if (thread.el && thread.id === payload.id) fillMessage(thread.el, payload);
+      if (thread.id === payload.id) {
+        if (thread.el) fillMessage(thread.el, payload);
+        else showThreadRoot(payload); // it was further back than the timeline
+      }
     }
     // Our own message seen through history or recovery settles its pending copy.
     const twin = pending.get(payload.client_msg_id);
@@ -1218,12 +1225,33 @@
     for (const item of elementsOf(parent.seq)) addReplyAction(item, parent);
   }
 
-  function openThread(id) {
+  // Open the thread of message `id`; with `target`, the seq of one of its
+  // replies to show highlighted (a jump), whose parent the page may not have.
+  function openThread(id, target = null) {
     const parent = messages.get(id);
-    if (!parent) return;
+    if (!parent && target === null) return;
     thread.id = id;
+    thread.target = target;
     thread.shown.clear();
     thread.hasMore = false;
+    showThreadRoot(parent);
+    ui.threadMessages.replaceChildren();
+    ui.threadOlder.hidden = true;
+    ui.thread.hidden = false;
+    document.body.classList.add("thread-open");
+    askThread(null);
+    if (target === null) ui.threadInput.focus();
+  }
+
+  // The message the open thread answers, or a note while the page lacks it.
+  function showThreadRoot(parent) {
+    if (!parent) {
+      thread.el = null;
+      ui.threadParent.replaceChildren(
+        el("p", "thread-parent-missing", "The message this thread answers is further back in the room."),
+      );
+      return;
+    }
     const item = buildMessage(parent.user.username, parent.body, parent.created_at);
     item.classList.add("thread-root");
     watchTools(item);
@@ -1231,12 +1259,6 @@
     item.querySelector(".thread-link").remove();
     thread.el = item;
     ui.threadParent.replaceChildren(item);
-    ui.threadMessages.replaceChildren();
-    ui.threadOlder.hidden = true;
-    ui.thread.hidden = false;
-    document.body.classList.add("thread-open");
-    askThread(null);
-    ui.threadInput.focus();
   }
 
   function closeThread() {
@@ -1269,6 +1291,21 @@
     thread.hasMore = frame.has_more;
     ui.threadOlder.hidden = !frame.has_more;
     ui.threadOlder.disabled = false;
+    if (thread.target !== null) showThreadTarget();
+  }
+
+  // A jump to a reply: page back through its thread until the reply shows.
+  function showThreadTarget() {
+    const item = thread.shown.get(thread.target);
+    const lowest = Math.min(...thread.shown.keys());
+    if (item) {
+      thread.target = null;
+      highlight(item);
+    } else if (thread.hasMore && lowest > thread.target) {
+      askThread(lowest);
+    } else {
+      thread.target = null; // not in this thread any more
+    }
   }
 
   function upsertThreadMessage(payload) {
@@ -1301,13 +1338,46 @@
 
   let jumpAfter = null; // the jump's first page ends here: newer ones come after
 
+  function hashSeq() {
+    const match = /^#m(\d{1,15})$/.exec(location.hash);
+    return match && Number(match[1]) > 0 ? Number(match[1]) : null;
+  }
+
+  // Show message `seq` highlighted: in the timeline, or a reply in its thread
+  // (every message object names the message it replies to). Answers whether
+  // the page has it.
   function jumpTo(seq) {
-    const item = shown.get(seq);
-    if (!item) return;
+    const item = shown.get(seq) || thread.shown.get(seq);
+    if (item) {
+      highlight(item);
+      return true;
+    }
+    const reply = replySeqs.has(seq) ? [...messages.values()].find((m) => m.seq === seq) : null;
+    if (!reply || !reply.reply_to) return false;
+    openThread(reply.reply_to, seq);
+    return true;
+  }
+
+  function highlight(item) {
     item.scrollIntoView({ block: "center" });
     item.classList.add("highlight");
     setTimeout(() => item.classList.remove("highlight"), 4000);
   }
+
+  // A link to #m<seq> once the page is up (a search result or a notification in
+  // this room). A message the page does not have: the page loads around it, as
+  // for a link from elsewhere.
+  window.addEventListener("hashchange", () => {
+    const seq = hashSeq();
+    if (seq === null) return;
+    if (!snapshotLoaded) jumpSeq = seq;
+    else if (!jumpTo(seq)) location.reload();
+  });
+  // The same link again (the hash does not change, so no hashchange).
+  document.addEventListener("click", (event) => {
+    const link = event.target instanceof Element ? event.target.closest("a[href]") : null;
+    if (link && link.href === location.href && hashSeq() !== null) jumpTo(hashSeq());
+  });
 
   function addOwnActions(item) {
     const actions = item.querySelector(".actions");
@@ -1437,7 +1507,8 @@
 
   function loadOlder() {
     if (!hasMore || ui.older.disabled || !snapshotLoaded) return;
-    const before = lowestSeq();
+    const shownFrom = lowestSeq();
+    const before = pagedFrom === null || (shownFrom !== null && shownFrom < pagedFrom) ? shownFrom : pagedFrom;
     const frame = { type: "history", room: ROOM, limit: HISTORY_PAGE, ref: nextRef("history") };
     if (before !== null) frame.before = before;
     if (send(frame)) ui.older.disabled = true;

@@ -6,6 +6,14 @@
 // `join` of each other room in the list so their messages arrive live, and
 // `search`. Its refs start with "page-", which chat.js leaves to it.
 //
+// Each join counts against the user's rate limit for database frames
+// (CHAT_RATE_LIMIT, 60 in 10 s by default, across all their sockets): the
+// first rooms of the list are joined at once, the others one at a time, so
+// most of the budget stays with what the user does. A `rate_limited` join
+// stops the joining until its `retry_after` has passed (the server refuses the
+// socket's database frames until then, and closes a socket refused ten times
+// in a row), then it is tried again.
+//
 // Counts are the server's: `rooms`, `joined` and `read_marker` set them; a live
 // message from someone else adds one (a mention of me one more) only when its
 // seq is above the room's last seq the counts were taken at, so nothing counts
@@ -22,7 +30,8 @@
   const ROOM = config.room;
   const ME = config.username;
 
-  const MAX_JOINS = 25; // other rooms joined live: each join counts against the rate limit
+  const JOINS_AT_ONCE = 25; // the first rooms of the list, joined right away
+  const JOIN_PACE_MS = 500; // then one more room every this: 20 joins in 10 s
   const REFRESH_MS = 250;
   const SEARCH_PAGE = 20;
   const NOTIFY_BODY_MAX = 140;
@@ -43,6 +52,9 @@
   let order = []; // slugs, most recent activity first
   let loaded = false;
   const joinedHere = new Set(); // other rooms this socket joined (or asked to)
+  const unjoinable = new Set(); // other rooms whose join was refused for good
+  let joinTimer = null; // the next paced join
+  let joinsPausedUntil = 0; // Date.now() before which no join goes (rate_limited)
   const refs = new Map(); // our ref -> {kind, ...}
   const notified = new Set(); // message ids a notification was raised for
   let refreshTimer = null;
@@ -198,23 +210,58 @@
       order.push(entry.room);
     }
     loaded = true;
+    unjoinable.clear(); // the server lists them again: worth one more try
     renderRooms();
     joinOthers();
   }
 
-  // Join the other rooms of the list on this socket, so their messages come live.
+  // Join the other rooms of the list on this socket, so their messages come
+  // live: the first JOINS_AT_ONCE now, the rest paced (see the top).
   function joinOthers() {
-    for (const slug of order.slice(0, MAX_JOINS)) {
-      if (slug === ROOM || joinedHere.has(slug)) continue;
-      joinRoom(slug);
+    if (Date.now() >= joinsPausedUntil) {
+      for (const slug of order.slice(0, JOINS_AT_ONCE)) {
+        if (wantsJoin(slug)) joinRoom(slug);
+      }
     }
+    paceJoins();
+  }
+
+  function wantsJoin(slug) {
+    return slug !== ROOM && !joinedHere.has(slug) && !unjoinable.has(slug);
+  }
+
+  function paceJoins() {
+    if (joinTimer !== null || !order.some(wantsJoin)) return;
+    const wait = Math.max(JOIN_PACE_MS, joinsPausedUntil - Date.now());
+    joinTimer = setTimeout(() => {
+      joinTimer = null;
+      if (Date.now() < joinsPausedUntil) {
+        paceJoins();
+        return;
+      }
+      const slug = order.find(wantsJoin);
+      // Not sent: the socket is down, and its next hello starts over.
+      if (slug !== undefined && joinRoom(slug)) paceJoins();
+    }, wait);
+  }
+
+  function stopJoins() {
+    clearTimeout(joinTimer);
+    joinTimer = null;
+    joinsPausedUntil = 0;
+    joinedHere.clear();
+    unjoinable.clear();
   }
 
   function joinRoom(slug) {
     const ref = link.nextRef("join");
     refs.set(ref, { kind: "join", room: slug });
-    if (link.send({ type: "join", room: slug, ref })) joinedHere.add(slug);
-    else refs.delete(ref);
+    if (link.send({ type: "join", room: slug, ref })) {
+      joinedHere.add(slug);
+      return true;
+    }
+    refs.delete(ref);
+    return false;
   }
 
   function moveToTop(slug) {
@@ -250,7 +297,7 @@
   handle = (frame) => {
     switch (frame.type) {
       case "hello":
-        joinedHere.clear();
+        stopJoins(); // a new socket joined nothing yet
         askRooms();
         break;
       case "rooms":
@@ -315,10 +362,15 @@
     refs.delete(frame.ref);
     if (request.kind === "join") {
       joinedHere.delete(request.room);
-      if (frame.code === "rate_limited") {
-        setTimeout(() => {
-          if (rooms.has(request.room) && !joinedHere.has(request.room)) joinRoom(request.room);
-        }, (frame.retry_after || 1) * 1000);
+      if (frame.code === "rate_limited" || frame.code === "unavailable") {
+        // Try again, paced, once retry_after has passed.
+        const until = Date.now() + (frame.retry_after || 1) * 1000;
+        joinsPausedUntil = Math.max(joinsPausedUntil, until);
+        clearTimeout(joinTimer);
+        joinTimer = null;
+        paceJoins();
+      } else {
+        unjoinable.add(request.room);
       }
     } else if (request.kind === "search" && search && search.ref === frame.ref) {
       resultsStatus.textContent = frame.message || frame.code;
