@@ -30,6 +30,7 @@ from tests.test_browser import (
     sign_up,
     stored,
 )
+from tests.test_browser_team import two_in_lobby
 
 pytestmark = [
     pytest.mark.browser,
@@ -387,12 +388,7 @@ def test_composing_counts_near_the_limit_and_keeps_what_was_typed(server, new_pa
 
 
 def test_messages_render_markdown_lite_and_nothing_else(server, new_page):
-    alice, bob = new_page(), new_page()
-    sign_up(alice, server, "alice")
-    sign_up(bob, server, "bob")
-    room_create(slug="lobby", title="The Lobby")
-    open_room(alice, server, "lobby")
-    open_room(bob, server, "lobby")
+    alice, bob = two_in_lobby(server, new_page)
     text = (
         "see https://example.com/a?b=1&c=2, **bold** *em* `x<y`"
         " <img src=x onerror=alert(1)> [no](javascript:alert(1))"

@@ -13,7 +13,7 @@ from chat.models import Room
 from tests import test_browser, test_browser_client
 from tests.test_browser import in_thread, open_room, room_create, send, sign_up
 from tests.test_browser_client import PHONE, inside_window, overflow, user_get
-from tests.test_browser_team import message, png_1x1
+from tests.test_browser_team import message, png_1x1, two_in_lobby
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -79,12 +79,7 @@ WALK_TO_REACT = ["Reply", "React"]
 
 
 def test_the_reaction_picker_works_by_keyboard_alone(server, new_page):
-    alice, bob = new_page(), new_page()
-    sign_up(alice, server, "alice")
-    sign_up(bob, server, "bob")
-    room_create(slug="lobby", title="The Lobby")
-    open_room(alice, server, "lobby")
-    open_room(bob, server, "lobby")
+    alice, bob = two_in_lobby(server, new_page)
     send(alice, "ship it?")
     on_bob = message(bob, 1)
     expect(on_bob.locator(".body")).to_have_text("ship it?")
@@ -139,12 +134,7 @@ def data_transfer(page, name, mime_type, data):
 
 
 def test_a_file_pasted_or_dropped_on_the_composer_is_attached(server, new_page):
-    alice, bob = new_page(), new_page()
-    sign_up(alice, server, "alice")
-    sign_up(bob, server, "bob")
-    room_create(slug="lobby", title="The Lobby")
-    open_room(alice, server, "lobby")
-    open_room(bob, server, "lobby")
+    alice, bob = two_in_lobby(server, new_page)
 
     # A screenshot pasted into the message box.
     pasted = data_transfer(alice, "screenshot.png", "image/png", png_1x1())
@@ -225,12 +215,7 @@ def test_a_thread_at_phone_width_covers_the_room_and_closes_back(server, new_pag
 
 
 def test_an_edit_that_adds_a_mention_of_me_marks_it_live(server, new_page):
-    alice, bob = new_page(), new_page()
-    sign_up(alice, server, "alice")
-    sign_up(bob, server, "bob")
-    room_create(slug="lobby", title="The Lobby")
-    open_room(alice, server, "lobby")
-    open_room(bob, server, "lobby")
+    alice, bob = two_in_lobby(server, new_page)
     send(alice, "who has the keys?")
     on_bob = message(bob, 1)
     expect(on_bob.locator(".body")).to_have_text("who has the keys?")
