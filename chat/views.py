@@ -219,6 +219,18 @@ def _api_room(slug: str, user: User) -> Room | JsonResponse:
         return _api_error(403, exc.message)
 
 
+def _api_user_room(request: HttpRequest, slug: str) -> tuple[User, Room] | HttpResponse:
+    """For a POST to a room's API path: its user (``_api_user``) and the room
+    (``_api_room``), or the refusal of either."""
+    user, refused = _api_user(request)
+    if refused is not None or user is None:
+        return refused or _api_error(401, "sign in")
+    room = _api_room(slug, user)
+    if isinstance(room, JsonResponse):
+        return room
+    return user, room
+
+
 @csrf_exempt  # a POST is checked in _api_user: CSRF for a session, or a token
 @require_http_methods(["GET", "HEAD", "POST"])
 def room_members(request: HttpRequest, slug: str) -> HttpResponse:
@@ -251,12 +263,10 @@ INVITE_BODY = 'send Content-Type: application/json and {"username": "<name>"}'
 
 def _member_invite(request: HttpRequest, slug: str) -> HttpResponse:
     """Add ``{"username": …}`` to a private room: 201 when new, 200 if already in."""
-    user, refused = _api_user(request)
-    if refused is not None or user is None:
-        return refused or _api_error(401, "sign in")
-    room = _api_room(slug, user)
-    if isinstance(room, JsonResponse):
-        return room
+    found = _api_user_room(request, slug)
+    if isinstance(found, HttpResponse):
+        return found
+    user, room = found
     if request.content_type != "application/json":
         return _api_error(400, INVITE_BODY)  # form data may be read already
     try:
@@ -280,12 +290,10 @@ def _member_invite(request: HttpRequest, slug: str) -> HttpResponse:
 @require_POST
 def room_leave(request: HttpRequest, slug: str) -> HttpResponse:
     """POST /api/rooms/<slug>/leave: end one's membership of the room."""
-    user, refused = _api_user(request)
-    if refused is not None or user is None:
-        return refused or _api_error(401, "sign in")
-    room = _api_room(slug, user)
-    if isinstance(room, JsonResponse):
-        return room
+    found = _api_user_room(request, slug)
+    if isinstance(found, HttpResponse):
+        return found
+    user, room = found
     try:
         services.room_leave(room=room, user=user)
     except ChatError as exc:

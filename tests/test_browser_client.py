@@ -16,8 +16,7 @@ from playwright.sync_api import expect
 
 from chat import services
 from chat.models import Message, Room
-from tests import test_browser
-from tests.servers import DaphneServer, RedisServer, this_process_uses_redis
+from tests import test_browser, test_browser_moderation
 from tests.test_browser import (
     TIMEOUT_MS,
     confirm_dialog,
@@ -44,18 +43,8 @@ PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1100, "height": 700}
 
 
-@pytest.fixture
-def server(transactional_db):
-    redis = RedisServer().start()
-    daphne = DaphneServer(redis_url=redis.url)
-    try:
-        daphne.start()
-        with this_process_uses_redis(redis.url):
-            yield daphne
-    finally:
-        print(f"--- daphne log ---\n{daphne.output()}")
-        daphne.stop()
-        redis.stop()
+# A daphne on a Redis of its own, as for the moderation banners.
+server = test_browser_moderation.server
 
 
 @pytest.fixture
