@@ -113,6 +113,9 @@ def test_the_reaction_picker_works_by_keyboard_alone(server, new_page):
         reaction = message(page, 1).locator(".reaction")
         expect(reaction).to_have_text("❤️ 1")
         expect(reaction).to_have_attribute("aria-label", "❤️ 1: bob")
+    # The reaction's echo rebuilt the buttons; focus stayed on the opener.
+    expect(opener).to_be_focused()
+    expect(opener).to_have_attribute("aria-expanded", "false")
     # The count is a toggle button too: Space takes bob's back.
     message(bob, 1).locator(".reaction").focus()
     bob.keyboard.press("Space")

@@ -1124,8 +1124,19 @@
         button.addEventListener("click", () => react(item, r.emoji, !mine));
         return button;
       });
-    box.replaceChildren(...buttons);
+    // A reaction arriving while a button here has focus (the opener just
+    // used, or a count toggled by keyboard) must not drop focus to <body>:
+    // the buttons are rebuilt, so focus goes to the one that stands for it.
+    const focused = box.contains(document.activeElement) ? document.activeElement : null;
+    const opener = box.querySelector(".react-open");
+    box.replaceChildren(...buttons, ...(opener ? [opener] : []));
     renderTools(item);
+    if (focused) {
+      const again = focused.classList.contains("react-open")
+        ? box.querySelector(".react-open")
+        : [...box.querySelectorAll(".reaction")].find((b) => b.dataset.emoji === focused.dataset.emoji);
+      (again || box.querySelector(".react-open"))?.focus();
+    }
   }
 
   // Slack's hover toolbar: Reply and React come to a message when it is first
@@ -1179,8 +1190,9 @@
       choice.setAttribute("aria-label", `React ${emoji}`);
       choice.addEventListener("click", () => {
         picker.remove();
+        opener.setAttribute("aria-expanded", "false");
         react(item, emoji, true);
-        item.querySelector(".react-open")?.focus();
+        opener.focus();
       });
       picker.append(choice);
     }
